@@ -1,1 +1,16 @@
+"""Knowledge distillation: pure loss functions, teacher handling and the teacher-logit cache."""
 
+from .config import DistillationArguments
+from .loss import DistillationLoss, distillation_loss, soft_target_kl
+from .student import layer_dropped_student
+from .teacher import check_compatible, infer_task
+
+__all__ = [
+    "DistillationArguments",
+    "DistillationLoss",
+    "check_compatible",
+    "distillation_loss",
+    "infer_task",
+    "layer_dropped_student",
+    "soft_target_kl",
+]

@@ -1,0 +1,76 @@
+"""`DistillationArguments`: the distillation options as a `TrainingArguments` subclass."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+TASKS = ("auto", "sequence-classification", "token-classification", "question-answering", "causal-lm")
+TEACHER_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class DistillationArguments(TrainingArguments):
+    r"""
+    [`TrainingArguments`] plus the options of [`DistillationTrainer`].
+
+    Parameters:
+        temperature (`float`, *optional*, defaults to `2.0`):
+            Softening temperature of both distributions; the KL part is multiplied by `temperature**2`.
+        alpha (`float`, *optional*, defaults to `0.5`):
+            Weight of the soft (teacher) loss; `1 - alpha` weighs the hard-label loss. Ignored without labels.
+        cache_teacher_logits (`bool`, *optional*, defaults to `False`):
+            Run the teacher once over the training set before training and reuse its logits every epoch.
+        teacher_logits_top_k (`int`, *optional*):
+            With the cache, keep only the teacher's top-k logits per position (for large vocabularies).
+        teacher_cache_dir (`str`, *optional*):
+            Save the cached teacher logits there with `datasets` (`save_to_disk`), and reuse them if present.
+        teacher_dtype (`str`, *optional*):
+            Cast the teacher to `float32`, `bfloat16` or `float16` (a bitsandbytes-quantized teacher is left as is).
+        teacher_device (`str`, *optional*):
+            Device of the teacher; defaults to the student's device on each process.
+        distillation_task (`str`, *optional*, defaults to `"auto"`):
+            `sequence-classification`, `token-classification`, `question-answering` or `causal-lm`; `auto`
+            infers it from the student's class.
+    """
+
+    temperature: float = field(default=2.0, metadata={"help": "Softening temperature (> 0); the KL part is scaled by T^2."})
+    alpha: float = field(default=0.5, metadata={"help": "Weight of the soft teacher loss, in [0, 1]."})
+    cache_teacher_logits: bool = field(
+        default=False, metadata={"help": "Compute the teacher's logits once over the training set and reuse them."}
+    )
+    teacher_logits_top_k: int | None = field(
+        default=None, metadata={"help": "With the cache, store only the teacher's top-k logits per position."}
+    )
+    teacher_cache_dir: str | None = field(
+        default=None, metadata={"help": "Directory where the cached teacher logits are saved and reused."}
+    )
+    teacher_dtype: str | None = field(
+        default=None, metadata={"help": "Teacher dtype: float32, bfloat16 or float16 (default: as loaded)."}
+    )
+    teacher_device: str | None = field(
+        default=None, metadata={"help": "Teacher device (default: the student's device on each process)."}
+    )
+    distillation_task: str = field(
+        default="auto", metadata={"help": f"One of {', '.join(TASKS)}."}
+    )
+
+    def __post_init__(self):
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}.")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}.")
+        if self.teacher_logits_top_k is not None:
+            if self.teacher_logits_top_k < 1:
+                raise ValueError(f"teacher_logits_top_k must be >= 1, got {self.teacher_logits_top_k}.")
+            if not self.cache_teacher_logits:
+                raise ValueError(
+                    f"teacher_logits_top_k={self.teacher_logits_top_k} only applies to cached logits; "
+                    "set `cache_teacher_logits=True` or drop `teacher_logits_top_k`."
+                )
+        if self.teacher_dtype is not None and self.teacher_dtype not in TEACHER_DTYPES:
+            raise ValueError(f"teacher_dtype must be one of {', '.join(TEACHER_DTYPES)}, got {self.teacher_dtype!r}.")
+        if self.distillation_task not in TASKS:
+            raise ValueError(f"distillation_task must be one of {', '.join(TASKS)}, got {self.distillation_task!r}.")
+        super().__post_init__()
