@@ -1,0 +1,56 @@
+"""Shared pieces of the benchmarks: the real model and data, and a step timer."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from transformers import TrainerCallback  # noqa: E402
+
+MAX_LENGTH = 48
+
+
+class StepTimer(TrainerCallback):
+    """Wall time of each optimizer step (forward, backward, optimizer and every other callback)."""
+
+    def __init__(self):
+        self.times: list[float] = []
+        self._t0 = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._t0 = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.times.append(time.perf_counter() - self._t0)
+
+    def median(self, skip: int = 2) -> float:
+        return statistics.median(self.times[skip:] if len(self.times) > skip + 2 else self.times)
+
+
+def real_data(max_train: int | None = None, max_eval: int | None = None):
+    """(tokenizer, tokenized Rotten Tomatoes DatasetDict) for the real MiniLM-L6."""
+    from transformers import AutoTokenizer
+
+    from hf_compress.data import load_rotten_tomatoes
+    from hf_compress.models import default_model_path, tokenize_text_classification
+
+    tok = AutoTokenizer.from_pretrained(default_model_path())
+    ds = load_rotten_tomatoes(max_train=max_train, max_eval=max_eval)
+    return tok, tokenize_text_classification(ds, tok, max_length=MAX_LENGTH)
+
+
+def print_table(rows: list[dict], columns: list[str]) -> str:
+    """A Markdown table of `rows` (also printed)."""
+    def fmt(v):
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
+    text = "\n".join(lines)
+    print(text)
+    return text
