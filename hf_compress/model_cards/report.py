@@ -1,0 +1,356 @@
+"""The compression report: sizes, counts, sparsity, bits per weight, what was quantized, and metrics.
+
+Everything in it is measured from the models and from the files on disk, never taken from the recipe, so the
+card built from it states what the checkpoint really is. It is saved as `compression_report.json` beside the
+checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+import torch
+
+REPORT_NAME = "compression_report.json"
+REPORT_FORMAT = "hf_compress.report.v1"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+# Module class names that hold bitsandbytes-quantized weights (matched by name: bitsandbytes stays unimported).
+_BNB_BITS = {"Linear8bitLt": 8, "Linear4bit": 4, "LinearNF4": 4, "LinearFP4": 4, "Embedding8bit": 8, "Embedding4bit": 4}
+
+
+def checkpoint_bytes(folder: str) -> dict:
+    """
+    On-disk bytes of a saved checkpoint folder.
+
+    Returns:
+        `dict`: `weights_bytes` (weight files: `*.safetensors`, `*.bin`, ...), `total_bytes` (every file, the
+        report and card excluded so that the numbers do not depend on themselves) and `weight_files`.
+    """
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"Checkpoint folder {folder!r} does not exist; save the model there first.")
+    weights = total = 0
+    files = []
+    for dirpath, _, names in os.walk(folder):
+        for name in sorted(names):
+            if name in (REPORT_NAME, "README.md") or name.endswith(".png"):
+                continue
+            size = os.path.getsize(os.path.join(dirpath, name))
+            total += size
+            if name.endswith(WEIGHT_SUFFIXES):
+                weights += size
+                files.append(os.path.relpath(os.path.join(dirpath, name), folder))
+    if not files:
+        raise FileNotFoundError(f"No weight file (*.safetensors, *.bin) in {folder!r}; save the model there first.")
+    return {"weights_bytes": weights, "total_bytes": total, "weight_files": files}
+
+
+def _logical_weight(module: torch.nn.Module, name: str, p: torch.Tensor) -> tuple[int, int, int]:
+    """`(numel, nonzeros, storage_bits)` of a parameter as the model sees it (4-bit packing undone)."""
+    quant_state = getattr(p, "quant_state", None)
+    if quant_state is not None:  # bitsandbytes Params4bit: two 4-bit codes a byte, plus per-block absmax
+        numel = int(torch.Size(quant_state.shape).numel())
+        try:
+            import bitsandbytes.functional as bnbf
+
+            nnz = int((bnbf.dequantize_4bit(p.data, quant_state) != 0).sum())
+        except Exception:  # dequantizing needs a working bitsandbytes backend; the count is then unknown
+            nnz = -1
+        return numel, nnz, p.numel() * p.element_size() * 8
+    return p.numel(), int(torch.count_nonzero(p.detach())), p.numel() * p.element_size() * 8
+
+
+def weight_stats(model: torch.nn.Module) -> dict:
+    """
+    Parameter counts, nonzeros, sparsity and bits per weight of `model`, global and per layer.
+
+    Tied parameters are counted once. Bitsandbytes 4-bit weights are counted at their logical shape (not the
+    packed `uint8` storage) and their zeros are counted after dequantization.
+
+    Returns:
+        `dict`: `parameters`, `nonzeros`, `sparsity` (zeros / parameters), `linear_sparsity` (the same over
+        the weight matrices of `nn.Linear`-like layers, what pruning targets), `bits_per_weight_in_memory`,
+        `per_layer` (`{parameter name: {numel, nonzeros, sparsity, dtype, bits}}` for every weight matrix)
+        and `quantized_modules` (`{module name: class name}` of bitsandbytes layers).
+    """
+    seen = set()
+    total = nnz_total = bits_total = 0
+    lin_numel = lin_nnz = 0
+    per_layer, quantized = {}, {}
+    for mod_name, module in model.named_modules():
+        cls = type(module).__name__
+        if cls in _BNB_BITS:
+            quantized[mod_name] = cls
+        is_linear = isinstance(module, torch.nn.Linear) or cls in _BNB_BITS
+        for p_name, p in module.named_parameters(recurse=False):
+            key = id(p)
+            if key in seen:
+                continue
+            seen.add(key)
+            full = f"{mod_name}.{p_name}" if mod_name else p_name
+            numel, nnz, bits = _logical_weight(module, full, p)
+            total += numel
+            nnz_total += nnz if nnz >= 0 else numel
+            bits_total += bits
+            if p_name == "weight" and (p.dim() >= 2 or getattr(p, "quant_state", None) is not None):
+                per_layer[full] = {
+                    "numel": numel,
+                    "nonzeros": nnz,
+                    "sparsity": None if nnz < 0 else round(1 - nnz / numel, 6),
+                    "dtype": str(p.dtype).replace("torch.", ""),
+                    "bits": _BNB_BITS.get(cls, p.element_size() * 8),
+                }
+                if is_linear and nnz >= 0:
+                    lin_numel += numel
+                    lin_nnz += nnz
+    return {
+        "parameters": total,
+        "nonzeros": nnz_total,
+        "sparsity": round(1 - nnz_total / total, 6) if total else 0.0,
+        "linear_sparsity": round(1 - lin_nnz / lin_numel, 6) if lin_numel else 0.0,
+        "bits_per_weight_in_memory": round(bits_total / total, 4) if total else 0.0,
+        "per_layer": per_layer,
+        "quantized_modules": quantized,
+    }
+
+
+def quantization_summary(model: torch.nn.Module, folder: str | None = None) -> dict | None:
+    """
+    What was quantized: the `quantization_config` of the saved `config.json` (or of `model.config`) and the
+    bitsandbytes layers found in the model. `None` when nothing is quantized.
+    """
+    qconfig = None
+    if folder and os.path.isfile(os.path.join(folder, "config.json")):
+        with open(os.path.join(folder, "config.json")) as f:
+            qconfig = json.load(f).get("quantization_config")
+    if qconfig is None:
+        cfg = getattr(getattr(model, "config", None), "quantization_config", None)
+        if cfg is not None:
+            qconfig = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+    modules = {n: type(m).__name__ for n, m in model.named_modules() if type(m).__name__ in _BNB_BITS}
+    if qconfig is None and not modules:
+        return None
+    bits = sorted({_BNB_BITS[c] for c in modules.values()})
+    if not bits and qconfig:
+        bits = [4] if qconfig.get("load_in_4bit") else [8] if qconfig.get("load_in_8bit") else []
+    skipped = (qconfig or {}).get("llm_int8_skip_modules") or []
+    return {
+        "method": (qconfig or {}).get("quant_method", "bitsandbytes"),
+        "bits": bits,
+        "quant_type": (qconfig or {}).get("bnb_4bit_quant_type") if 4 in bits else "int8" if 8 in bits else None,
+        "double_quant": (qconfig or {}).get("bnb_4bit_use_double_quant") if 4 in bits else None,
+        "num_quantized_modules": len(modules),
+        "quantized_module_types": sorted(set(modules.values())),
+        "skip_modules": list(skipped),
+        "quantization_config": qconfig,
+    }
+
+
+def _batches(dataset, tokenizer, batch_size: int):
+    cols = [c for c in dataset.column_names if c in ("input_ids", "attention_mask", "token_type_ids", "label", "labels")]
+    rows = dataset.select_columns(cols)
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        labels = torch.tensor(chunk.pop("labels", None) or chunk.pop("label"))
+        feats = [dict(zip(chunk, vals)) for vals in zip(*chunk.values())]
+        if tokenizer is not None:
+            batch = tokenizer.pad(feats, return_tensors="pt")
+        else:  # right-pad with 0, the usual [PAD] id, and mask the padding
+            width = max(len(f["input_ids"]) for f in feats)
+            batch = {k: torch.tensor([list(f[k]) + [0] * (width - len(f[k])) for f in feats]) for k in feats[0]}
+        yield dict(batch), labels
+
+
+@torch.no_grad()
+def predict_classifier(model, dataset, tokenizer=None, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(logits, labels)` of a sequence classifier over a tokenized dataset, in eval mode, without grad."""
+    model.eval()
+    device = next(model.parameters()).device
+    all_logits, all_labels = [], []
+    for batch, labels in _batches(dataset, tokenizer, batch_size):
+        logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
+        all_logits.append(logits.float().cpu())
+        all_labels.append(labels)
+    return torch.cat(all_logits), torch.cat(all_labels)
+
+
+def evaluate_classifier(model, dataset, tokenizer=None, metrics=("accuracy",), batch_size: int = 64) -> dict:
+    """
+    Evaluate a sequence classifier with `evaluate` metrics (`hf_compress.metrics.load_metric`).
+
+    Args:
+        model: a `*ForSequenceClassification` model.
+        dataset (`datasets.Dataset`): tokenized rows with `input_ids` (and `attention_mask`) and `label`/`labels`.
+        tokenizer (*optional*): used to pad batches; without it batches are right-padded with id 0.
+        metrics (`tuple[str]`, defaults to `("accuracy",)`): metric names for `load_metric`.
+
+    Returns:
+        `dict`: `{metric name: value}` plus `num_examples`.
+    """
+    from hf_compress.metrics import load_metric
+
+    if len(dataset) == 0:
+        raise ValueError("evaluate_classifier got an empty dataset; pass at least one labelled row.")
+    logits, labels = predict_classifier(model, dataset, tokenizer, batch_size)
+    preds = logits.argmax(-1).tolist()
+    out = {}
+    for name in metrics:
+        out.update(load_metric(name).compute(predictions=preds, references=labels.tolist()))
+    out["num_examples"] = len(labels)
+    return out
+
+
+def verification_sample(model, dataset, tokenizer=None, num_examples: int = 8, metrics=("accuracy",)) -> dict:
+    """
+    A few examples with the compressed model's logits, predictions and metric on them, stored in the report
+    so that `push_to_hub(..., verify=True)` can check that the downloaded checkpoint reproduces them.
+    """
+    rows = dataset.select(range(min(num_examples, len(dataset))))
+    logits, labels = predict_classifier(model, rows, tokenizer)
+    keep = [c for c in ("input_ids", "attention_mask", "token_type_ids") if c in rows.column_names]
+    return {
+        "inputs": {c: [list(map(int, r)) for r in rows[c]] for c in keep},
+        "labels": labels.tolist(),
+        "logits": [[round(float(v), 6) for v in row] for row in logits],
+        "predictions": logits.argmax(-1).tolist(),
+        "metrics": {k: v for k, v in evaluate_classifier(model, rows, tokenizer, metrics).items() if k != "num_examples"},
+    }
+
+
+def build_report(
+    model,
+    output_dir: str,
+    base_model=None,
+    base_dir: str | None = None,
+    *,
+    base_model_id: str | None = None,
+    techniques: list[str] | None = None,
+    base_metrics: dict | None = None,
+    compressed_metrics: dict | None = None,
+    eval_dataset=None,
+    tokenizer=None,
+    metrics=("accuracy",),
+    eval_info: dict | None = None,
+    variants: list[dict] | None = None,
+    verification_examples: int = 8,
+    save: bool = True,
+) -> dict:
+    """
+    Measure a compressed checkpoint against the model it came from and save `compression_report.json`.
+
+    Args:
+        model: the compressed model (as loaded or as trained).
+        output_dir (`str`): the compressed checkpoint's folder (its files are measured; the report is written there).
+        base_model (*optional*): the uncompressed model, for parameter counts and metrics.
+        base_dir (`str`, *optional*): the uncompressed checkpoint's folder, for on-disk bytes and the size ratio.
+        base_model_id (`str`, *optional*): Hub id or path of the base model, written to the card as `base_model`.
+        techniques (`list[str]`, *optional*): e.g. `["distillation", "pruning"]`; `quantization` and `pruning`
+            are added when measured (bitsandbytes layers / more than 1% zeros in linear weights).
+        base_metrics, compressed_metrics (`dict`, *optional*): metrics computed by the caller on the same split.
+        eval_dataset (`datasets.Dataset`, *optional*): tokenized labelled rows; when given, missing metrics are
+            computed with `evaluate_classifier`, and `verification_examples` rows are recorded for `--verify`.
+        tokenizer (*optional*): used to pad evaluation batches.
+        metrics (`tuple[str]`, defaults to `("accuracy",)`): `evaluate` metric names.
+        eval_info (`dict`, *optional*): `dataset` (Hub id or name), `dataset_name`, `split` (e.g. `"test[:1000]"`),
+            `task` (defaults to `text-classification`): where the metrics come from.
+        variants (`list[dict]`, *optional*): more points for the accuracy-vs-size plot, each
+            `{"name", "weights_bytes", "metrics"}`.
+        verification_examples (`int`, defaults to 8): rows recorded for verification after a push (0: none).
+        save (`bool`, defaults to `True`): write `compression_report.json` into `output_dir` (atomically).
+
+    Returns:
+        `dict`: the report.
+    """
+    if base_metrics is not None and not isinstance(base_metrics, dict):
+        raise ValueError(f"base_metrics must be a dict like {{'accuracy': 0.8}}, got {type(base_metrics).__name__}.")
+    if compressed_metrics is not None and not isinstance(compressed_metrics, dict):
+        raise ValueError(f"compressed_metrics must be a dict like {{'accuracy': 0.8}}, got {type(compressed_metrics).__name__}.")
+    if verification_examples < 0:
+        raise ValueError(f"verification_examples must be >= 0, got {verification_examples}.")
+    compressed_files = checkpoint_bytes(output_dir)
+    base_files = checkpoint_bytes(base_dir) if base_dir is not None else None
+
+    stats = weight_stats(model)
+    base_stats = weight_stats(base_model) if base_model is not None else None
+    quant = quantization_summary(model, output_dir)
+
+    if eval_dataset is not None:
+        if compressed_metrics is None:
+            compressed_metrics = evaluate_classifier(model, eval_dataset, tokenizer, metrics)
+        if base_metrics is None and base_model is not None:
+            base_metrics = evaluate_classifier(base_model, eval_dataset, tokenizer, metrics)
+
+    found = list(techniques or [])
+    if quant and "quantization" not in found:
+        found.append("quantization")
+    if stats["linear_sparsity"] > 0.01 and "pruning" not in found:
+        found.append("pruning")
+
+    size = {"compressed_weights_bytes": compressed_files["weights_bytes"], "compressed_total_bytes": compressed_files["total_bytes"],
+            "compressed_weight_files": compressed_files["weight_files"]}
+    if base_files:
+        size.update(base_weights_bytes=base_files["weights_bytes"], base_total_bytes=base_files["total_bytes"],
+                    ratio=round(base_files["weights_bytes"] / compressed_files["weights_bytes"], 4))
+    # The bits each logical weight costs on disk: what a reader of the card compares across formats.
+    size["bits_per_weight_on_disk"] = round(8 * compressed_files["weights_bytes"] / stats["parameters"], 4)
+    if base_files and base_stats:
+        size["base_bits_per_weight_on_disk"] = round(8 * base_files["weights_bytes"] / base_stats["parameters"], 4)
+
+    all_variants = []
+    if base_files and base_metrics:
+        all_variants.append({"name": "base", "weights_bytes": base_files["weights_bytes"], "metrics": base_metrics})
+    all_variants += list(variants or [])
+    if compressed_metrics:
+        all_variants.append({"name": "compressed", "weights_bytes": compressed_files["weights_bytes"], "metrics": compressed_metrics})
+
+    report = {
+        "format": REPORT_FORMAT,
+        "base_model": base_model_id,
+        "architecture": type(model).__name__,
+        "techniques": found,
+        "size": size,
+        "parameters": {"compressed": stats["parameters"], "base": base_stats["parameters"] if base_stats else None},
+        "nonzeros": {"compressed": stats["nonzeros"], "base": base_stats["nonzeros"] if base_stats else None},
+        "sparsity": {
+            "global": stats["sparsity"],
+            "linear_weights": stats["linear_sparsity"],
+            "base_global": base_stats["sparsity"] if base_stats else None,
+            "per_layer": {k: v["sparsity"] for k, v in stats["per_layer"].items()},
+        },
+        "bits_per_weight": {"in_memory": stats["bits_per_weight_in_memory"], "on_disk": size["bits_per_weight_on_disk"]},
+        "layers": stats["per_layer"],
+        "quantization": quant,
+        "eval": {"task": "text-classification", **(eval_info or {})},
+        "metrics": {"base": base_metrics, "compressed": compressed_metrics},
+        "variants": all_variants,
+    }
+    if eval_dataset is not None and verification_examples:
+        report["verification"] = verification_sample(model, eval_dataset, tokenizer, verification_examples, metrics)
+    if save:
+        save_report(report, output_dir)
+    return report
+
+
+def save_report(report: dict, output_dir: str) -> str:
+    """Write `report` to `<output_dir>/compression_report.json` through a temporary file (never half written)."""
+    path = os.path.join(output_dir, REPORT_NAME)
+    fd, tmp = tempfile.mkstemp(prefix=".report-", suffix=".json", dir=output_dir)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(report, f, indent=2, sort_keys=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def load_report(folder: str) -> dict:
+    """Read `compression_report.json` from a checkpoint folder."""
+    path = os.path.join(folder, REPORT_NAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"No {REPORT_NAME} in {folder!r}; create it with `build_report(model, {folder!r}, ...)`.")
+    with open(path) as f:
+        return json.load(f)
