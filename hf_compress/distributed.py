@@ -1,0 +1,288 @@
+"""Distributed and interrupted runs: start-up checks, mask synchronisation, checkpoint validation, atomic output.
+
+What works where (see the README section "Distributed and interrupted runs"):
+
+- DDP (`torchrun` / `accelerate launch` without FSDP): every rank holds the full model and DDP all-reduces the
+  gradients, so the weights are bit-identical on every rank after each optimizer step and magnitude masks
+  computed locally (with a stable sort) are identical too. [`broadcast_masks`] copies rank 0's masks to the
+  others for the cautious, [`check_same_across_ranks`] proves it.
+- FSDP and DeepSpeed ZeRO-3 shard the parameters: a rank sees only its slice of each weight, so a magnitude
+  threshold (per layer or global) or a row-wise absmax computed there is not the one of the full weight.
+  [`check_distributed_support`] refuses those callbacks at start-up instead of training wrongly.
+- A run killed mid-save leaves a `checkpoint-N` folder that transformers' `get_last_checkpoint` still picks;
+  [`last_valid_checkpoint`] skips it and [`validate_checkpoint`] names the broken file in one line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import struct
+import tempfile
+
+# Callbacks that read or rewrite whole weight tensors, and why they cannot run on sharded parameters.
+_NEEDS_FULL_WEIGHTS = {
+    "GradualPruningCallback": "magnitude thresholds over sharded weights would differ from those of the full weights",
+    "QATCallback": "fake quantization needs the row-wise / block-wise absmax of the full weights",
+    "QuantizationCallback": "the bitsandbytes export needs the full, unsharded weights",
+}
+_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+_TRUE = ("1", "true", "yes")
+
+
+def parallel_backend(args=None) -> str:
+    """
+    The kind of run `args` (a `TrainingArguments`) and the launcher's environment describe.
+
+    Returns:
+        `str`: `"fsdp"`, `"deepspeed-zero3"`, `"deepspeed"`, `"ddp"` or `"single"`.
+    """
+    env = os.environ
+    if (args is not None and getattr(args, "fsdp", None)) or env.get("ACCELERATE_USE_FSDP", "").lower() in _TRUE:
+        return "fsdp"
+    deepspeed = getattr(args, "deepspeed", None) if args is not None else None
+    if deepspeed or env.get("ACCELERATE_USE_DEEPSPEED", "").lower() in _TRUE:
+        stage = env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+        if stage is None and deepspeed:
+            config = deepspeed
+            if isinstance(config, str) and os.path.isfile(config):
+                with open(config) as f:
+                    config = json.load(f)
+            stage = (config.get("zero_optimization", {}) or {}).get("stage") if isinstance(config, dict) else None
+        return "deepspeed-zero3" if str(stage) == "3" else "deepspeed"
+    world_size = getattr(args, "world_size", None) if args is not None else None
+    if (world_size or int(env.get("WORLD_SIZE", "1"))) > 1:
+        return "ddp"
+    return "single"
+
+
+def check_distributed_support(args=None, callbacks=()) -> str:
+    """
+    Raise one clear error, before any training, when a callback cannot work under the launcher's parallelism.
+
+    Under FSDP and DeepSpeed ZeRO-3 each rank holds a shard of every weight, so the pruning callback, the
+    quantization-aware callback and the end-of-training quantization export are refused there; DDP and
+    ZeRO-1/2 keep full weights on every rank and are supported.
+
+    Args:
+        args (`TrainingArguments`, *optional*): the run's arguments (`fsdp`, `deepspeed`, `world_size`).
+        callbacks (iterable of `TrainerCallback` instances or classes): the callbacks of the run.
+
+    Returns:
+        `str`: the backend, as [`parallel_backend`].
+
+    Raises:
+        `ValueError`: naming the callback, the backend and the fix.
+    """
+    backend = parallel_backend(args)
+    if backend not in ("fsdp", "deepspeed-zero3"):
+        return backend
+    for cb in callbacks or ():
+        cls = cb if isinstance(cb, type) else type(cb)
+        name = next((c.__name__ for c in cls.__mro__ if c.__name__ in _NEEDS_FULL_WEIGHTS), None)
+        if name is not None:
+            raise ValueError(
+                f"`{name}` cannot run under {backend.upper() if backend == 'fsdp' else 'DeepSpeed ZeRO-3'}: "
+                f"{_NEEDS_FULL_WEIGHTS[name]}; train with DDP (`torchrun` or `accelerate launch` without FSDP / "
+                "ZeRO-3), or compress the saved model after training."
+            )
+    return backend
+
+
+# ---- masks across ranks -------------------------------------------------------------------------------------
+
+
+def _dist():
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def broadcast_masks(model, src: int = 0) -> int:
+    """
+    Overwrite every rank's pruning masks (the `<param>_mask` buffers) with those of rank `src`, in place.
+
+    A no-op outside `torch.distributed`. Under DDP the masks are already identical (same weights, stable sort);
+    this makes it so even where a backend's reductions are not bit-deterministic across devices.
+
+    Returns:
+        `int`: the number of masks broadcast.
+    """
+    from .pruning.masks import get_masks
+
+    masks = get_masks(model)
+    dist = _dist()
+    if dist is None:
+        return 0
+    for name in sorted(masks):
+        mask = masks[name]
+        buf = mask.to(dtype=_uint8())
+        if dist.get_backend() == "nccl" and not buf.is_cuda:
+            raise ValueError(f"The mask of {name} is on {buf.device} but the backend is nccl; move the model to CUDA.")
+        dist.broadcast(buf, src=src)
+        mask.copy_(buf.bool())
+    return len(masks)
+
+
+def _uint8():
+    import torch
+
+    return torch.uint8
+
+
+def tensors_digest(tensors: dict) -> str:
+    """A SHA-256 over the names, shapes, dtypes and bytes of a `{name: tensor}` dict (order-independent)."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
+        h.update(t.view(-1).view(_uint8()).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def check_same_across_ranks(tensors: dict, what: str = "masks") -> str:
+    """
+    Raise when `tensors` differ between ranks (compared by [`tensors_digest`]); a no-op in a single process.
+
+    Returns:
+        `str`: this rank's digest.
+    """
+    digest = tensors_digest(tensors)
+    dist = _dist()
+    if dist is None:
+        return digest
+    digests = [None] * dist.get_world_size()
+    dist.all_gather_object(digests, digest)
+    differ = [rank for rank, d in enumerate(digests) if d != digests[0]]
+    if differ:
+        raise RuntimeError(f"The {what} of ranks {differ} differ from rank 0's; call `broadcast_masks(model)`.")
+    return digest
+
+
+# ---- checkpoints --------------------------------------------------------------------------------------------
+
+
+def _safetensors_problem(path: str) -> str | None:
+    """Why a safetensors file is unreadable (truncated, bad header), or None when its header covers the file."""
+    size = os.path.getsize(path)
+    if size < 8:
+        return f"{size} bytes, shorter than the 8-byte header length"
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > size - 8:
+            return f"header of {n} bytes but the file has {size} bytes"
+        try:
+            header = json.loads(f.read(n))
+        except ValueError:
+            return "header is not valid JSON"
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end != size:
+        return f"{size} bytes on disk, header says {8 + n + end}"
+    return None
+
+
+def validate_checkpoint(path: str, required: tuple[str, ...] = ("trainer_state.json",)) -> None:
+    """
+    Check a `checkpoint-N` folder before resuming from it: it exists, holds `required` files, model weights,
+    and every `*.safetensors` file in it is complete.
+
+    Raises:
+        `ValueError`: one line naming the folder or file, what is wrong, and the fix.
+    """
+    if not os.path.isdir(path):
+        raise ValueError(f"Checkpoint {path} does not exist; pass an existing `checkpoint-N` folder or `True` for the last one.")
+    for name in required:
+        if not os.path.isfile(os.path.join(path, name)):
+            raise ValueError(f"Checkpoint {path} has no {name} (an interrupted save?); resume from an earlier checkpoint.")
+    files = sorted(os.listdir(path))
+    weights = [f for f in files if f.endswith(".safetensors") or f in ("pytorch_model.bin", "model.safetensors.index.json")]
+    if not any(f.startswith(("model", "pytorch_model", "adapter_model")) for f in weights):
+        raise ValueError(f"Checkpoint {path} has no model weights (model.safetensors); resume from an earlier checkpoint.")
+    for name in files:
+        if name.endswith(".safetensors"):
+            problem = _safetensors_problem(os.path.join(path, name))
+            if problem:
+                raise ValueError(
+                    f"Checkpoint file {os.path.join(path, name)} is truncated or corrupt ({problem}); "
+                    "delete that checkpoint folder and resume from an earlier one."
+                )
+        elif name.endswith(".json"):
+            try:
+                with open(os.path.join(path, name)) as f:
+                    json.load(f)
+            except ValueError as err:
+                raise ValueError(
+                    f"Checkpoint file {os.path.join(path, name)} is not valid JSON ({err}); "
+                    "delete that checkpoint folder and resume from an earlier one."
+                ) from None
+
+
+def last_valid_checkpoint(output_dir: str) -> str | None:
+    """
+    The newest `checkpoint-N` folder of `output_dir` that passes [`validate_checkpoint`], or None.
+
+    transformers' `get_last_checkpoint` takes the highest N even when a kill interrupted that save; pass this
+    function's result to `trainer.train(resume_from_checkpoint=...)` instead.
+    """
+    if not os.path.isdir(output_dir):
+        return None
+    found = sorted(
+        ((int(m.group(1)), d) for d in os.listdir(output_dir) if (m := _CHECKPOINT_RE.match(d))), reverse=True
+    )
+    for _, name in found:
+        path = os.path.join(output_dir, name)
+        try:
+            validate_checkpoint(path)
+        except ValueError:
+            continue
+        return path
+    return None
+
+
+# ---- output folders that are whole or absent -----------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def atomic_output_dir(path: str, overwrite: bool = True):
+    """
+    Yield a temporary folder beside `path`; on success it replaces `path` in one rename, on any error it is
+    deleted and `path` is left as it was. An interrupted export therefore never leaves a half-written `path`.
+
+    Args:
+        path (`str`): the final folder.
+        overwrite (`bool`, *optional*, defaults to `True`): replace an existing `path`; otherwise raise.
+    """
+    path = os.path.abspath(path)
+    if os.path.exists(path) and not overwrite:
+        raise ValueError(f"Output folder {path} already exists; pass `overwrite=True` or choose another folder.")
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+    try:
+        yield tmp
+        if os.path.exists(path):
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=parent)
+            os.replace(path, os.path.join(old, "x"))
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+__all__ = [
+    "atomic_output_dir",
+    "broadcast_masks",
+    "check_distributed_support",
+    "check_same_across_ranks",
+    "last_valid_checkpoint",
+    "parallel_backend",
+    "tensors_digest",
+    "validate_checkpoint",
+]
