@@ -1,0 +1,230 @@
+"""Push a compressed checkpoint to the Hub as one commit, then (optionally) check that what landed works.
+
+The folder is only read: a failed push leaves it whole and the same call can simply be repeated. The token is
+passed to `huggingface_hub` and never put into a message, a log line or a file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+import tempfile
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_COMMIT_MESSAGE = "Upload compressed model (hf_compress)"
+_SKIP_DIRS = {".git", ".cache", "__pycache__", ".ipynb_checkpoints"}
+
+
+class HubPushError(RuntimeError):
+    """A push or its verification failed; the message says why and that the local folder is untouched."""
+
+
+@dataclasses.dataclass
+class PushResult:
+    """What `push_to_hub` did: the repo, the commit and the files in it, and the verification, if asked."""
+
+    repo_id: str
+    endpoint: str
+    commit_oid: str
+    commit_url: str
+    files: list[str]
+    verified: dict | None = None
+
+
+def _resolve_endpoint(endpoint: str | None) -> str:
+    from huggingface_hub import constants
+
+    # `constants.ENDPOINT` is read from HF_ENDPOINT when huggingface_hub is imported; reading the variable again
+    # here lets a caller set it after that import.
+    return (endpoint or os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
+
+
+def _local_files(folder: str) -> list[str]:
+    files = []
+    for dirpath, dirnames, names in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS and not d.startswith(".tmp"))
+        for name in sorted(names):
+            if name.startswith((".tmp", ".report-")):
+                continue
+            files.append(os.path.relpath(os.path.join(dirpath, name), folder).replace(os.sep, "/"))
+    return files
+
+
+def _describe_failure(err: BaseException, endpoint: str, token: str | None) -> str:
+    """One line: what failed and what to do; never the token."""
+    status = getattr(getattr(err, "response", None), "status_code", None)
+    if status == 401 or status == 403:
+        reason = (f"HTTP {status}: the Hub refused the token; log in with `hf auth login`, set `HF_TOKEN`, "
+                  "or pass `token=` with write access")
+    elif status is not None and status >= 500:
+        reason = f"HTTP {status}: the Hub failed while uploading; nothing was committed, retry the same call"
+    elif status is not None:
+        server_msg = getattr(err, "server_message", None) or str(err).splitlines()[0]
+        reason = f"HTTP {status}: {server_msg}"
+    else:
+        reason = f"cannot reach {endpoint} ({type(err).__name__}); check the server is up and `HF_ENDPOINT` is right, then retry"
+    message = f"Push to {endpoint} failed: {reason}."
+    if token:
+        message = message.replace(token, "***")
+    return message
+
+
+def _transport_errors() -> tuple[type, ...]:
+    errors: list[type] = [OSError]
+    for mod in ("httpx2", "httpx"):
+        try:
+            errors.append(__import__(mod).TransportError)
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errors)
+
+
+def push_to_hub(
+    folder: str,
+    repo_id: str,
+    endpoint: str | None = None,
+    token: str | None = None,
+    private: bool = False,
+    verify: bool = False,
+    commit_message: str = DEFAULT_COMMIT_MESSAGE,
+    verify_atol: float = 1e-4,
+) -> PushResult:
+    """
+    Upload a checkpoint folder (weights, config, tokenizer, `compression_report.json`, `README.md`, plot) to a
+    Hub model repo in a single commit.
+
+    Args:
+        folder (`str`): the checkpoint folder written by `save_pretrained` / `save_compressed`, with its report
+            and card.
+        repo_id (`str`): `namespace/name`; the repo is created if it does not exist.
+        endpoint (`str`, *optional*): the Hub URL; defaults to `HF_ENDPOINT`, then `https://huggingface.co`.
+        token (`str`, *optional*): defaults to the usual places (`HF_TOKEN`, the token saved by `hf auth login`).
+        private (`bool`, defaults to `False`): create the repo private.
+        verify (`bool`, defaults to `False`): after pushing, download the commit into a temporary folder, check
+            every file's SHA-256 against the local one, reload the model with `from_pretrained` (or
+            `load_compressed`) and recompute the examples recorded in the report's `verification`: the same
+            predictions, the same metric, logits within `verify_atol`.
+        commit_message (`str`): the commit's title.
+        verify_atol (`float`, defaults to `1e-4`): tolerance on the recorded logits.
+
+    Returns:
+        [`PushResult`]: the commit id and URL, the files, and the verification figures.
+
+    Raises:
+        `HubPushError`: the server is down, refused the token (401), or failed (500): one line; nothing was
+            committed and the local folder is unchanged, so the same call can be retried.
+    """
+    from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub.utils import validate_repo_id
+
+    folder = os.fspath(folder)
+    if not os.path.isdir(folder):
+        raise ValueError(f"folder {folder!r} does not exist; save the compressed checkpoint there first.")
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise ValueError(f"folder {folder!r} has no config.json; it is not a saved checkpoint (use `save_pretrained`).")
+    try:
+        validate_repo_id(repo_id)
+    except Exception as err:
+        raise ValueError(f"repo_id must look like `namespace/name`, got {repo_id!r}.") from err
+    if "/" not in repo_id:
+        raise ValueError(f"repo_id must look like `namespace/name`, got {repo_id!r}.")
+    if verify and not os.path.isfile(os.path.join(folder, "compression_report.json")):
+        raise ValueError(f"verify=True needs {folder}/compression_report.json with recorded examples; build it with `build_report`.")
+    endpoint = _resolve_endpoint(endpoint)
+    files = _local_files(folder)
+
+    api = HfApi(endpoint=endpoint, token=token)
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        # One `create_commit` with every file: the Hub gets a single commit, or none if anything fails before it.
+        operations = [CommitOperationAdd(path_in_repo=f, path_or_fileobj=os.path.join(folder, f)) for f in files]
+        info = api.create_commit(repo_id, operations, commit_message=commit_message)
+    except HfHubHTTPError as err:
+        raise HubPushError(_describe_failure(err, endpoint, token)) from None
+    except _transport_errors() as err:
+        raise HubPushError(_describe_failure(err, endpoint, token)) from None
+    logger.info("Pushed %d files of %s to %s/%s at %s", len(files), folder, endpoint, repo_id, info.oid)
+    result = PushResult(repo_id=repo_id, endpoint=endpoint, commit_oid=info.oid, commit_url=info.commit_url, files=files)
+    if verify:
+        result.verified = verify_pushed(folder, repo_id, revision=info.oid, endpoint=endpoint, token=token, atol=verify_atol)
+    return result
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_checkpoint(folder: str):
+    """Load a classifier checkpoint saved either densely (`from_pretrained`) or with `save_compressed`."""
+    if os.path.isfile(os.path.join(folder, "model.compressed.safetensors")):
+        from hf_compress.pruning import load_compressed
+
+        return load_compressed(folder)
+    from transformers import AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification.from_pretrained(folder).eval()
+
+
+def verify_pushed(folder: str, repo_id: str, revision: str, endpoint: str | None = None, token: str | None = None,
+                  atol: float = 1e-4) -> dict:
+    """
+    Download `revision` of `repo_id` into a temporary folder and check it against the local `folder`: same files
+    with the same SHA-256, the model reloads, and the examples recorded in `compression_report.json` give the
+    same predictions, the same metric and logits within `atol`.
+
+    Returns:
+        `dict`: `files_checked`, `examples`, `metrics` (recomputed), `recorded_metrics`, `max_abs_logit_diff`.
+
+    Raises:
+        `HubPushError`: naming the first mismatch.
+    """
+    import json
+
+    import torch
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from hf_compress.metrics import load_metric
+
+    endpoint = _resolve_endpoint(endpoint)
+    with open(os.path.join(folder, "compression_report.json")) as f:
+        report = json.load(f)
+    sample = report.get("verification")
+    if not sample:
+        raise HubPushError("compression_report.json records no examples to verify; build the report with `eval_dataset=`.")
+    with tempfile.TemporaryDirectory(prefix="hf-compress-verify-") as tmp:
+        try:
+            local = snapshot_download(repo_id, revision=revision, endpoint=endpoint, token=token, local_dir=tmp)
+        except (HfHubHTTPError, *_transport_errors()) as err:
+            raise HubPushError(_describe_failure(err, endpoint, token).replace("Push to", "Verification download from")) from None
+        local_files = _local_files(folder)
+        for f in local_files:
+            remote = os.path.join(local, f)
+            if not os.path.isfile(remote):
+                raise HubPushError(f"Verification failed: {f} was pushed but is missing from {repo_id}@{revision[:8]}.")
+            if _sha256(remote) != _sha256(os.path.join(folder, f)):
+                raise HubPushError(f"Verification failed: {f} in {repo_id}@{revision[:8]} differs from the local file.")
+        model = load_checkpoint(local)
+        inputs = {k: torch.tensor(v) for k, v in sample["inputs"].items()}
+        with torch.no_grad():
+            logits = model(**inputs).logits.float()
+    preds = logits.argmax(-1).tolist()
+    diff = float((logits - torch.tensor(sample["logits"])).abs().max())
+    metrics = {}
+    for name in sample["metrics"]:
+        metrics.update(load_metric(name).compute(predictions=preds, references=sample["labels"]))
+    if preds != sample["predictions"] or diff > atol or any(abs(metrics[k] - v) > 1e-9 for k, v in sample["metrics"].items()):
+        raise HubPushError(
+            f"Verification failed: the downloaded model gives {metrics} (max logit diff {diff:.2e}) on the "
+            f"{len(preds)} recorded examples, the report says {sample['metrics']}."
+        )
+    return {"files_checked": len(local_files), "examples": len(preds), "metrics": metrics,
+            "recorded_metrics": sample["metrics"], "max_abs_logit_diff": diff}
