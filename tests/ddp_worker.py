@@ -149,7 +149,14 @@ def main(argv=None) -> int:
 
     if opts.final_dir:
         trainer.save_model(opts.final_dir)  # writes on the main process only (Trainer.args.should_save)
-        trainer.create_model_card(model_name="tiny-pruned")  # returns early on non-main processes
+        if trainer.is_world_process_zero():  # the report and card: once, by the main process
+            from hf_compress.model_cards import build_report, write_model_card
+
+            report = build_report(student, opts.final_dir, techniques=["distillation", "pruning"], verification_examples=0)
+            recipe = {"target_sparsity": opts.target_sparsity, "pruning_end_step": opts.end_step,
+                      "pruning_frequency": opts.frequency, "temperature": 2.0, "alpha": 0.5}
+            write_model_card(opts.final_dir, recipe, "torchrun --nproc_per_node=2 tests/ddp_worker.py", report=report,
+                             model_name="tiny-bert-pruned")
 
     from safetensors.torch import save_file
 

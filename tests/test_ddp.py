@@ -1,0 +1,132 @@
+"""DistillationTrainer + GradualPruningCallback under real DDP: `torchrun --nproc_per_node=2`, gloo, CPU.
+
+One launch (~30-50 s on 2 shared cores) is shared by the tests of this module. Losses are not compared: with
+`average_tokens_across_devices=True` the logged losses of a DDP run are not those of a single process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+MAX_STEPS, END_STEP, FREQUENCY, TARGET, GRAD_ACCUM = 8, 6, 2, 0.5, 2
+HIDDEN, INTERMEDIATE, LAYERS = 32, 64, 2  # tiny_bert_config()
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(HERE), env.get("PYTHONPATH", "")])
+    return env
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ddp")
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        os.path.join(HERE, "ddp_worker.py"), "--output-dir", str(root / "out"), "--dump-dir", str(root / "dump"),
+        "--final-dir", str(root / "final"), "--max-steps", str(MAX_STEPS), "--save-steps", str(MAX_STEPS),
+        "--end-step", str(END_STEP), "--frequency", str(FREQUENCY), "--target-sparsity", str(TARGET),
+        "--grad-accum", str(GRAD_ACCUM),
+    ]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    infos = [json.load(open(root / "dump" / f"rank{r}.json")) for r in (0, 1)]
+    states = [load_file(root / "dump" / f"rank{r}.safetensors") for r in (0, 1)]
+    return root, infos, states
+
+
+def _expected_zeros(step: int) -> int:
+    """Zeros after optimizer step `step`, by hand: the cubic schedule held between events, rounded per tensor."""
+    t = END_STEP if step >= END_STEP else step // FREQUENCY * FREQUENCY  # the last pruning event
+    s = TARGET + (0.0 - TARGET) * (1 - t / END_STEP) ** 3
+    per_layer = 4 * round(s * HIDDEN * HIDDEN) + 2 * round(s * HIDDEN * INTERMEDIATE)  # q, k, v, o + up, down
+    return LAYERS * per_layer
+
+
+def test_ranks_end_with_identical_masks_and_weights(ddp_run):
+    _, infos, states = ddp_run
+    assert [i["world_size"] for i in infos] == [2, 2]
+    masks = [{k: v for k, v in s.items() if k.startswith("mask::")} for s in states]
+    assert len(masks[0]) == LAYERS * 6
+    assert infos[0]["mask_digest"] == infos[1]["mask_digest"]
+    assert masks[0].keys() == masks[1].keys() and states[0].keys() == states[1].keys()
+    for name in states[0]:
+        assert torch.equal(states[0][name], states[1][name]), name  # bit-identical, weights and masks
+
+
+def test_final_sparsity_is_exact(ddp_run):
+    _, infos, states = ddp_run
+    total = LAYERS * (4 * HIDDEN * HIDDEN + 2 * HIDDEN * INTERMEDIATE)
+    for info, state in zip(infos, states):
+        assert (info["zeros"], info["total"]) == (total // 2, total)
+        for key, mask in state.items():
+            if key.startswith("mask::"):
+                weight = state[key[len("mask::"):]]
+                assert int((mask == 0).sum()) == weight.numel() // 2  # every tensor at exactly 50%
+                assert torch.equal(weight == 0, mask == 0)  # the pruned entries, and only they, are zero
+
+
+def test_schedule_counts_global_optimizer_steps(ddp_run):
+    # With 2 ranks and 2 accumulation steps an optimizer step is 4 micro-batches; the logged sparsity after
+    # each optimizer step must be the schedule's value at that step (not at a micro-batch count).
+    _, infos, _ = ddp_run
+    total = LAYERS * (4 * HIDDEN * HIDDEN + 2 * HIDDEN * INTERMEDIATE)
+    logged = {h["step"]: h["sparsity"] for h in infos[0]["log_history"] if "loss" in h}
+    assert sorted(logged) == list(range(1, MAX_STEPS + 1))
+    for step, sparsity in logged.items():
+        assert sparsity == pytest.approx(_expected_zeros(step) / total, abs=1e-6), step
+    local = ("hard_loss", "soft_loss")  # see the next test
+    drop = lambda history: [{k: v for k, v in h.items() if k not in local} for h in history if "loss" in h]  # noqa: E731
+    assert drop(infos[0]["log_history"]) == drop(infos[1]["log_history"])  # `loss` is reduced over ranks
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="DistillationTrainer.log averages hard_loss / soft_loss over this rank's batches only; they should be "
+    "reduced over processes as Trainer reduces `loss` (e.g. `self.accelerator.reduce(torch.tensor(mean, "
+    "device=self.args.device), 'mean')` before logging), so that rank 0 logs the global figure.",
+)
+def test_logged_loss_parts_are_reduced_over_ranks(ddp_run):
+    _, infos, _ = ddp_run
+    parts = [[(h["step"], h["hard_loss"], h["soft_loss"]) for h in i["log_history"] if "hard_loss" in h] for i in infos]
+    assert len(parts[0]) == MAX_STEPS
+    assert parts[0] == parts[1]
+
+
+def test_only_the_main_process_writes(ddp_run):
+    root, infos, _ = ddp_run
+    # Rank 1 writes its own RNG state into the checkpoint (Trainer saves one per process) and nothing else.
+    assert infos[1]["writes"] == [str(root / "out" / "checkpoint-8" / "rng_state_1.pth")]
+    written = {os.path.relpath(p, root) for p in infos[0]["writes"]}
+    # The audit sees native writers too: rank 0's weights, masks and card are in its list.
+    assert {"out/checkpoint-8/model.safetensors", "out/checkpoint-8/pruning_masks.safetensors",
+            "final/model.safetensors", "final/README.md", "final/compression_report.json"} <= written
+    assert os.listdir(root / "out") == ["checkpoint-8"]  # one checkpoint
+    assert {"README.md", "compression_report.json", "model.safetensors"} <= set(os.listdir(root / "final"))
+    assert not [f for f in os.listdir(root / "final") if f.startswith(".")]  # no temporary file left
+    # The card and report describe the pruned model exactly.
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(str(root / "final" / "README.md"))
+    assert "pruning" in card.data.tags and "distillation" in card.data.tags
+    report = json.load(open(root / "final" / "compression_report.json"))
+    pruned = {k[len("mask::"):] for k in ddp_run[2][0] if k.startswith("mask::")}
+    assert {k: v for k, v in report["sparsity"]["per_layer"].items() if k in pruned} == dict.fromkeys(pruned, 0.5)
+    assert sorted(os.listdir(root / "out" / "checkpoint-8")) == sorted(
+        ["config.json", "model.safetensors", "optimizer.pt", "pruning_masks.safetensors", "rng_state_0.pth",
+         "rng_state_1.pth", "scheduler.pt", "trainer_state.json", "training_args.bin"]
+    )
+    from hf_compress.pruning import load_masks
+
+    saved = load_masks(str(root / "out" / "checkpoint-8" / "pruning_masks.safetensors"))
+    _, _, states = ddp_run
+    for name, mask in saved.items():
+        assert torch.equal(mask, states[0][f"mask::{name}"].bool())
