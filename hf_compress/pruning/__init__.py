@@ -1,1 +1,39 @@
+"""Gradual magnitude pruning: the schedule, mask selection, masks on modules, and a smaller save format."""
 
+from .compressed import load_compressed, load_compressed_state_dict, save_compressed, size_report
+from .config import PruningArguments
+from .masks import (
+    apply_masks,
+    attach_masks,
+    default_targets,
+    get_masks,
+    load_masks,
+    magnitude_masks,
+    nm_masks,
+    remove_masks,
+    resolve_targets,
+    save_masks,
+    sparsity_stats,
+)
+from .schedule import cubic_sparsity, is_pruning_step
+
+__all__ = [
+    "PruningArguments",
+    "apply_masks",
+    "attach_masks",
+    "cubic_sparsity",
+    "default_targets",
+    "get_masks",
+    "is_pruning_step",
+    "load_compressed",
+    "load_compressed_state_dict",
+    "load_masks",
+    "magnitude_masks",
+    "nm_masks",
+    "remove_masks",
+    "resolve_targets",
+    "save_compressed",
+    "save_masks",
+    "size_report",
+    "sparsity_stats",
+]

@@ -1,0 +1,246 @@
+"""`GradualPruningCallback`: gradual magnitude pruning for any `transformers.Trainer` (plain, ours or TRL's)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from transformers import TrainerCallback
+from transformers.utils import logging
+
+from ..pruning.config import PruningArguments
+from ..pruning.masks import (
+    attach_masks,
+    load_masks,
+    magnitude_masks,
+    nm_masks,
+    remove_masks,
+    resolve_targets,
+    save_masks,
+    sparsity_stats,
+)
+from ..pruning.schedule import cubic_sparsity, is_pruning_step
+
+logger = logging.get_logger(__name__)
+
+MASKS_NAME = "pruning_masks.safetensors"
+
+
+class GradualPruningCallback(TrainerCallback):
+    r"""
+    Prunes weights by magnitude on the cubic schedule of
+    [Zhu & Gupta (2017)](https://arxiv.org/abs/1710.01878) while any `Trainer` trains.
+
+    The schedule is counted in optimizer steps (`state.global_step`), so gradient accumulation does not shift
+    it. Masks are boolean `<param>_mask` buffers on the pruned modules. Pruned entries stay exactly zero:
+    their gradients are zeroed before each optimizer step and their optimizer state (`exp_avg`, `exp_avg_sq`,
+    `momentum_buffer`, ...) whenever the masks change, so AdamW moments and weight decay cannot revive them;
+    the masks are also re-applied after every optimizer step, which covers any other optimizer. The masks are
+    saved into every checkpoint (`pruning_masks.safetensors`) and read back on `resume_from_checkpoint`. At
+    the end of training they are made permanent and removed: the model is a plain `PreTrainedModel`.
+
+    Args:
+        target_sparsity (`float`, *optional*, defaults to `0.5`): final sparsity in [0, 1).
+        initial_sparsity (`float`, *optional*, defaults to `0.0`): sparsity at `start_step`.
+        start_step (`int`, *optional*, defaults to `0`): first optimizer step that prunes.
+        end_step (`int`, *optional*): step at which `target_sparsity` is reached exactly; defaults to
+            `end_fraction * max_steps`.
+        end_fraction (`float`, *optional*, defaults to `0.75`): used when `end_step` is not given.
+        frequency (`int`, *optional*, defaults to `10`): optimizer steps between mask updates.
+        scope (`str`, *optional*, defaults to `"layer"`): `"layer"` or `"global"` magnitude threshold.
+        pattern (`str`, *optional*): `"N:M"` semi-structured pruning (e.g. `"2:4"`), applied at `start_step`.
+        target_modules (`list[str]`, *optional*): regexes over module names; defaults to every `nn.Linear` in
+            the encoder/decoder blocks.
+        log_per_layer (`bool`, *optional*, defaults to `True`): log each pruned tensor's sparsity too.
+
+    Example:
+
+    ```python
+    trainer = Trainer(model=model, args=training_args, train_dataset=ds,
+                      callbacks=[GradualPruningCallback(target_sparsity=0.8, frequency=10)])
+    trainer.train()
+    save_compressed(model, "pruned")  # bitmask + nonzero values
+    ```
+    """
+
+    def __init__(
+        self,
+        target_sparsity: float = 0.5,
+        initial_sparsity: float = 0.0,
+        start_step: int = 0,
+        end_step: int | None = None,
+        end_fraction: float = 0.75,
+        frequency: int = 10,
+        scope: str = "layer",
+        pattern: str | None = None,
+        target_modules: list[str] | None = None,
+        log_per_layer: bool = True,
+    ):
+        # Validation lives in PruningArguments.__post_init__, so both entry points check the same way.
+        self.config = PruningArguments(
+            target_sparsity=target_sparsity,
+            pruning_initial_sparsity=initial_sparsity,
+            pruning_start_step=start_step,
+            pruning_end_step=end_step,
+            pruning_end_fraction=end_fraction,
+            pruning_frequency=frequency,
+            pruning_scope=scope,
+            pruning_pattern=pattern,
+            pruning_target_modules=target_modules,
+            pruning_log_per_layer=log_per_layer,
+        )
+        self.end_step = end_step
+        self._pairs: list[tuple[str, torch.nn.Parameter, torch.Tensor]] = []
+        self._active = False
+
+    @classmethod
+    def from_args(cls, args: PruningArguments) -> GradualPruningCallback:
+        """Build the callback from a `PruningArguments`."""
+        return cls(
+            target_sparsity=args.target_sparsity,
+            initial_sparsity=args.pruning_initial_sparsity,
+            start_step=args.pruning_start_step,
+            end_step=args.pruning_end_step,
+            end_fraction=args.pruning_end_fraction,
+            frequency=args.pruning_frequency,
+            scope=args.pruning_scope,
+            pattern=args.pruning_pattern,
+            target_modules=args.pruning_target_modules,
+            log_per_layer=args.pruning_log_per_layer,
+        )
+
+    # --- schedule -----------------------------------------------------------------------------------------
+
+    def _resolve_end_step(self, max_steps: int) -> int:
+        c = self.config
+        if c.pruning_end_step is not None:
+            end = c.pruning_end_step
+        else:
+            end = max(c.pruning_start_step + 1, int(round(c.pruning_end_fraction * max_steps)))
+        if max_steps > 0 and end > max_steps:
+            raise ValueError(
+                f"pruning_end_step {end} is beyond max_steps {max_steps}, so target_sparsity would never be reached; "
+                "lower pruning_end_step (or pruning_end_fraction) or train longer."
+            )
+        return end
+
+    def sparsity_at(self, step: int) -> float:
+        """Scheduled sparsity after optimizer step `step` (the callback's `end_step` must be resolved)."""
+        c = self.config
+        if c.pruning_pattern is not None:
+            return c.target_sparsity if step >= c.pruning_start_step else 0.0
+        return cubic_sparsity(
+            step, c.pruning_initial_sparsity, c.target_sparsity, c.pruning_start_step, self.end_step, c.pruning_frequency
+        )
+
+    def _is_event(self, step: int) -> bool:
+        c = self.config
+        if c.pruning_pattern is not None:
+            return step == c.pruning_start_step
+        return is_pruning_step(step, c.pruning_start_step, self.end_step, c.pruning_frequency)
+
+    # --- masks --------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _update_masks(self, step: int, optimizer=None) -> None:
+        sparsity = self.sparsity_at(step)
+        weights = {name: p for name, p, _ in self._pairs}
+        current = {name: m for name, _, m in self._pairs}
+        if self.config.pruning_pattern is not None:
+            new = nm_masks(weights, self.config.pruning_pattern)
+        else:
+            new = magnitude_masks(weights, sparsity, self.config.pruning_scope, current_masks=current)
+        for name, _, mask in self._pairs:
+            mask.copy_(new[name])  # in place: the buffer object (and the cached pair) stays the same
+        self._apply(optimizer)
+        self._active = True
+
+    @torch.no_grad()
+    def _apply(self, optimizer=None) -> None:
+        state = getattr(optimizer, "state", None) if optimizer is not None else None
+        for _, param, mask in self._pairs:
+            param.masked_fill_(~mask, 0.0)
+            if state is not None and param in state:
+                for value in state[param].values():
+                    if torch.is_tensor(value) and value.shape == param.shape:
+                        value.masked_fill_(~mask, 0.0)
+
+    # --- events -------------------------------------------------------------------------------------------
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self.end_step = self._resolve_end_step(state.max_steps)
+        names = resolve_targets(model, self.config.pruning_target_modules)
+        masks = attach_masks(model, names)
+        params = dict(model.named_parameters(remove_duplicate=False))
+        self._pairs = [(name, params[name], masks[name]) for name in names]
+        if state.global_step > 0:
+            self._restore(args, state, model, optimizer)
+        elif self._is_event(0) and self.sparsity_at(0) > 0:
+            self._update_masks(0, optimizer)
+
+    @torch.no_grad()
+    def _restore(self, args, state, model, optimizer) -> None:
+        # Resuming: the checkpoint's masks are authoritative. Trainer does not tell callbacks which checkpoint it
+        # resumed from, so look where it saves them (`<output_dir>/checkpoint-<global_step>`).
+        path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", MASKS_NAME)
+        if os.path.isfile(path):
+            saved = load_masks(path)
+            missing = [name for name, _, _ in self._pairs if name not in saved]
+            if missing:
+                raise ValueError(f"{path} has no mask for {missing[:3]}; resume with the same target_modules.")
+            for name, _, mask in self._pairs:
+                mask.copy_(saved[name].to(mask.device))
+        else:
+            # A checkpoint from elsewhere: pruned weights are exact zeros, so the zeros are the masks.
+            logger.warning(f"No {MASKS_NAME} at {path}; rebuilding the pruning masks from the zero weights.")
+            for _, param, mask in self._pairs:
+                mask.copy_(param != 0)
+        self._active = any(not bool(mask.all()) for _, _, mask in self._pairs)
+        self._apply(optimizer)
+
+    @torch.no_grad()
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        # Zero gradients of pruned entries, so Adam's moments for them stay zero (zeroed when the masks change).
+        if self._active:
+            for _, param, mask in self._pairs:
+                if param.grad is not None:
+                    param.grad.mul_(mask)
+
+    @torch.no_grad()
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        # Re-apply the masks after every step: weight decay and any optimizer without the above property.
+        if self._active:
+            for _, param, mask in self._pairs:
+                param.mul_(mask)
+
+    def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+        # global_step now counts the optimizer steps done: prune on the schedule's events.
+        if self._is_event(state.global_step):
+            self._update_masks(state.global_step, optimizer)
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero and self._pairs:
+            folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            if os.path.isdir(folder):
+                tmp = os.path.join(folder, MASKS_NAME + ".tmp")
+                save_masks({name: mask for name, _, mask in self._pairs}, tmp)
+                os.replace(tmp, os.path.join(folder, MASKS_NAME))
+
+    def on_log(self, args, state, control, logs=None, model=None, **kwargs):
+        if logs is None or model is None or not self._pairs:
+            return
+        stats = sparsity_stats(model, [name for name, _, _ in self._pairs])
+        entries = {"sparsity": round(stats["sparsity"], 6), "sparsity_target": round(self.sparsity_at(state.global_step), 6)}
+        if self.config.pruning_log_per_layer:
+            entries.update({f"sparsity/{name}": round(v, 6) for name, v in stats["layers"].items()})
+        logs.update(entries)
+        # Trainer.log appends a copy of `logs` to log_history before callbacks run; add the figures there too so
+        # they are saved in trainer_state.json.
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(entries)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if model is not None and self._pairs:
+            remove_masks(model)
+        self._pairs = []
+        self._active = False

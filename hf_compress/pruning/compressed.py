@@ -1,0 +1,191 @@
+"""A smaller save format for pruned models: a bitmask plus the nonzero values, in safetensors.
+
+Each tensor whose zeros make it worth it is stored as `<name>.__bits` (its zero / nonzero pattern, 8 entries a
+byte) and `<name>.__values` (the nonzero entries, in order, original dtype); the others are stored dense. The
+zero test looks at the bit pattern, so `-0.0` is kept as a value and the reload is bit-identical. A pruned
+model stored this way takes about `nonzeros x bits + numel mask bits`, the information limit of the format.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import tempfile
+
+import torch
+
+from .masks import pack_bool, unpack_bool
+
+WEIGHTS_NAME = "model.compressed.safetensors"
+FORMAT = "hf_compress.bitmask.v1"
+_INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _nonzero_bits(t: torch.Tensor) -> torch.Tensor:
+    # Compare raw bits, not values: -0.0 == 0.0 as floats but not as bits.
+    return t.contiguous().view(_INT_VIEW[t.element_size()]) != 0
+
+
+def _unique_state(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The state dict without tied duplicates, and `{alias: name}` for the duplicates."""
+    tensors, aliases, seen = {}, {}, {}
+    for name, t in model.state_dict().items():
+        key = (t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride()))
+        if t.numel() and key in seen:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        tensors[name] = t.detach().cpu()
+    return tensors, aliases
+
+
+def size_report(model: torch.nn.Module) -> dict:
+    """
+    Sizes of `model` in bytes: `dense_bytes` (every unique tensor at its dtype) and `information_limit_bytes`
+    (sparse-stored tensors at `nonzeros x bits + numel mask bits`, the others dense), plus the global count of
+    zeros among floating-point weights.
+    """
+    tensors, _ = _unique_state(model)
+    dense = limit = 0
+    for t in tensors.values():
+        bits = t.element_size() * 8
+        dense_bits = t.numel() * bits
+        if t.is_floating_point() and t.numel():
+            nnz = int(_nonzero_bits(t).sum())
+            limit += min(dense_bits, nnz * bits + t.numel())
+        else:
+            limit += dense_bits
+        dense += dense_bits
+    return {"dense_bytes": dense // 8, "information_limit_bytes": -(-limit // 8)}
+
+
+def _write_atomic(output_dir: str, write) -> None:
+    output_dir = os.path.abspath(output_dir)
+    parent = os.path.dirname(output_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-compressed-", dir=parent)
+    try:
+        write(tmp)
+        if not os.path.exists(output_dir):
+            os.rename(tmp, output_dir)
+            return
+        for name in os.listdir(tmp):
+            os.replace(os.path.join(tmp, name), os.path.join(output_dir, name))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_compressed(model: torch.nn.Module, output_dir: str) -> dict:
+    """
+    Save `model` (its config and weights) in the bitmask + nonzero-values format. Written to a temporary
+    folder first and moved into place, so a failure never leaves half a checkpoint. The dense
+    `save_pretrained` stays available and is unaffected.
+
+    Args:
+        model (`torch.nn.Module`): a `PreTrainedModel` (masks made permanent or not: only the weights count).
+        output_dir (`str`): folder to write `config.json` and `model.compressed.safetensors` to.
+
+    Returns:
+        `dict`: `dense_bytes`, `compressed_bytes` (the weights file on disk), `information_limit_bytes`,
+        `sparse_tensors` (how many tensors were stored as bitmask + values) and `path`.
+    """
+    from safetensors.torch import save_file
+
+    if not hasattr(model, "config"):
+        raise ValueError(f"save_compressed needs a transformers PreTrainedModel with a `config`, got {type(model).__name__}.")
+    tensors, aliases = _unique_state(model)
+    out, layout = {}, {}
+    for name, t in tensors.items():
+        sparse = False
+        if t.is_floating_point() and t.numel():
+            nz = _nonzero_bits(t)
+            nnz = int(nz.sum())
+            sparse = nnz * t.element_size() * 8 + t.numel() < t.numel() * t.element_size() * 8
+        if sparse:
+            out[f"{name}.__bits"] = pack_bool(nz)
+            out[f"{name}.__values"] = t.contiguous().reshape(-1)[nz.reshape(-1)].clone()
+            layout[name] = {"shape": list(t.shape)}
+        else:
+            out[name] = t.contiguous().clone()
+    metadata = {"format": FORMAT, "sparse": json.dumps(layout), "aliases": json.dumps(aliases)}
+
+    config = copy.deepcopy(model.config)
+    config.architectures = [type(model).__name__]  # as save_pretrained does, so load_compressed finds the class
+
+    def write(folder):
+        config.save_pretrained(folder)
+        save_file(out, os.path.join(folder, WEIGHTS_NAME), metadata=metadata)
+
+    _write_atomic(output_dir, write)
+    report = size_report(model)
+    report.update(
+        compressed_bytes=os.path.getsize(os.path.join(output_dir, WEIGHTS_NAME)),
+        sparse_tensors=len(layout),
+        path=str(output_dir),
+    )
+    return report
+
+
+def load_compressed_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """The full (dense) state dict stored in a `model.compressed.safetensors` file."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"{path} is not a {FORMAT} file (format={meta.get('format')!r}); save it with `save_compressed`.")
+        layout, aliases = json.loads(meta["sparse"]), json.loads(meta["aliases"])
+        raw = {k: f.get_tensor(k) for k in f.keys()}
+    # clone: fresh, aligned memory, as from_pretrained gives (kernels may take another path on unaligned data)
+    state = {k: v.clone() for k, v in raw.items() if not k.endswith((".__bits", ".__values"))}
+    for name, info in layout.items():
+        values = raw[f"{name}.__values"]
+        nz = unpack_bool(raw[f"{name}.__bits"], info["shape"])
+        dense = torch.zeros(info["shape"], dtype=values.dtype)
+        dense[nz] = values
+        state[name] = dense
+    for alias, name in aliases.items():
+        state[alias] = state[name]
+    return state
+
+
+def load_compressed(model_dir: str, model_class=None):
+    """
+    Rebuild a model saved with `save_compressed`, bit-identical to the saved weights.
+
+    Args:
+        model_dir (`str`): the folder written by `save_compressed`.
+        model_class (*optional*): a `PreTrainedModel` class (e.g. `AutoModelForSequenceClassification` or
+            `BertForSequenceClassification`); defaults to `config.architectures[0]`.
+
+    Returns:
+        The model, in eval mode.
+    """
+    import transformers
+    from transformers import AutoConfig
+
+    path = os.path.join(model_dir, WEIGHTS_NAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"No {WEIGHTS_NAME} in {model_dir}; write one with `save_compressed(model, dir)`.")
+    config = AutoConfig.from_pretrained(model_dir)
+    if model_class is None:
+        arch = (config.architectures or [None])[0]
+        model_class = getattr(transformers, arch, None) if arch else None
+        if model_class is None:
+            raise ValueError(f"config.architectures={config.architectures} names no transformers class; pass `model_class`.")
+    state = load_compressed_state_dict(path)
+    if hasattr(model_class, "from_config"):  # Auto classes
+        model = model_class.from_config(config)
+    else:
+        model = model_class(config)
+    model.load_state_dict(state, strict=True, assign=True)
+    if hasattr(model, "tie_weights") and _has_aliases(state):
+        model.tie_weights()
+    return model.eval()
+
+
+def _has_aliases(state: dict[str, torch.Tensor]) -> bool:
+    ptrs = [t.data_ptr() for t in state.values() if t.numel()]
+    return len(ptrs) != len(set(ptrs))

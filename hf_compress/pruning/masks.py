@@ -1,0 +1,269 @@
+"""Which weights to prune, how to choose the pruned entries, and masks kept as buffers on their modules.
+
+Three separate steps, each a plain function: `default_targets` / `resolve_targets` name the parameters,
+`magnitude_masks` / `nm_masks` choose the entries, `attach_masks` / `apply_masks` / `remove_masks` hold them.
+A mask is a boolean *keep* mask registered as the buffer `<param>_mask` of the module that owns the
+parameter (the convention of `torch.nn.utils.prune` and torchao's `FakeSparsity`), so `model.to(device)`
+moves it and the parameter's full dotted name finds it. The buffers are non-persistent: `save_pretrained`
+writes a normal checkpoint, and the callback saves the masks next to it (see `save_masks`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import torch
+from torch import nn
+
+MASK_SUFFIX = "_mask"
+# Task heads and poolers that are left dense unless named in `target_modules`.
+HEAD_NAMES = ("classifier", "qa_outputs", "lm_head", "pooler", "score", "cls", "pre_classifier", "embed_out")
+_BLOCK = re.compile(r"\.\d+(\.|$)")
+
+
+def default_targets(model: nn.Module) -> list[str]:
+    """
+    Dotted names of the weights pruned by default: every `nn.Linear` weight inside the repeated encoder /
+    decoder blocks (a module path with a numeric index such as `bert.encoder.layer.3.output.dense` or
+    `model.layers.0.mlp.up_proj`). Embeddings, norms, biases, the pooler and the task head stay dense.
+    """
+    names = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear) or not _BLOCK.search(name):
+            continue
+        if any(part in HEAD_NAMES for part in name.split(".")):
+            continue
+        names.append(f"{name}.weight")
+    return names
+
+
+def resolve_targets(model: nn.Module, target_modules: list[str] | None = None) -> list[str]:
+    """
+    Weights to prune: `default_targets(model)`, or the weight of every `nn.Linear` whose dotted module name
+    matches one of the regular expressions in `target_modules` (`re.search`).
+
+    Raises:
+        `ValueError`: when nothing matches.
+    """
+    if target_modules is None:
+        names = default_targets(model)
+        if not names:
+            raise ValueError(
+                f"{type(model).__name__} has no nn.Linear inside numbered encoder/decoder blocks to prune; "
+                "name the modules with `target_modules`."
+            )
+        return names
+    patterns = [re.compile(p) for p in target_modules]
+    names = [
+        f"{name}.weight"
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and any(p.search(name) for p in patterns)
+    ]
+    if not names:
+        example = next((n for n, m in model.named_modules() if isinstance(m, nn.Linear)), "<none>")
+        raise ValueError(
+            f"target_modules {list(target_modules)} matched no nn.Linear in {type(model).__name__}; "
+            f"use regular expressions over module names such as {example!r}."
+        )
+    return names
+
+
+def num_to_prune(numel: int, sparsity: float) -> int:
+    """How many of `numel` weights are zero at `sparsity` (rounded to the nearest count)."""
+    return int(round(sparsity * numel))
+
+
+def _scores(weight: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    # Already-pruned entries score -1 (below any |w|), so masks only ever grow: a pruned weight stays pruned.
+    score = weight.detach().abs().float()
+    if mask is not None:
+        score = score.masked_fill(~mask, -1.0)
+    return score
+
+
+@torch.no_grad()
+def magnitude_masks(
+    weights: dict[str, torch.Tensor],
+    sparsity: float,
+    scope: str = "layer",
+    current_masks: dict[str, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
+    """
+    Keep-masks that zero the `sparsity` fraction of smallest-magnitude entries.
+
+    Args:
+        weights (`dict[str, torch.Tensor]`): the weights, by dotted name.
+        sparsity (`float`): fraction in [0, 1) to prune, `round(sparsity * numel)` entries exactly.
+        scope (`str`, *optional*, defaults to `"layer"`): `"layer"` prunes that fraction of every tensor;
+            `"global"` ranks all entries of all tensors together (one threshold, per-tensor sparsity varies).
+        current_masks (`dict[str, torch.Tensor]`, *optional*): masks already in force; their pruned entries
+            are pruned first, so sparsity is monotone over a schedule.
+
+    Returns:
+        `dict[str, torch.Tensor]`: boolean masks (True = keep), same shapes as the weights.
+    """
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}.")
+    if scope not in ("layer", "global"):
+        raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}.")
+    current_masks = current_masks or {}
+    scores = {n: _scores(w, current_masks.get(n)) for n, w in weights.items()}
+    masks = {}
+    if scope == "layer":
+        for name, score in scores.items():
+            flat = score.flatten()
+            k = max(num_to_prune(flat.numel(), sparsity), int((flat < 0).sum()))
+            keep = torch.ones(flat.numel(), dtype=torch.bool, device=flat.device)
+            # A stable sort makes ties (e.g. equal magnitudes) break the same way on every run and rank.
+            keep[torch.argsort(flat, stable=True)[:k]] = False
+            masks[name] = keep.view_as(score)
+        return masks
+    flat = torch.cat([s.flatten().cpu() for s in scores.values()])
+    k = max(num_to_prune(flat.numel(), sparsity), int((flat < 0).sum()))
+    keep = torch.ones(flat.numel(), dtype=torch.bool)
+    keep[torch.argsort(flat, stable=True)[:k]] = False
+    offset = 0
+    for name, score in scores.items():
+        n = score.numel()
+        masks[name] = keep[offset : offset + n].view_as(score).to(score.device)
+        offset += n
+    return masks
+
+
+def parse_nm(pattern: str) -> tuple[int, int]:
+    """`"2:4"` -> `(2, 4)`: keep N of every M consecutive weights along the input dimension."""
+    match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", str(pattern))
+    if not match or not 0 < int(match.group(1)) < int(match.group(2)):
+        raise ValueError(f"pattern must be 'N:M' with 0 < N < M (e.g. '2:4'), got {pattern!r}.")
+    return int(match.group(1)), int(match.group(2))
+
+
+@torch.no_grad()
+def nm_masks(weights: dict[str, torch.Tensor], pattern: str = "2:4") -> dict[str, torch.Tensor]:
+    """
+    N:M semi-structured keep-masks: in every group of M consecutive entries of a row (the input dimension
+    of an `nn.Linear` weight, the layout sparse tensor cores expect) the N largest magnitudes are kept.
+
+    Raises:
+        `ValueError`: when a weight's last dimension is not a multiple of M.
+    """
+    n, m = parse_nm(pattern)
+    masks = {}
+    for name, w in weights.items():
+        if w.shape[-1] % m:
+            raise ValueError(
+                f"{name} has {w.shape[-1]} input features, not a multiple of {m}, so it cannot take the {n}:{m} "
+                "pattern; leave it out with `target_modules` or use unstructured pruning."
+            )
+        groups = w.detach().abs().float().reshape(-1, m)
+        keep = torch.zeros_like(groups, dtype=torch.bool)
+        keep.scatter_(1, torch.argsort(groups, dim=1, descending=True, stable=True)[:, :n], True)
+        masks[name] = keep.view_as(w)
+    return masks
+
+
+def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    module_name, _, param_name = name.rpartition(".")
+    return (model.get_submodule(module_name) if module_name else model), param_name
+
+
+def attach_masks(model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
+    """Register an all-True `<param>_mask` buffer next to each named parameter (kept if already there)."""
+    masks = {}
+    for name in names:
+        module, param_name = _owner(model, name)
+        param = getattr(module, param_name)
+        buffer = module._buffers.get(param_name + MASK_SUFFIX)
+        if buffer is None:
+            buffer = torch.ones_like(param, dtype=torch.bool)
+            module.register_buffer(param_name + MASK_SUFFIX, buffer, persistent=False)
+        masks[name] = buffer
+    return masks
+
+
+def get_masks(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The masks attached to `model`, keyed by the dotted name of the parameter each one masks."""
+    masks = {}
+    for module_name, module in model.named_modules():
+        for buffer_name, buffer in module._buffers.items():
+            if buffer_name.endswith(MASK_SUFFIX) and buffer_name[: -len(MASK_SUFFIX)] in module._parameters:
+                prefix = f"{module_name}." if module_name else ""
+                masks[prefix + buffer_name[: -len(MASK_SUFFIX)]] = buffer
+    return masks
+
+
+@torch.no_grad()
+def apply_masks(model: nn.Module) -> None:
+    """Zero every masked entry in place (`masked_fill`, so pruned weights are +0.0)."""
+    for name, mask in get_masks(model).items():
+        module, param_name = _owner(model, name)
+        getattr(module, param_name).masked_fill_(~mask, 0.0)
+
+
+@torch.no_grad()
+def remove_masks(model: nn.Module) -> None:
+    """Make the pruning permanent: zero the masked entries, then drop the buffers (a plain model again)."""
+    apply_masks(model)
+    for name in list(get_masks(model)):
+        module, param_name = _owner(model, name)
+        del module._buffers[param_name + MASK_SUFFIX]
+
+
+@torch.no_grad()
+def sparsity_stats(model: nn.Module, names: list[str] | None = None) -> dict:
+    """
+    Fraction of exactly-zero entries, globally and per tensor.
+
+    Args:
+        model (`nn.Module`): the model.
+        names (`list[str]`, *optional*): parameters to count; defaults to the masked ones, or
+            `default_targets(model)` when no masks are attached.
+
+    Returns:
+        `dict`: `{"sparsity": float, "zeros": int, "total": int, "layers": {name: float}}`.
+    """
+    if names is None:
+        names = list(get_masks(model)) or default_targets(model)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    zeros = total = 0
+    layers = {}
+    for name in names:
+        w = params[name]
+        z = int((w == 0).sum())
+        layers[name] = z / w.numel()
+        zeros += z
+        total += w.numel()
+    return {"sparsity": zeros / total if total else 0.0, "zeros": zeros, "total": total, "layers": layers}
+
+
+# --- masks on disk (bit-packed), used by the callback's checkpoints and the compressed format ---------------
+
+
+def pack_bool(mask: torch.Tensor) -> torch.Tensor:
+    """A boolean tensor as a flat uint8 tensor of bits (8 entries a byte)."""
+    return torch.from_numpy(np.packbits(mask.detach().cpu().numpy().reshape(-1)))
+
+
+def unpack_bool(packed: torch.Tensor, shape) -> torch.Tensor:
+    """Inverse of `pack_bool`."""
+    numel = int(np.prod(shape)) if len(shape) else 1
+    return torch.from_numpy(np.unpackbits(packed.numpy(), count=numel).astype(bool)).reshape(tuple(shape))
+
+
+def save_masks(masks: dict[str, torch.Tensor], path: str) -> None:
+    """Write masks bit-packed to a safetensors file (shapes in its metadata)."""
+    from safetensors.torch import save_file
+
+    shapes = {name: list(mask.shape) for name, mask in masks.items()}
+    save_file({name: pack_bool(mask) for name, mask in masks.items()}, path, metadata={"shapes": json.dumps(shapes)})
+
+
+def load_masks(path: str) -> dict[str, torch.Tensor]:
+    """Read masks written by `save_masks`."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        shapes = json.loads(f.metadata()["shapes"])
+        return {name: unpack_bool(f.get_tensor(name), shape) for name, shape in shapes.items()}
