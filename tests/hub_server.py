@@ -8,7 +8,7 @@ base64-encoded inside the commit payload and no LFS or Xet transfer is involved.
 
 Switches simulate failures: `fail_with = {"commit": 500}` answers the next commit with HTTP 500 after its preupload
 went through (a failure mid-upload); `fail_with = {"*": 401}` refuses everything; `require_token` makes every
-request without `Authorization: Bearer <that token>` a 401. `requests` logs method, path and headers of each
+request without `Authorization: Bearer <that token>` a 401. `requests` logs method, path and (lower-cased) headers of each
 request, so tests can check what the client sent.
 
 Usage:
@@ -213,7 +213,7 @@ class _Handler(BaseHTTPRequestHandler):
         path, query = unquote(url.path), parse_qs(url.query)
         body = self._body() if method in ("POST", "PUT", "DELETE") else b""
         srv = self.server
-        srv.requests.append({"method": method, "path": path, "headers": dict(self.headers)})
+        srv.requests.append({"method": method, "path": path, "headers": {k.lower(): v for k, v in self.headers.items()}})
         head_only = method == "HEAD"
         for key in (path.rsplit("/", 2)[-2] if path.count("/") >= 2 else "", "*"):
             status = srv.fail_with.get(key) if key else None
@@ -221,7 +221,8 @@ class _Handler(BaseHTTPRequestHandler):
                 if srv.fail_once:
                     srv.fail_with.pop(key)
                 return self._error(status, "Simulated failure" if status != 401 else "Invalid credentials in Authorization header", head_only=head_only)
-        if srv.require_token is not None and self.headers.get("Authorization") != f"Bearer {srv.require_token}":
+        # Like the Hub, metadata validation is open to anonymous calls (`ModelCard.validate` sends no token).
+        if srv.require_token is not None and path != "/api/validate-yaml" and self.headers.get("Authorization") != f"Bearer {srv.require_token}":
             return self._error(401, "Invalid credentials in Authorization header", head_only=head_only)
         try:
             return self._route(method, path, query, body, head_only)
