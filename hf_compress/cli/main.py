@@ -1,0 +1,233 @@
+"""`hf-compress`: compress a model end to end with one command.
+
+    hf-compress --model <id or path> --dataset <id or path> [--teacher ...] [--sparsity 0.8] [--bits 4]
+                [--config recipe.yaml] [--output_dir ...] [--push_to_hub --hub_model_id ...]
+
+With no arguments (or `hf-compress demo [options]`) it runs offline on the embedded MiniLM-L6 and the shipped Rotten
+Tomatoes data into `./hf-compress-output`.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+
+# Short spellings of the issue's command line -> the dataclass field they set.
+ALIASES = {"--sparsity": "--target_sparsity"}
+YAML_ALIASES = {"sparsity": "target_sparsity"}
+
+# The demo: fine-tune the new head of MiniLM-L6 (dense base), then 50% gradual pruning and 8-bit export, sized for
+# a few minutes on 2 CPU cores. Every value can be overridden on the command line (`hf-compress demo --max_steps 20`).
+DEMO_DEFAULTS = dict(
+    dataset="rotten_tomatoes", max_length=48, max_eval_samples=1000, base_finetune_steps=150, max_steps=150,
+    per_device_train_batch_size=16, learning_rate=1e-4, warmup_steps=15, target_sparsity=0.5, pruning_frequency=10,
+    pruning_end_fraction=0.7, bits=8,
+)
+# CLI defaults that differ from `TrainingArguments`: no checkpoints, no trackers, a log line every 25 steps.
+CLI_DEFAULTS = dict(output_dir="hf-compress-output", save_strategy="no", report_to="none", logging_steps=25)
+
+
+class UsageError(Exception):
+    """Bad command line: printed as one line, exit code 2."""
+
+
+def _rewrite_aliases(argv: list[str]) -> list[str]:
+    out = []
+    for arg in argv:
+        head, sep, tail = arg.partition("=")
+        out.append(ALIASES.get(head, head) + sep + tail if head in ALIASES else arg)
+    return out
+
+
+def _pop_config(argv: list[str]) -> tuple[str | None, list[str]]:
+    rest, path, i = [], None, 0
+    while i < len(argv):
+        if argv[i] == "--config":
+            if i + 1 >= len(argv):
+                raise UsageError("--config needs a path to a YAML recipe, e.g. `--config recipe.yaml`.")
+            path, i = argv[i + 1], i + 2
+            continue
+        if argv[i].startswith("--config="):
+            path = argv[i].split("=", 1)[1]
+        else:
+            rest.append(argv[i])
+        i += 1
+    return path, rest
+
+
+def _read_recipe(path: str, known: set[str]) -> dict:
+    import yaml
+
+    if not os.path.isfile(path):
+        raise UsageError(f"--config {path!r} does not exist; pass the path of a YAML recipe.")
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise UsageError(f"--config {path!r} must hold a mapping of option: value, got {type(data).__name__}.")
+    data = {YAML_ALIASES.get(k, k): v for k, v in data.items()}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise UsageError(f"--config {path!r} has unknown options {', '.join(unknown)}; see `hf-compress --help`.")
+    return data
+
+
+def build_parser():
+    """The `HfArgumentParser` over the pipeline's argument dataclasses."""
+    from transformers import HfArgumentParser
+
+    from ..compression import DataArguments, ModelArguments
+    from ..distillation import DistillationArguments
+    from ..pruning import PruningArguments
+    from ..quantization.config import QuantizationArguments
+
+    parser = HfArgumentParser(
+        (ModelArguments, DataArguments, DistillationArguments, PruningArguments, QuantizationArguments),
+        prog="hf-compress",
+        description="Fine-tune or distil with gradual pruning, quantize, evaluate base vs result, and write a "
+        "checkpoint with its compression report and model card. Without arguments (or `hf-compress demo`): the "
+        "offline demo on the embedded MiniLM-L6 and Rotten Tomatoes. `--sparsity` is short for "
+        "`--target_sparsity`; `--config recipe.yaml` sets any option (the command line wins).",
+    )
+
+    def error(message):  # argparse prints usage + exits; a one-line error reads better and is testable
+        raise UsageError(message)
+
+    parser.error = error
+    return parser
+
+
+def _dest_names(parser) -> set[str]:
+    return {a.dest for a in parser._actions if a.dest != "help"}
+
+
+def parse(argv: list[str]):
+    """Parse `argv` into the five dataclasses, the recipe (options that differ from the defaults) and the command."""
+    demo = not argv or argv[0] == "demo"
+    if argv and argv[0] == "demo":
+        argv = argv[1:]
+    config_path, argv = _pop_config(_rewrite_aliases(list(argv)))
+    parser = build_parser()
+    known = _dest_names(parser)
+    defaults = dict(CLI_DEFAULTS)
+    if demo:
+        defaults.update(DEMO_DEFAULTS)
+    recipe_file = _read_recipe(config_path, known) if config_path else {}
+    defaults.update(recipe_file)
+    parser.set_defaults(**defaults)
+    # argparse converts string defaults with the option's type only; YAML already gives typed values.
+    *groups, rest = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False, return_remaining_strings=True)
+    if rest:
+        raise UsageError(f"unknown options {' '.join(rest)}; see `hf-compress --help` for the options.")
+    recipe = _recipe(parser, argv, defaults, groups)
+    command = "hf-compress " + shlex.join((["demo"] if demo else []) + ([f"--config={config_path}"] if config_path else []) + argv)
+    return groups, recipe, command.strip()
+
+
+def _recipe(parser, argv, defaults, groups) -> dict:
+    """Every option the run used that differs from the dataclass defaults (shown in the card)."""
+    import dataclasses
+
+    from ..compression import ModelArguments
+
+    keep = set(defaults)
+    for arg in argv:
+        if arg.startswith("--"):
+            name = arg[2:].split("=", 1)[0]
+            keep.add(name[3:] if name.startswith("no_") else name)
+    recipe = {}
+    for group in groups:
+        for f in dataclasses.fields(group):
+            if f.name in keep or (isinstance(group, ModelArguments) and f.name in ("train", "prune", "quantize", "evaluate")):
+                value = getattr(group, f.name)
+                if f.name in ("hub_token",):
+                    continue  # never write a token
+                recipe[f.name] = _plain(value)
+    return recipe
+
+
+def _plain(value):
+    """A YAML/JSON-safe copy of an option value (enums such as `SaveStrategy.NO` become their value)."""
+    import enum
+
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value if isinstance(value, (int, float, str, bool, type(None))) else str(value)
+
+
+def _print_summary(report: dict, output_dir: str, seconds: float) -> None:
+    size = report.get("size", {})
+    metrics = report.get("metrics", {}) or {}
+    base_m, comp_m = metrics.get("base") or {}, metrics.get("compressed") or {}
+    sparsity = report.get("sparsity", {})
+    quant = report.get("quantization") or {}
+
+    def mb(n):
+        return f"{n / 1e6:.1f} MB" if isinstance(n, (int, float)) else "-"
+
+    def pct(x):
+        return f"{100 * x:.1f}%" if isinstance(x, (int, float)) else "-"
+
+    bits_result = "/".join(str(b) for b in quant.get("bits", [])) or "32"
+    rows = [
+        ("size (weights on disk)", mb(size.get("base_weights_bytes")), mb(size.get("compressed_weights_bytes"))),
+        ("size ratio", "1.00x", f"{size['ratio']:.2f}x smaller" if size.get("ratio") else "-"),
+        ("linear-weight sparsity", pct(0.0 if sparsity.get("base_global") is not None else None), pct(sparsity.get("linear_weights"))),
+        ("bits (quantized layers)", "32", bits_result),
+        ("bits per weight on disk", f"{size.get('base_bits_per_weight_on_disk', '-')}", f"{size.get('bits_per_weight_on_disk', '-')}"),
+    ]
+    for name in sorted(set(base_m) | set(comp_m)):
+        if name == "num_examples":
+            continue
+        rows.append((f"{name} ({report.get('eval', {}).get('split', 'held-out')})", pct(base_m.get(name)), pct(comp_m.get(name))))
+    w0 = max(len(r[0]) for r in rows)
+    w1 = max(len(r[1]) for r in rows + [("", "base", "")])
+    w2 = max(len(r[2]) for r in rows + [("", "", "compressed")])
+    line = f"+-{'-' * w0}-+-{'-' * w1}-+-{'-' * w2}-+"
+    print(line)
+    print(f"| {'':<{w0}} | {'base':>{w1}} | {'compressed':>{w2}} |")
+    print(line)
+    for a, b, c in rows:
+        print(f"| {a:<{w0}} | {b:>{w1}} | {c:>{w2}} |")
+    print(line)
+    print(f"Techniques: {', '.join(report.get('techniques', [])) or 'none'}. Output: {output_dir}. Took {seconds:.0f} s.")
+    if report.get("push"):
+        print(f"Pushed to {report['push']['repo_id']}: {report['push'].get('url') or report['push'].get('commit')}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run `hf-compress` with `argv` (defaults to `sys.argv[1:]`); returns the exit code (2 for bad input)."""
+    import time
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in ("-h", "--help"):
+        build_parser().print_help()
+        return 0
+    start = time.time()
+    from ..compression import CompressionInputError, prepare, run
+
+    try:
+        groups, recipe, command = parse(argv)
+        model_args, data_args, training_args, pruning_args, quantization_args = groups
+        if training_args.push_to_hub and not training_args.hub_model_id:
+            raise UsageError("--push_to_hub needs --hub_model_id namespace/name.")
+        plan = prepare(model_args, data_args, training_args, pruning_args, quantization_args, command=command, recipe=recipe)
+    except (UsageError, CompressionInputError, ValueError, TypeError, ImportError) as err:
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"hf-compress: error: {message}", file=sys.stderr)
+        return 2
+    report = run(plan)
+    _print_summary(report, plan.output_dir, time.time() - start)
+    return 0
+
+
+def console_entry() -> None:
+    """Entry point of the `hf-compress` console script."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    console_entry()

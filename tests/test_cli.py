@@ -1,0 +1,234 @@
+"""`hf-compress` end to end on tiny models saved to temp dirs, and the bad-input table."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from hf_compress.cli.main import main
+
+WORDS = ["good", "great", "fine", "fun", "bad", "awful", "dull", "poor", "the", "movie", "was", "a", "plot", "film"]
+POSITIVE = {"good", "great", "fine", "fun"}
+NEGATIVE = {"bad", "awful", "dull", "poor"}
+
+
+def make_tiny_model(folder, head: bool = True, num_labels: int = 2):
+    """A 2-layer BERT (hidden 32) with a WordPiece tokenizer built from a vocab file, saved in `folder`."""
+    from transformers import BertConfig, BertForSequenceClassification, BertModel, BertTokenizerFast
+
+    os.makedirs(folder, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
+    vocab_file = os.path.join(folder, "vocab.txt")
+    with open(vocab_file, "w") as f:
+        f.write("\n".join(vocab) + "\n")
+    tok = BertTokenizerFast(vocab_file=vocab_file, do_lower_case=True)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=64, num_labels=num_labels)
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(config) if head else BertModel(config)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
+def make_csv(path, n: int = 96, seed: int = 0, label_column: str = "label", text_column: str = "text"):
+    """Sentences whose label is 1 when they hold a positive word, 0 for a negative one."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = i % 2
+        word = rng.choice(sorted(POSITIVE if label else NEGATIVE))
+        filler = [rng.choice(["the", "movie", "was", "a", "plot", "film"]) for _ in range(4)]
+        filler.insert(rng.randrange(5), word)
+        rows.append({text_column: " ".join(filler), label_column: label})
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[text_column, label_column])
+        writer.writeheader()
+        writer.writerows(rows)
+    return str(path)
+
+
+FAST = ["--max_steps", "6", "--per_device_train_batch_size", "8", "--learning_rate", "1e-3", "--logging_steps", "50",
+        "--max_length", "16", "--pruning_frequency", "1", "--disable_tqdm", "true", "--use_cpu", "true"]
+
+
+@pytest.fixture
+def tiny_setup(tmp_path):
+    model = make_tiny_model(tmp_path / "model", head=True)
+    data = make_csv(tmp_path / "data.csv")
+    return model, data, tmp_path
+
+
+def _read(out):
+    with open(os.path.join(out, "compression_report.json")) as f:
+        report = json.load(f)
+    with open(os.path.join(out, "README.md")) as f:
+        card = f.read()
+    return report, card
+
+
+def test_prune_only_end_to_end(tiny_setup, capsys):
+    model, data, tmp = tiny_setup
+    out = tmp / "out"
+    rc = main(["--model", model, "--dataset", data, "--output_dir", str(out), "--sparsity", "0.5", "--no_quantize", *FAST])
+    assert rc == 0
+    names = set(os.listdir(out))
+    assert {"config.json", "model.safetensors", "tokenizer.json", "compression_report.json", "README.md"} <= names
+    # The run left no temporary folder next to the output.
+    assert [p for p in os.listdir(tmp) if p.startswith(".hf-compress-")] == []
+
+    from transformers import AutoModelForSequenceClassification
+
+    from hf_compress.pruning import default_targets, sparsity_stats
+
+    reloaded = AutoModelForSequenceClassification.from_pretrained(out)
+    stats = sparsity_stats(reloaded, default_targets(reloaded))
+    # Layer scope prunes round(0.5 * numel) entries of every targeted matrix: exactly half of them overall.
+    assert stats["zeros"] == stats["total"] // 2
+    report, card = _read(out)
+    # The report counts every Linear weight (pooler and head too, which are not pruned).
+    linear = sum(m.weight.numel() for m in reloaded.modules() if isinstance(m, torch.nn.Linear))
+    assert report["sparsity"]["linear_weights"] == round(stats["zeros"] / linear, 6)
+    assert report["techniques"] == ["pruning"]
+    assert report["quantization"] is None
+    # The held-out split: no test/validation in the csv, so a seeded 10% of the 96 rows.
+    assert set(report["metrics"]["compressed"]) == {"accuracy", "f1"}
+    # 10 held-out rows: every accuracy is a multiple of 1/10.
+    assert round(report["metrics"]["compressed"]["accuracy"] * 10, 6) % 1 == 0
+    assert report["eval"]["split"] == "train (seeded 10% held out)"
+    assert report["pipeline"]["train_steps"] == 6
+    assert report["pipeline"]["base_finetune_steps"] == 0  # the head was already there
+    assert "--sparsity 0.5" in card or "target_sparsity" in card
+    summary = capsys.readouterr().out
+    assert "linear-weight sparsity" in summary
+    assert f"{100 * report['sparsity']['linear_weights']:.1f}%" in summary
+
+
+def test_headless_model_gets_dense_finetune_first(tmp_path):
+    """A bare encoder gets a new head: the base is fine-tuned dense first, and its accuracy is the base's."""
+    model = make_tiny_model(tmp_path / "enc", head=False)
+    data = make_csv(tmp_path / "d.csv")
+    out = tmp_path / "out"
+    rc = main(["--model", model, "--dataset", data, "--output_dir", str(out), "--no_quantize", "--no_prune",
+               "--base_finetune_steps", "4", *FAST])
+    assert rc == 0
+    report, _ = _read(out)
+    assert report["pipeline"]["base_finetune_steps"] == 4
+    assert report["pipeline"]["stages"]["base_finetune"]["steps"] == 4
+    assert report["sparsity"]["linear_weights"] == 0.0
+    cfg = json.load(open(out / "config.json"))
+    assert cfg["architectures"] == ["BertForSequenceClassification"]
+
+
+def test_no_train_one_shot_prune_and_yaml_recipe(tiny_setup):
+    model, data, tmp = tiny_setup
+    recipe = tmp / "recipe.yaml"
+    recipe.write_text(f"model: {model}\ndataset: {data}\nsparsity: 0.75\nquantize: false\ntrain: false\nmax_length: 16\n")
+    out = tmp / "out"
+    # The command line wins over the recipe: 0.25, not 0.75.
+    rc = main(["--config", str(recipe), "--output_dir", str(out), "--sparsity", "0.25", "--use_cpu", "true"])
+    assert rc == 0
+    report, card = _read(out)
+    assert report["pipeline"]["train_steps"] == 0
+    from transformers import AutoModelForSequenceClassification
+
+    # No training: the unpruned weights equal the base's exactly.
+    base = AutoModelForSequenceClassification.from_pretrained(model)
+    res = AutoModelForSequenceClassification.from_pretrained(out)
+    wb = base.bert.encoder.layer[0].attention.self.query.weight
+    wr = res.bert.encoder.layer[0].attention.self.query.weight
+    kept = wr != 0
+    assert torch.equal(wr[kept], wb[kept])
+    assert int((~kept).sum()) == round(0.25 * wb.numel())
+    from hf_compress.pruning import default_targets, sparsity_stats
+
+    stats = sparsity_stats(res, default_targets(res))
+    assert stats["zeros"] == sum(round(0.25 * p.numel()) for n, p in res.named_parameters() if n in default_targets(res))
+    assert "--config=" in card
+
+
+def test_overwrite_replaces_output(tiny_setup):
+    model, data, tmp = tiny_setup
+    out = tmp / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("x")
+    args = ["--model", model, "--dataset", data, "--output_dir", str(out), "--no_quantize", "--no_train", "--sparsity", "0.5", "--use_cpu", "true"]
+    assert main(args) == 2
+    assert (out / "old.txt").exists()
+    assert main(args + ["--overwrite"]) == 0
+    assert not (out / "old.txt").exists() and (out / "compression_report.json").exists()
+
+
+# --- bad input: one line on stderr, exit code 2, nothing trained or written --------------------------------------
+
+def _bad_cases(tmp):
+    model = make_tiny_model(tmp / "model")
+    data = make_csv(tmp / "data.csv")
+    nolabel = make_csv(tmp / "nolabel.csv", label_column="stars_given")
+    (tmp / "full").mkdir()
+    (tmp / "full" / "x.txt").write_text("x")
+    from transformers import ViTConfig
+
+    ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64).save_pretrained(tmp / "vit")
+    base = ["--model", model, "--dataset", data, "--output_dir", str(tmp / "out")]
+    return {
+        "unknown model": (["--model", str(tmp / "nope"), "--dataset", data, "--output_dir", str(tmp / "out")],
+                          r"Unknown model '.*nope'"),
+        "unknown dataset": (["--model", model, "--dataset", str(tmp / "missing.csv"), "--output_dir", str(tmp / "out")],
+                            r"Unknown dataset '.*missing.csv'"),
+        "no matching task": (["--model", str(tmp / "vit"), "--dataset", data, "--output_dir", str(tmp / "out")],
+                             r"No task matches the model \(model_type 'vit'"),
+        "missing label column": (["--model", model, "--dataset", nolabel, "--output_dir", str(tmp / "out")],
+                                 r"has no label column \(columns: text, stars_given\); pass `--label_column`"),
+        "given label column absent": (base + ["--label_column", "y"], r"has no label column 'y'"),
+        "sparsity 1.0": (base + ["--sparsity", "1.0"], r"target_sparsity must be in \[0, 1\), got 1.0"),
+        "sparsity negative": (base + ["--sparsity=-0.1"], r"target_sparsity must be in \[0, 1\), got -0.1"),
+        "bits 3": (base + ["--bits", "3"], r"bits must be 4 or 8, got 3"),
+        "output not empty": (["--model", model, "--dataset", data, "--output_dir", str(tmp / "full")],
+                             r"exists and is not empty; pass `--overwrite`"),
+        "unknown option": (base + ["--frobnicate", "1"], r"unknown options --frobnicate 1; see `hf-compress --help`"),
+        "causal lm": (base + ["--task", "causal-lm"], r"causal-lm .*sequence-classification only"),
+    }
+
+
+BAD = ["unknown model", "unknown dataset", "no matching task", "missing label column", "given label column absent",
+       "sparsity 1.0", "sparsity negative", "bits 3", "output not empty", "unknown option", "causal lm"]
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_input_one_line_exit_2(case, tmp_path, capsys):
+    import re
+
+    argv, pattern = _bad_cases(tmp_path)[case]
+    capsys.readouterr()  # drop what building the fixtures printed
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("hf-compress: error: ")
+    assert re.search(pattern, err[0]), err[0]
+    assert not (tmp_path / "out").exists()
+    assert [p for p in os.listdir(tmp_path) if p.startswith(".hf-compress-")] == []
+
+
+def test_console_script_subprocess(tmp_path):
+    """The installed `hf-compress` script: bad input exits 2 with one line and no traceback."""
+    exe = os.path.join(os.path.dirname(sys.executable), "hf-compress")
+    cmd = [exe] if os.path.exists(exe) else [sys.executable, "-m", "hf_compress.cli.main"]
+    res = subprocess.run(cmd + ["--model", str(tmp_path / "nope"), "--bits", "4"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2
+    assert "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines() == [
+        f"hf-compress: error: Unknown model '{tmp_path / 'nope'}': it is not a local directory and could not be "
+        "fetched from the Hub (OSError); pass a model directory or a Hub id."
+    ]
+    res = subprocess.run(cmd + ["--help"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0
+    for option in ("--model", "--dataset", "--teacher", "--target_sparsity", "--bits", "--no_quantize", "--overwrite"):
+        assert option in res.stdout
