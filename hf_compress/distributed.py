@@ -185,6 +185,18 @@ def _safetensors_problem(path: str) -> str | None:
     return None
 
 
+def check_safetensors_file(path: str) -> None:
+    """
+    Raise one clear line when the safetensors file at `path` is missing, truncated or has a corrupt header (the
+    library's own error names neither the file nor the fix). Reads only the header: cheap before any load.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} does not exist; save the model there first (or check the path).")
+    problem = _safetensors_problem(path)
+    if problem:
+        raise ValueError(f"{path} is truncated or corrupt ({problem}); save it again or use an earlier copy.")
+
+
 def validate_checkpoint(path: str, required: tuple[str, ...] = ("trainer_state.json",)) -> None:
     """
     Check a `checkpoint-N` folder before resuming from it: it exists, holds `required` files, model weights,
@@ -280,6 +292,7 @@ __all__ = [
     "atomic_output_dir",
     "broadcast_masks",
     "check_distributed_support",
+    "check_safetensors_file",
     "check_same_across_ranks",
     "last_valid_checkpoint",
     "parallel_backend",
