@@ -82,14 +82,16 @@ def parse(argv=None):
     p.add_argument("--kill-at-step", type=int, default=None, help="SIGKILL this process at the end of that step")
     p.add_argument("--resume", action="store_true", help="resume from hf_compress.distributed.last_valid_checkpoint")
     p.add_argument("--final-dir", default=None, help="save the final model and its card there (main process)")
+    p.add_argument("--quantize-dir", default=None, help="add QuantizationCallback (8-bit) exporting there")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     opts = parse(argv)
     install_write_audit(opts.output_dir)
-    if opts.final_dir:
-        _WATCH.append(os.path.abspath(opts.final_dir))
+    for extra in (opts.final_dir, opts.quantize_dir):
+        if extra:
+            _WATCH.append(os.path.abspath(extra))
 
     import torch
     from transformers import BertForSequenceClassification, TrainerCallback
@@ -140,6 +142,11 @@ def main(argv=None) -> int:
         log_per_layer=False,
     )
     callbacks = [Dump(), pruning] + ([KillAt()] if opts.kill_at_step else [])
+    if opts.quantize_dir:  # after the pruning callback: it exports the pruned weights, masks made permanent
+        from hf_compress.callbacks import QuantizationCallback
+        from hf_compress.quantization import QuantizationArguments
+
+        callbacks.append(QuantizationCallback(QuantizationArguments(bits=8), output_dir=opts.quantize_dir))
     check_distributed_support(args, callbacks)
     trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=data, callbacks=callbacks)
     resume = last_valid_checkpoint(opts.output_dir) if opts.resume else None

@@ -34,7 +34,7 @@ def ddp_run(tmp_path_factory):
         os.path.join(HERE, "ddp_worker.py"), "--output-dir", str(root / "out"), "--dump-dir", str(root / "dump"),
         "--final-dir", str(root / "final"), "--max-steps", str(MAX_STEPS), "--save-steps", str(MAX_STEPS),
         "--end-step", str(END_STEP), "--frequency", str(FREQUENCY), "--target-sparsity", str(TARGET),
-        "--grad-accum", str(GRAD_ACCUM),
+        "--grad-accum", str(GRAD_ACCUM), "--quantize-dir", str(root / "int8"),
     ]
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -112,6 +112,10 @@ def test_only_the_main_process_writes(ddp_run):
     assert os.listdir(root / "out") == ["checkpoint-8"]  # one checkpoint
     assert {"README.md", "compression_report.json", "model.safetensors"} <= set(os.listdir(root / "final"))
     assert not [f for f in os.listdir(root / "final") if f.startswith(".")]  # no temporary file left
+    # QuantizationCallback exported once, by rank 0, atomically (no temporary folder beside it).
+    assert str(root / "int8") in infos[0]["writes"]  # the rename of its temporary folder into place
+    assert sorted(p for p in os.listdir(root) if "int8" in p) == ["int8"]
+    assert {"config.json", "model.safetensors"} <= set(os.listdir(root / "int8"))
     # The card and report describe the pruned model exactly.
     from huggingface_hub import ModelCard
 
