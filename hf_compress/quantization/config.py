@@ -1,0 +1,70 @@
+"""`QuantizationArguments`: the bitsandbytes export and quantization-aware fine-tuning options."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+BITS = (4, 8)
+QUANT_TYPES = ("nf4", "fp4")
+# Task heads kept in full precision by default: a bnb-quantized head that was newly initialised breaks the
+# forward pass on CPU, and the head is a tiny share of the parameters anyway.
+DEFAULT_HEAD_MODULES = ("classifier", "qa_outputs", "lm_head", "score")
+
+
+@dataclass
+class QuantizationArguments:
+    r"""
+    Options of [`quantize_and_save`], [`QuantizationCallback`] and [`QATCallback`]. Field names do not clash with
+    [`TrainingArguments`], so both parse with one `HfArgumentParser`.
+
+    Parameters:
+        bits (`int`, *optional*, defaults to `8`):
+            `8` for LLM.int8 (row-wise absmax int8 weights) or `4` for block-wise NF4 / FP4 (QLoRA).
+        quant_type (`str`, *optional*, defaults to `"nf4"`):
+            4-bit data type, `nf4` or `fp4`. Ignored with `bits=8`.
+        double_quant (`bool`, *optional*, defaults to `False`):
+            4-bit only: also quantize the per-block absmax values (8-bit, blocks of 256).
+        quantize_embeddings (`bool`, *optional*, defaults to `False`):
+            Also store the input embeddings in `bits` bits (bitsandbytes `Embedding8bit` / `Embedding4bit`,
+            no double quantization). Reload such a checkpoint with [`load_quantized`].
+        skip_modules (`list[str]`, *optional*):
+            Module names (or suffixes) to keep in full precision. Defaults to the task heads (`classifier`,
+            `qa_outputs`, `lm_head`, `score`) plus the output embeddings.
+        llm_int8_threshold (`float`, *optional*, defaults to `6.0`):
+            8-bit only: activations at least this large are multiplied in full precision (LLM.int8 outliers).
+        qat_fraction (`float`, *optional*, defaults to `0.25`):
+            [`QATCallback`]: fake-quantize during the last `qat_fraction` of the optimizer steps (in (0, 1]).
+    """
+
+    bits: int = field(default=8, metadata={"help": "Bits per weight: 8 (LLM.int8) or 4 (NF4/FP4)."})
+    quant_type: str = field(default="nf4", metadata={"help": "4-bit data type: nf4 or fp4."})
+    double_quant: bool = field(
+        default=False, metadata={"help": "4-bit only: also quantize the per-block absmax values."}
+    )
+    quantize_embeddings: bool = field(
+        default=False, metadata={"help": "Also store the input embeddings in `bits` bits."}
+    )
+    skip_modules: list[str] | None = field(
+        default=None,
+        metadata={"help": "Modules kept in full precision (default: the task heads and output embeddings)."},
+    )
+    llm_int8_threshold: float = field(
+        default=6.0, metadata={"help": "8-bit only: outlier threshold of LLM.int8 (0 disables outliers)."}
+    )
+    qat_fraction: float = field(
+        default=0.25, metadata={"help": "Quantization-aware fine-tuning over the last fraction of steps, in (0, 1]."}
+    )
+
+    def __post_init__(self):
+        if self.bits not in BITS:
+            raise ValueError(f"bits must be 4 or 8, got {self.bits!r}; use 8 for LLM.int8 or 4 for NF4/FP4.")
+        if self.quant_type not in QUANT_TYPES:
+            raise ValueError(f"quant_type must be one of {', '.join(QUANT_TYPES)}, got {self.quant_type!r}.")
+        if self.double_quant and self.bits != 4:
+            raise ValueError(f"double_quant only applies to 4-bit, got bits={self.bits}; set `bits=4` or drop it.")
+        if self.llm_int8_threshold < 0:
+            raise ValueError(f"llm_int8_threshold must be >= 0, got {self.llm_int8_threshold}.")
+        if not 0.0 < self.qat_fraction <= 1.0:
+            raise ValueError(f"qat_fraction must be in (0, 1], got {self.qat_fraction}.")
+        if self.skip_modules is not None and isinstance(self.skip_modules, str):
+            self.skip_modules = [self.skip_modules]

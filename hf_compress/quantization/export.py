@@ -1,0 +1,305 @@
+"""Quantize a trained model with bitsandbytes and save it in the standard transformers format."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import DEFAULT_HEAD_MODULES, QuantizationArguments
+
+EMBEDDINGS_FILE = "quantized_embeddings.safetensors"
+EMBEDDINGS_CONFIG_KEY = "hf_compress_quantized_embeddings"
+REPORT_FILE = "quantization_report.json"
+SUPPORTED_DEVICES = ("cpu", "cuda", "xpu")
+
+
+def require_bitsandbytes(bits: int = 8) -> None:
+    """Raise a one-line `ImportError` naming the fix when bitsandbytes is not installed."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ImportError(f"bitsandbytes {bits}-bit export needs bitsandbytes: `pip install bitsandbytes`.")
+
+
+def _check(model, args: QuantizationArguments) -> torch.device:
+    if not isinstance(args, QuantizationArguments):
+        raise TypeError(f"args must be a `QuantizationArguments`, got {type(args).__name__}.")
+    if not hasattr(model, "save_pretrained") or not hasattr(model, "config"):
+        raise TypeError(
+            f"quantization needs a transformers `PreTrainedModel`, got {type(model).__name__}; "
+            "load it with `AutoModelFor*.from_pretrained`."
+        )
+    device = next(model.parameters()).device
+    if device.type not in SUPPORTED_DEVICES:
+        raise ValueError(
+            f"bitsandbytes quantization runs on {', '.join(SUPPORTED_DEVICES)}, got a model on {device.type!r}; "
+            "move it with `model.to('cpu')`."
+        )
+    if getattr(model.config, "quantization_config", None) is not None:
+        raise ValueError("The model is already quantized; pass the full-precision model.")
+    require_bitsandbytes(args.bits)
+    return device
+
+
+def should_quantize(name: str, skip_modules: list[str]) -> bool:
+    """transformers' rule for `llm_int8_skip_modules`: a pattern matches from the start up to a module boundary
+    (also as a regex) or as a suffix."""
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    return should_convert_module(name, skip_modules)
+
+
+def _tied_names(model) -> set[str]:
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    return {k.removesuffix(".weight") for k in set(tied) | set(tied.values())}
+
+
+def resolve_skip_modules(model, args: QuantizationArguments) -> list[str]:
+    """`args.skip_modules`, or the task heads present in `model` plus its output embeddings and tied weights."""
+    if args.skip_modules is not None:
+        return list(args.skip_modules)
+    names = [n for n, _ in model.named_modules() if n]
+    skip = [h for h in DEFAULT_HEAD_MODULES if any(n == h or n.startswith(h + ".") or n.endswith("." + h) for n in names)]
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    skip += [n for n, m in model.named_modules() if out_emb is not None and m is out_emb]
+    skip += sorted(_tied_names(model))
+    return sorted(set(skip))
+
+
+def quantization_targets(model, args: QuantizationArguments) -> tuple[list[str], list[str]]:
+    """(Linear layers bitsandbytes will quantize, embedding tables stored in low bits) for `model`, by name."""
+    skip = resolve_skip_modules(model, args)
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and should_quantize(n, skip)]
+    embeddings = []
+    if args.quantize_embeddings:
+        tied = _tied_names(model)
+        out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        for n, m in model.named_modules():
+            if not isinstance(m, nn.Embedding) or n in tied or not should_quantize(n, skip):
+                continue
+            if out_emb is not None and getattr(out_emb, "weight", None) is m.weight:
+                continue
+            embeddings.append(n)
+    return linears, embeddings
+
+
+def _plain_copy(model):
+    """A parametrization-free copy: fake-quantized weights as their full-precision originals (which the export
+    quantizes exactly as QAT did), any other parametrization (pruning masks) baked into the weight.
+
+    Built as a fresh model plus a state dict, not by `deepcopy`: a deep-copied parametrized module shares its
+    generated class with the original, so removing parametrizations from the copy would break the original.
+    """
+    from torch.nn.utils import parametrize
+
+    from .qat import BnbFakeQuantize
+
+    state = model.state_dict()
+    with torch.no_grad():
+        for prefix, module in model.named_modules():
+            if not parametrize.is_parametrized(module):
+                continue
+            prefix = f"{prefix}." if prefix else ""
+            for name, plist in module.parametrizations.items():
+                value = plist.original
+                for p in plist:
+                    if not isinstance(p, BnbFakeQuantize):
+                        value = p(value)
+                inner = f"{prefix}parametrizations.{name}."
+                state = {k: v for k, v in state.items() if not k.startswith(inner)}
+                state[f"{prefix}{name}"] = value.detach()
+    plain = type(model)(copy.deepcopy(model.config))
+    plain.load_state_dict(state)
+    return plain.to(next(model.parameters()).dtype)
+
+
+def _weight_bytes(model) -> int:
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
+def _quantize_linears(model, args: QuantizationArguments, device: torch.device):
+    """The bnb model as `from_pretrained(..., quantization_config=...)` builds it, and the export info."""
+    from . import bnb as backend
+
+    plain = _plain_copy(model).to("cpu")
+    skip = resolve_skip_modules(plain, args)
+    linears, embeddings = quantization_targets(plain, args)
+    embedding_tensors = {n: backend.quantize_embedding_tensors(plain.get_submodule(n).weight, args) for n in embeddings}
+    with tempfile.TemporaryDirectory() as tmp:
+        plain.save_pretrained(tmp)
+        qmodel = type(model).from_pretrained(
+            tmp, quantization_config=backend.bnb_config(args, skip), dtype=torch.float32, device_map={"": device}
+        )
+    qmodel.eval()
+    quantized, kept = backend.quantized_linear_names(qmodel)
+    info = {
+        "method": "bitsandbytes",
+        "bits": args.bits,
+        "quant_type": args.quant_type if args.bits == 4 else "llm_int8",
+        "double_quant": args.double_quant,
+        "skip_modules": skip,
+        "quantized_linear_modules": quantized,
+        "full_precision_linear_modules": kept,
+        "quantized_embeddings": embeddings,
+        "source_weight_bytes": _weight_bytes(plain),
+        "num_parameters": sum(p.numel() for p in plain.parameters()),
+    }
+    return qmodel, info, embedding_tensors
+
+
+def _swap_embeddings(qmodel, embedding_tensors, bits: int, quant_type: str):
+    from . import bnb as backend
+
+    device = next(qmodel.parameters()).device
+    for name, tensors in embedding_tensors.items():
+        old = qmodel.get_submodule(name)
+        new = backend.embedding_module(old.num_embeddings, old.embedding_dim, tensors, bits, quant_type, device)
+        qmodel.set_submodule(name, new)
+    return qmodel
+
+
+def quantize_model(model, args: QuantizationArguments):
+    """
+    Quantize `model` in memory exactly as [`quantize_and_save`] stores it (the model itself is not changed).
+
+    Returns:
+        `(quantized_model, info)`: the bitsandbytes model in eval mode and a dict saying what was quantized.
+    """
+    device = _check(model, args)
+    qmodel, info, embedding_tensors = _quantize_linears(model, args, device)
+    return _swap_embeddings(qmodel, embedding_tensors, args.bits, args.quant_type), info
+
+
+def _strip_keys(folder: Path, keys: set[str]) -> None:
+    """Drop `keys` from the safetensors checkpoint in `folder` (single file or shards)."""
+    from safetensors.torch import load_file, save_file
+
+    index = folder / "model.safetensors.index.json"
+    shards = sorted(p for p in folder.glob("*.safetensors") if p.name != EMBEDDINGS_FILE)
+    for shard in shards:
+        tensors = load_file(shard)
+        if keys & tensors.keys():
+            save_file({k: v for k, v in tensors.items() if k not in keys}, shard, metadata={"format": "pt"})
+    if index.exists():
+        data = json.loads(index.read_text())
+        data["weight_map"] = {k: v for k, v in data["weight_map"].items() if k not in keys}
+        index.write_text(json.dumps(data, indent=2))
+
+
+def folder_bytes(folder) -> dict[str, int]:
+    files = [p for p in Path(folder).rglob("*") if p.is_file()]
+    return {
+        "bytes_on_disk": sum(p.stat().st_size for p in files),
+        "weight_bytes_on_disk": sum(p.stat().st_size for p in files if p.suffix == ".safetensors"),
+    }
+
+
+def quantize_and_save(model, output_dir, args: QuantizationArguments, tokenizer=None) -> dict:
+    """
+    Quantize `model` with bitsandbytes and save it so that `AutoModelFor*.from_pretrained(output_dir)` reloads
+    the quantized model with no extra argument (`config.json` carries `quantization_config`).
+
+    The task head (`classifier`, `qa_outputs`, `lm_head`, `score`) and the output embeddings stay in full
+    precision unless `args.skip_modules` says otherwise. A model under [`QATCallback`] fake quantization is
+    exported from its full-precision weights, which gives exactly the fake-quantized forward pass. With
+    `args.quantize_embeddings` the embedding tables go to `quantized_embeddings.safetensors`, which
+    transformers does not read: reload those with [`load_quantized`].
+
+    The folder is written next to `output_dir` under a temporary name and renamed into place at the end, so
+    an interrupted export never leaves a half-written checkpoint.
+
+    Args:
+        model ([`PreTrainedModel`]): The full-precision model (pruned, distilled, fake-quantized: any).
+        output_dir (`str` or `os.PathLike`): Where to save; replaced if it exists.
+        args ([`QuantizationArguments`]): Bits, data type, embeddings, modules to skip.
+        tokenizer (*optional*): Saved alongside when given.
+
+    Returns:
+        `dict`: bits and data type, the quantized and full-precision module names, the quantized embeddings,
+        `bytes_on_disk` (whole folder), `weight_bytes_on_disk` (safetensors files), `source_weight_bytes`
+        (the full-precision state dict), `output_dir` and `reload` (how to load it back).
+    """
+    device = _check(model, args)
+    output_dir = Path(output_dir)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    qmodel, info, embedding_tensors = _quantize_linears(model, args, device)
+    tmp = output_dir.parent / f".{output_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        qmodel.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if embedding_tensors:
+            _save_embeddings(tmp, embedding_tensors, args)
+        info["reload"] = "hf_compress.quantization.load_quantized" if embedding_tensors else "AutoModel*.from_pretrained"
+        info.update(folder_bytes(tmp))
+        info["output_dir"] = str(output_dir)
+        (tmp / REPORT_FILE).write_text(json.dumps(info, indent=2))
+        if output_dir.exists():
+            old = output_dir.parent / f".{output_dir.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(output_dir, old)
+            os.replace(tmp, output_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, output_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return info
+
+
+def _save_embeddings(folder: Path, embedding_tensors, args: QuantizationArguments) -> None:
+    from safetensors.torch import save_file
+
+    flat = {f"{name}.{k}": v.contiguous().cpu() for name, tensors in embedding_tensors.items() for k, v in tensors.items()}
+    save_file(flat, folder / EMBEDDINGS_FILE, metadata={"format": "pt"})
+    _strip_keys(folder, {f"{name}.weight" for name in embedding_tensors})
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text())
+    config[EMBEDDINGS_CONFIG_KEY] = {"bits": args.bits, "quant_type": args.quant_type, "modules": list(embedding_tensors)}
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
+
+
+def load_quantized(path, model_class=None, device=None, **kwargs):
+    """
+    Load a folder written by [`quantize_and_save`]: `from_pretrained`, then the low-bit embedding tables if the
+    export stored any (bitsandbytes `Embedding8bit` / `Embedding4bit`).
+
+    Args:
+        path (`str` or `os.PathLike`): The exported folder.
+        model_class (*optional*): The model class; defaults to `config.architectures[0]` from transformers.
+        device (*optional*): Device to load on (default: CPU).
+        kwargs: Passed to `from_pretrained`.
+    """
+    import transformers
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    config = json.loads((path / "config.json").read_text())
+    if model_class is None:
+        model_class = getattr(transformers, config["architectures"][0])
+    stored = config.get(EMBEDDINGS_CONFIG_KEY)
+    device = torch.device(device or "cpu")
+    verbosity = transformers.logging.get_verbosity()
+    if stored:
+        require_bitsandbytes(stored["bits"])
+        # The embedding weights are not in model.safetensors: silence the expected MISSING report.
+        transformers.logging.set_verbosity_error()
+    try:
+        model = model_class.from_pretrained(path, device_map={"": device}, **kwargs)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    if stored:
+        flat = load_file(path / EMBEDDINGS_FILE)
+        tensors = {
+            name: {k.removeprefix(name + "."): v for k, v in flat.items() if k.startswith(name + ".")}
+            for name in stored["modules"]
+        }
+        _swap_embeddings(model, tensors, stored["bits"], stored["quant_type"])
+    return model.eval()

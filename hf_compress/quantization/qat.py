@@ -1,0 +1,99 @@
+"""Quantization-aware fine-tuning: bnb's exact numerics as `torch.nn.utils.parametrize` fake quantizers."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from .config import QuantizationArguments
+from .functional import fake_quantize_weight, int8_linear, int8_rowwise_quantize, straight_through
+
+_HOOK_ATTR = "_hf_compress_int8_hook"
+
+
+class BnbFakeQuantize(nn.Module):
+    r"""
+    Parametrization of a `weight`: in the forward pass the value bitsandbytes would multiply by after export,
+    in the backward pass the gradient of the full-precision weight (straight-through estimator). The optimizer
+    keeps updating the full-precision `parametrizations.weight.original`.
+
+    Args:
+        bits (`int`): 8 or 4.
+        quant_type (`str`, *optional*, defaults to `"nf4"`): 4-bit data type.
+        double_quant (`bool`, *optional*, defaults to `False`): 4-bit absmax quantized too.
+        embedding (`bool`, *optional*, defaults to `False`): The weight of an embedding table.
+    """
+
+    def __init__(self, bits: int, quant_type: str = "nf4", double_quant: bool = False, embedding: bool = False):
+        super().__init__()
+        self.bits, self.quant_type, self.double_quant, self.embedding = bits, quant_type, double_quant, embedding
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        quantized = fake_quantize_weight(weight, self.bits, self.quant_type, self.double_quant, embedding=self.embedding)
+        return straight_through(weight, quantized)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, quant_type={self.quant_type}, double_quant={self.double_quant}"
+
+
+def _int8_activation_hook(threshold: float):
+    """Forward hook replaying LLM.int8 inference (int8 activations, outliers in full precision) on a
+    fake-quantized Linear; the gradient still flows through the plain product."""
+
+    def hook(module, inputs, output):
+        weight = module.parametrizations.weight.original
+        cb, scb = int8_rowwise_quantize(weight)
+        bias = module.bias.detach() if module.bias is not None else None
+        with torch.no_grad():
+            exact = int8_linear(inputs[0].detach(), cb, scb, bias, threshold)
+        return straight_through(output, exact)
+
+    return hook
+
+
+def is_fake_quantized(module: nn.Module) -> bool:
+    return parametrize.is_parametrized(module, "weight") and any(
+        isinstance(p, BnbFakeQuantize) for p in module.parametrizations.weight
+    )
+
+
+def attach_fake_quant(model: nn.Module, args: QuantizationArguments, linear_names: list[str], embedding_names=()) -> int:
+    """Register [`BnbFakeQuantize`] on the weights of `linear_names` (and `embedding_names`); in 8-bit also
+    replay the int8 activation quantization. Returns the number of modules now fake-quantized."""
+    count = 0
+    modules = dict(model.named_modules())
+    for name in list(linear_names) + list(embedding_names):
+        module = modules[name]
+        if is_fake_quantized(module):
+            continue
+        embedding = name in embedding_names
+        parametrize.register_parametrization(
+            module, "weight", BnbFakeQuantize(args.bits, args.quant_type, args.double_quant and not embedding, embedding)
+        )
+        if args.bits == 8 and not embedding:
+            setattr(module, _HOOK_ATTR, module.register_forward_hook(_int8_activation_hook(args.llm_int8_threshold)))
+        count += 1
+    return count
+
+
+def remove_fake_quant(model: nn.Module) -> int:
+    """Remove every [`BnbFakeQuantize`] (and int8 hook), keeping the full-precision weights and any other
+    parametrization (e.g. pruning masks) in place. Returns the number of modules restored."""
+    count = 0
+    for module in model.modules():
+        handle = getattr(module, _HOOK_ATTR, None)
+        if handle is not None:
+            handle.remove()
+            delattr(module, _HOOK_ATTR)
+        if not is_fake_quantized(module):
+            continue
+        plist = module.parametrizations.weight
+        others = [p for p in plist if not isinstance(p, BnbFakeQuantize)]
+        original = plist.original
+        parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+        module.weight = original
+        for p in others:
+            parametrize.register_parametrization(module, "weight", p)
+        count += 1
+    return count
