@@ -133,3 +133,47 @@ def test_interrupted_save_leaves_no_output_dir(tmp_path, tiny_bert, monkeypatch)
     with pytest.raises(ValueError, match="export already exists; pass `overwrite=True`"):
         with atomic_output_dir(str(target), overwrite=False):
             pass
+
+
+def _export_pruned(model, folder):
+    from hf_compress.pruning import save_compressed
+
+    save_compressed(model, folder)
+
+
+def _export_int8(model, folder):
+    from hf_compress.quantization import QuantizationArguments, quantize_and_save
+
+    quantize_and_save(model, folder, QuantizationArguments(bits=8))
+
+
+@pytest.mark.parametrize("export", [_export_pruned, _export_int8], ids=["save_compressed", "quantize_and_save"])
+def test_interrupted_export_leaves_previous_output_whole(export, tmp_path, tiny_bert, monkeypatch):
+    import safetensors.torch
+    import transformers.modeling_utils
+
+    target = tmp_path / "export"
+    export(tiny_bert, str(target))  # a first, complete export
+    before = {f: (target / f).read_bytes() for f in os.listdir(target)}
+    real = safetensors.torch.save_file
+
+    def half_then_fail(tensors, filename, *args, **kwargs):  # the process dies while writing the weights
+        real(tensors, filename, *args, **kwargs)
+        _truncate(filename)
+        raise _Boom("killed mid-write")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", half_then_fail)
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", half_then_fail)
+    with pytest.raises(_Boom):
+        export(tiny_bert, str(target))
+    assert os.listdir(tmp_path) == ["export"]  # no temporary folder left beside it
+    assert {f: (target / f).read_bytes() for f in os.listdir(target)} == before  # the old export, byte for byte
+    for name in before:
+        if name.endswith(".safetensors"):
+            from hf_compress.distributed import check_safetensors_file
+
+            check_safetensors_file(str(target / name))
+    # Without a previous export, a failed one leaves nothing at all.
+    with pytest.raises(_Boom):
+        export(tiny_bert, str(tmp_path / "fresh"))
+    assert os.listdir(tmp_path) == ["export"]
