@@ -645,11 +645,10 @@ def run(plan: CompressionPlan) -> dict:
 
 
 def _load_saved(auto_class, folder: str, quantization_args):
-    if quantization_args.quantize_embeddings:
-        from .quantization import load_quantized
+    # Evaluate what was written, reloaded the way a user loads it (low-bit embeddings need `load_quantized`).
+    from .quantization import load_quantized
 
-        return load_quantized(folder)
-    return auto_class.from_pretrained(folder)
+    return load_quantized(folder)
 
 
 def _model_id(path: str) -> str:

@@ -232,3 +232,59 @@ def test_console_script_subprocess(tmp_path):
     assert res.returncode == 0
     for option in ("--model", "--dataset", "--teacher", "--target_sparsity", "--bits", "--no_quantize", "--overwrite"):
         assert option in res.stdout
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_prune_and_quantize(tiny_setup, bits):
+    model, data, tmp = tiny_setup
+    out = tmp / f"out{bits}"
+    rc = main(["--model", model, "--dataset", data, "--output_dir", str(out), "--sparsity", "0.5", "--bits", str(bits), *FAST])
+    assert rc == 0
+    report, card = _read(out)
+    assert report["techniques"] == ["pruning", "quantization"]
+    assert report["quantization"]["bits"] == [bits]
+    # Every encoder Linear (2 layers x 6) is quantized; the head and pooler? the head stays full precision.
+    assert report["quantization"]["num_quantized_modules"] >= 12
+    cfg = json.load(open(out / "config.json"))
+    assert cfg["quantization_config"]["load_in_8bit" if bits == 8 else "load_in_4bit"] is True
+    # The result is measured from the reloaded quantized checkpoint, on the same rows as the base.
+    from hf_compress.quantization import load_quantized
+
+    reloaded = load_quantized(str(out))
+    assert type(reloaded).__name__ == "BertForSequenceClassification"
+    assert report["size"]["compressed_weights_bytes"] == os.path.getsize(out / "model.safetensors")
+    assert report["size"]["compressed_weights_bytes"] < report["size"]["base_weights_bytes"]
+    assert f"{bits}-bit" in card or f"bits: {bits}" in card or f"load_in_{bits}bit" in card
+
+
+def test_console_script_runs_end_to_end(tiny_setup):
+    """The real installed command (subprocess) on a tiny model: files, report and card."""
+    model, data, tmp = tiny_setup
+    exe = os.path.join(os.path.dirname(sys.executable), "hf-compress")
+    cmd = [exe] if os.path.exists(exe) else [sys.executable, "-m", "hf_compress.cli.main"]
+    out = tmp / "cli-out"
+    res = subprocess.run(cmd + ["--model", model, "--dataset", data, "--output_dir", str(out), "--sparsity", "0.5",
+                                "--no_quantize", *FAST], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    report, card = _read(out)
+    assert report["techniques"] == ["pruning"]
+    assert "compressed" in res.stdout and "linear-weight sparsity" in res.stdout
+    assert "hf-compress --model" in card  # the reproducing command is in the card
+
+
+@pytest.mark.slow
+def test_demo_real_model_reduced_steps(tmp_path):
+    """`hf-compress demo` on the real MiniLM-L6 and Rotten Tomatoes, with fewer steps and eval rows."""
+    out = tmp_path / "demo"
+    rc = main(["demo", "--output_dir", str(out), "--base_finetune_steps", "40", "--max_steps", "20",
+               "--max_eval_samples", "200", "--disable_tqdm", "true"])
+    assert rc == 0
+    report, card = _read(out)
+    assert report["eval"]["split"] == "test[:200]"
+    assert report["quantization"]["bits"] == [8]
+    assert report["techniques"] == ["pruning", "quantization"]
+    assert report["pipeline"]["base_finetune_steps"] == 40 and report["pipeline"]["train_steps"] == 20
+    # The fine-tuned dense base beats chance on 200 balanced-ish rows; the 8-bit file is smaller than fp32.
+    assert report["metrics"]["base"]["accuracy"] > 0.6
+    assert report["size"]["compressed_weights_bytes"] < 0.8 * report["size"]["base_weights_bytes"]
+    assert report["base_model"] is not None and "MiniLM" in card or "minilm" in card.lower()
