@@ -104,7 +104,7 @@ def run(mode: str = "quick", output_dir: str = "benchmarks/results") -> dict:
     from hf_compress.distillation import layer_dropped_student
     from hf_compress.models import default_model_path
     from hf_compress.pruning import save_compressed, sparsity_stats
-    from hf_compress.quantization import QuantizationArguments, quantize_and_save
+    from hf_compress.quantization import QuantizationArguments, load_quantized, quantize_and_save
 
     cfg = MODES[mode]
     tok, ds = real_data(max_eval=cfg["eval_rows"])
@@ -155,7 +155,7 @@ def run(mode: str = "quick", output_dir: str = "benchmarks/results") -> dict:
     # 4. Post-training bitsandbytes quantization; accuracy of the reloaded checkpoint.
     def quantized(name, model, folder, qargs):
         quantize_and_save(copy.deepcopy(model), folder, qargs, tokenizer=tok)
-        reloaded = AutoModelForSequenceClassification.from_pretrained(folder)
+        reloaded = load_quantized(folder)  # from_pretrained, plus the low-bit embeddings if any
         record(name, model, folder, eval_model=reloaded, params=num_params(model), note=f"{qargs.bits}-bit")
 
     quantized("8-bit LLM.int8 (PTQ)", base, f"{work}/int8", QuantizationArguments(bits=8))
