@@ -76,6 +76,9 @@ class ModelArguments:
             Export with bitsandbytes in `bits` bits; `--no_quantize` saves full precision safetensors.
         evaluate (`bool`, *optional*, defaults to `True`):
             Evaluate base and result on the held-out split.
+        qat (`bool`, *optional*, defaults to `True`):
+            When quantizing after training, train the last `qat_fraction` of the steps with the export's exact
+            fake quantization (`QATCallback`), so the weights adapt to the rounding.
         base_finetune_steps (`int`, *optional*):
             When the model's task head is new, fine-tune the dense base this many optimizer steps first, so that the
             base accuracy is the one of a trained dense model and compression starts from it. Defaults to the
@@ -94,6 +97,10 @@ class ModelArguments:
     prune: bool = field(default=True, metadata={"help": "Prune to target_sparsity (--no_prune turns pruning off)."})
     quantize: bool = field(default=True, metadata={"help": "Export in `bits` bits with bitsandbytes (--no_quantize: full precision)."})
     evaluate: bool = field(default=True, metadata={"help": "Evaluate base and result on the held-out split (--no_evaluate skips it)."})
+    qat: bool = field(
+        default=True,
+        metadata={"help": "With quantization and training: fake-quantize the last qat_fraction of the steps (QATCallback); --no_qat turns it off."},
+    )
     base_finetune_steps: int | None = field(
         default=None,
         metadata={"help": "Steps to fine-tune the dense base first when its task head is new (default: as many as the compression training; 0: skip)."},
@@ -579,6 +586,17 @@ def run(plan: CompressionPlan) -> dict:
             what = "Distilling" if teacher is not None else "Fine-tuning"
             _log(f"{what} {steps} steps" + (f" with gradual pruning to {pa.target_sparsity:.0%}." if pruning else "."))
             callbacks = [GradualPruningCallback.from_args(pa)] if pruning else []
+            if ma.quantize and ma.qat and pruning:
+                # GradualPruningCallback logs sparsity by parameter name, and QATCallback's parametrizations rename
+                # the weights (`...parametrizations.weight.original`), which breaks that logging: the two do not
+                # compose yet, so pruning wins and the export is post-training quantization.
+                _log("QAT is skipped while pruning (the two callbacks do not compose yet); quantizing after training.")
+            elif ma.quantize and ma.qat:
+                from .callbacks import QATCallback
+
+                callbacks.append(QATCallback(qa))
+                _log(f"Fake-quantizing ({qa.bits}-bit) over the last {qa.qat_fraction:.0%} of the steps (QAT).")
+                stages["qat"] = {"bits": qa.bits, "fraction": qa.qat_fraction}
             stages["train"] = _train(model, _trainer_args(ta, os.path.join(work, "run")), train_ds, tokenizer, teacher, callbacks)
             if teacher is not None:
                 techniques.append("distillation")
@@ -685,7 +703,7 @@ def compress(model: str | None = None, dataset: str = "rotten_tomatoes", output_
     """
     from .distillation import DistillationArguments
     from .pruning import PruningArguments
-    from .quantization.config import QuantizationArguments
+    from .quantization import QuantizationArguments
 
     values = dict(model=model, dataset=dataset, output_dir=output_dir, teacher=teacher, target_sparsity=target_sparsity,
                   bits=bits, **kwargs)

@@ -288,3 +288,19 @@ def test_demo_real_model_reduced_steps(tmp_path):
     assert report["metrics"]["base"]["accuracy"] > 0.6
     assert report["size"]["compressed_weights_bytes"] < 0.8 * report["size"]["base_weights_bytes"]
     assert report["base_model"] is not None and "MiniLM" in card or "minilm" in card.lower()
+
+
+def test_qat_without_pruning(tiny_setup, capsys):
+    model, data, tmp = tiny_setup
+    out = tmp / "qat"
+    rc = main(["--model", model, "--dataset", data, "--output_dir", str(out), "--no_prune", "--bits", "8", "--qat_fraction", "0.5", *FAST])
+    assert rc == 0
+    assert "Fake-quantizing (8-bit) over the last 50% of the steps" in capsys.readouterr().out
+    report, _ = _read(out)
+    assert report["pipeline"]["stages"]["qat"] == {"bits": 8, "fraction": 0.5}
+    assert report["techniques"] == ["quantization"]
+    # No fake-quant parametrization survives in the saved checkpoint.
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert not [k for k in f.keys() if "parametrizations" in k]

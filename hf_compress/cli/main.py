@@ -79,7 +79,7 @@ def build_parser():
     from ..compression import DataArguments, ModelArguments
     from ..distillation import DistillationArguments
     from ..pruning import PruningArguments
-    from ..quantization.config import QuantizationArguments
+    from ..quantization import QuantizationArguments
 
     parser = HfArgumentParser(
         (ModelArguments, DataArguments, DistillationArguments, PruningArguments, QuantizationArguments),
@@ -138,7 +138,7 @@ def _recipe(parser, argv, defaults, groups) -> dict:
     recipe = {}
     for group in groups:
         for f in dataclasses.fields(group):
-            if f.name in keep or (isinstance(group, ModelArguments) and f.name in ("train", "prune", "quantize", "evaluate")):
+            if f.name in keep or (isinstance(group, ModelArguments) and f.name in ("train", "prune", "quantize", "evaluate", "qat")):
                 value = getattr(group, f.name)
                 if f.name in ("hub_token",):
                     continue  # never write a token
