@@ -202,16 +202,16 @@ class GradualPruningCallback(TrainerCallback):
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         # Zero gradients of pruned entries, so Adam's moments for them stay zero (zeroed when the masks change).
         if self._active:
-            for _, param, mask in self._pairs:
-                if param.grad is not None:
-                    param.grad.mul_(mask)
+            pairs = [(param.grad, mask) for _, param, mask in self._pairs if param.grad is not None]
+            if pairs:
+                # One fused call over all tensors (what torch's own optimizers use): the per-step cost stays small.
+                torch._foreach_mul_([g for g, _ in pairs], [m for _, m in pairs])
 
     @torch.no_grad()
     def on_optimizer_step(self, args, state, control, **kwargs):
         # Re-apply the masks after every step: weight decay and any optimizer without the above property.
         if self._active:
-            for _, param, mask in self._pairs:
-                param.mul_(mask)
+            torch._foreach_mul_([param for _, param, _ in self._pairs], [mask for _, _, mask in self._pairs])
 
     def on_step_end(self, args, state, control, optimizer=None, **kwargs):
         # global_step now counts the optimizer steps done: prune on the schedule's events.

@@ -222,7 +222,8 @@ def sparsity_stats(model: nn.Module, names: list[str] | None = None) -> dict:
             `default_targets(model)` when no masks are attached.
 
     Returns:
-        `dict`: `{"sparsity": float, "zeros": int, "total": int, "layers": {name: float}}`.
+        `dict`: `{"sparsity": float, "zeros": int, "total": int, "layers": {name: float}}` (`"global_sparsity"`
+        repeats `"sparsity"`).
     """
     if names is None:
         names = list(get_masks(model)) or default_targets(model)
@@ -235,7 +236,8 @@ def sparsity_stats(model: nn.Module, names: list[str] | None = None) -> dict:
         layers[name] = z / w.numel()
         zeros += z
         total += w.numel()
-    return {"sparsity": zeros / total if total else 0.0, "zeros": zeros, "total": total, "layers": layers}
+    sparsity = zeros / total if total else 0.0
+    return {"sparsity": sparsity, "global_sparsity": sparsity, "zeros": zeros, "total": total, "layers": layers}
 
 
 # --- masks on disk (bit-packed), used by the callback's checkpoints and the compressed format ---------------
