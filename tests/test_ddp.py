@@ -134,3 +134,27 @@ def test_only_the_main_process_writes(ddp_run):
     _, _, states = ddp_run
     for name, mask in saved.items():
         assert torch.equal(mask, states[0][f"mask::{name}"].bool())
+
+
+@pytest.mark.slow  # not a real-model test, but it runs the whole `hf-compress` pipeline on 2 processes (~60 s)
+@pytest.mark.xfail(
+    strict=True,
+    reason="compression.run under torchrun: every rank makes its own `.hf-compress-*` work folder, evaluates, saves "
+    "and builds the report; rank 1's `save_pretrained` writes nothing (not the main process) so its `build_report` "
+    "raises 'No weight file (*.safetensors, *.bin) in .../.hf-compress-xxxx/checkpoint'. Needed: one work folder "
+    "for all ranks (e.g. created by rank 0 and broadcast, or derived from output_dir), save/evaluate/report/card/"
+    "rename under `training_args.process_index == 0` with a barrier after, and `check_distributed_support`.",
+)
+def test_cli_under_torchrun_writes_one_output(tmp_path):
+    from test_cli import FAST, make_csv, make_tiny_model
+
+    model, data = make_tiny_model(tmp_path / "model"), make_csv(tmp_path / "data.csv")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "hf_compress.cli.main", "--model", model, "--dataset", data, "--output_dir", str(out), "--sparsity", "0.5",
+           "--no_quantize", "--ddp_backend", "gloo", *FAST]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert {"README.md", "compression_report.json", "model.safetensors"} <= set(os.listdir(out))
+    assert [p for p in os.listdir(tmp_path) if p.startswith(".hf-compress-")] == []
+    assert proc.stdout.count("Wrote ") == 1
