@@ -314,11 +314,18 @@ def test_qat_start_step(fraction, max_steps, start):
         (dict(bits=8, double_quant=True), "double_quant only applies to 4-bit"),
         (dict(qat_fraction=0.0), r"qat_fraction must be in \(0, 1\], got 0.0"),
         (dict(llm_int8_threshold=-1.0), "llm_int8_threshold must be >= 0"),
+        (dict(bits="8"), "bits must be 4 or 8, got '8'"),
     ],
 )
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         QuantizationArguments(**kwargs)
+
+
+@pytest.mark.parametrize("name", ["qat_fraction", "llm_int8_threshold"])
+def test_non_numeric_arguments(name):
+    with pytest.raises(TypeError, match=rf"^{name} must be a number, got '0\.5' \(str\)\.$"):
+        QuantizationArguments(**{name: "0.5"})
 
 
 def test_bitsandbytes_missing(tiny_bert, tmp_path, monkeypatch):

@@ -56,7 +56,12 @@ class QuantizationArguments:
     )
 
     def __post_init__(self):
-        if self.bits not in BITS:
+        # Types first, so that a string from a YAML recipe gets this message rather than Python's own.
+        for name in ("llm_int8_threshold", "qat_fraction"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__}).")
+        if isinstance(self.bits, bool) or self.bits not in BITS:
             raise ValueError(f"bits must be 4 or 8, got {self.bits!r}; use 8 for LLM.int8 or 4 for NF4/FP4.")
         if self.quant_type not in QUANT_TYPES:
             raise ValueError(f"quant_type must be one of {', '.join(QUANT_TYPES)}, got {self.quant_type!r}.")
