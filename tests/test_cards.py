@@ -231,3 +231,24 @@ class _PadTok:
             else:
                 out[k] = torch.tensor([f[k] for f in features])
         return out
+
+
+def test_4bit_weights_counted_at_logical_shape(tmp_path, tiny_bert):
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForSequenceClassification, BitsAndBytesConfig
+
+    from hf_compress.model_cards import weight_stats
+
+    tiny_bert.save_pretrained(tmp_path / "base")
+    qconf = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", llm_int8_skip_modules=["classifier"])
+    q = AutoModelForSequenceClassification.from_pretrained(tmp_path / "base", quantization_config=qconf)
+    q.save_pretrained(tmp_path / "q4")
+    stats = weight_stats(q)
+    # Two 4-bit codes a byte in storage, but the same 23,490 weights as the fp32 model.
+    assert stats["parameters"] == TINY_PARAMS
+    assert stats["per_layer"]["bert.encoder.layer.0.attention.self.query.weight"]["numel"] == 32 * 32
+    assert stats["per_layer"]["bert.encoder.layer.0.attention.self.query.weight"]["bits"] == 4
+    assert len(stats["quantized_modules"]) == 13
+    report = build_report(q, str(tmp_path / "q4"), tiny_bert, str(tmp_path / "base"))
+    assert report["quantization"]["bits"] == [4] and report["quantization"]["quant_type"] == "nf4"
+    assert report["bits_per_weight"]["in_memory"] < 16
