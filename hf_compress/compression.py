@@ -386,7 +386,10 @@ def prepare(model_args: ModelArguments, data_args: DataArguments, training_args,
             f"The model {model_path!r} has no loadable tokenizer ({type(err).__name__}); save one next to it."
         ) from err
     if model_args.teacher not in (None, "base"):
-        load_config(model_args.teacher)
+        try:
+            load_config(model_args.teacher)
+        except CompressionInputError as err:
+            raise CompressionInputError(f"--teacher: {err}") from None
 
     import datasets
 

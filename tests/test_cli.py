@@ -195,11 +195,12 @@ def _bad_cases(tmp):
                              r"exists and is not empty; pass `--overwrite`"),
         "unknown option": (base + ["--frobnicate", "1"], r"unknown options --frobnicate 1; see `hf-compress --help`"),
         "causal lm": (base + ["--task", "causal-lm"], r"causal-lm .*sequence-classification only"),
+        "unknown teacher": (base + ["--teacher", str(tmp / "noteacher")], r"--teacher: Unknown model '.*noteacher'"),
     }
 
 
 BAD = ["unknown model", "unknown dataset", "no matching task", "missing label column", "given label column absent",
-       "sparsity 1.0", "sparsity negative", "bits 3", "output not empty", "unknown option", "causal lm"]
+       "sparsity 1.0", "sparsity negative", "bits 3", "output not empty", "unknown option", "causal lm", "unknown teacher"]
 
 
 @pytest.mark.parametrize("case", BAD)
@@ -304,3 +305,17 @@ def test_qat_without_pruning(tiny_setup, capsys):
 
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         assert not [k for k in f.keys() if "parametrizations" in k]
+
+
+def test_distillation_from_teacher(tiny_setup, capsys):
+    """`--teacher` trains with DistillationTrainer: its hard/soft loss parts are logged and the card says so."""
+    model, data, tmp = tiny_setup
+    teacher = make_tiny_model(tmp / "teacher", head=True)
+    out = tmp / "kd"
+    rc = main(["--model", model, "--teacher", teacher, "--dataset", data, "--output_dir", str(out), "--no_quantize",
+               "--sparsity", "0.5", "--logging_steps", "2", *[a for a in FAST if a not in ("--logging_steps", "50")]])
+    assert rc == 0
+    assert "Distilling 6 steps with gradual pruning to 50%" in capsys.readouterr().out
+    report, card = _read(out)
+    assert report["techniques"] == ["distillation", "pruning"]
+    assert "distillation" in card

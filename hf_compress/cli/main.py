@@ -110,6 +110,10 @@ def parse(argv: list[str]):
     parser = build_parser()
     known = _dest_names(parser)
     defaults = dict(CLI_DEFAULTS)
+    import torch
+
+    if not torch.cuda.is_available():
+        defaults["dataloader_pin_memory"] = False  # pinning needs an accelerator; avoids a warning per run
     if demo:
         defaults.update(DEMO_DEFAULTS)
     recipe_file = _read_recipe(config_path, known) if config_path else {}
