@@ -101,7 +101,9 @@ def main(argv=None) -> int:
 
     from hf_compress.callbacks import GradualPruningCallback
     from hf_compress.distillation import DistillationArguments
-    from hf_compress.distributed import check_distributed_support, check_same_across_ranks, last_valid_checkpoint
+    from hf_compress.distributed import (
+        broadcast_masks, check_distributed_support, check_same_across_ranks, last_valid_checkpoint, tensors_digest,
+    )
     from hf_compress.pruning import get_masks, sparsity_stats
     from hf_compress.trainers import DistillationTrainer
 
@@ -131,6 +133,13 @@ def main(argv=None) -> int:
             masks = {k: v.clone() for k, v in get_masks(model).items()}
             dumped["masks"] = masks
             dumped["mask_digest"] = check_same_across_ranks(masks)  # raises if the ranks disagree
+            if world_size > 1:  # `broadcast_masks` repairs a rank whose masks drifted
+                live = get_masks(model)
+                first = sorted(live)[0]
+                if rank == 1:
+                    live[first].view(-1)[0] = ~live[first].view(-1)[0]
+                dumped["broadcast_count"] = broadcast_masks(model)
+                dumped["broadcast_restored"] = tensors_digest(get_masks(model)) == dumped["mask_digest"]
 
     class KillAt(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
@@ -174,7 +183,8 @@ def main(argv=None) -> int:
     info = {
         "world_size": world_size, "rank": rank, "global_step": trainer.state.global_step, "resumed_from": resume,
         "log_history": trainer.state.log_history, "zeros": stats["zeros"], "total": stats["total"],
-        "sparsity": stats["sparsity"], "mask_digest": dumped["mask_digest"], "writes": sorted(set(WRITES)),
+        "sparsity": stats["sparsity"], "mask_digest": dumped["mask_digest"],
+        "broadcast_count": dumped.get("broadcast_count"), "broadcast_restored": dumped.get("broadcast_restored"), "writes": sorted(set(WRITES)),
     }
     with open(os.path.join(opts.dump_dir, f"rank{rank}.json"), "w") as f:
         json.dump(info, f)

@@ -57,6 +57,8 @@ def test_ranks_end_with_identical_masks_and_weights(ddp_run):
     masks = [{k: v for k, v in s.items() if k.startswith("mask::")} for s in states]
     assert len(masks[0]) == LAYERS * 6
     assert infos[0]["mask_digest"] == infos[1]["mask_digest"]
+    # Rank 1 flipped one mask entry before `broadcast_masks`: all 12 masks came back equal to rank 0's.
+    assert [(i["broadcast_count"], i["broadcast_restored"]) for i in infos] == [(LAYERS * 6, True)] * 2
     assert masks[0].keys() == masks[1].keys() and states[0].keys() == states[1].keys()
     for name in states[0]:
         assert torch.equal(states[0][name], states[1][name]), name  # bit-identical, weights and masks
