@@ -13,7 +13,6 @@ Each rank writes into `--dump-dir`:
 from __future__ import annotations
 
 import argparse
-import builtins
 import json
 import os
 import signal

@@ -375,3 +375,18 @@ def test_report_json_of_checkpoint_is_checked(tmp_path):
     (ckpt / "trainer_state.json").write_text(json.dumps(state)[:20])
     with pytest.raises(ValueError, match=r"checkpoint-2/trainer_state\.json is not valid JSON \("):
         validate_checkpoint(str(ckpt))
+
+
+def test_deepspeed_config_stage_is_read(tmp_path):
+    from types import SimpleNamespace
+
+    from hf_compress.callbacks import GradualPruningCallback
+
+    config = tmp_path / "ds.json"
+    config.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    for deepspeed in ({"zero_optimization": {"stage": 3}}, str(config)):
+        args = SimpleNamespace(fsdp=None, deepspeed=deepspeed, world_size=2)
+        with pytest.raises(ValueError, match=r"^`GradualPruningCallback` cannot run under DeepSpeed ZeRO-3"):
+            check_distributed_support(args, [GradualPruningCallback()])
+    args = SimpleNamespace(fsdp=None, deepspeed={"zero_optimization": {"stage": 2}}, world_size=2)
+    assert check_distributed_support(args, [GradualPruningCallback()]) == "deepspeed"
