@@ -46,7 +46,7 @@ def checkpoint_bytes(folder: str) -> dict:
     return {"weights_bytes": weights, "total_bytes": total, "weight_files": files}
 
 
-def _logical_weight(module: torch.nn.Module, name: str, p: torch.Tensor) -> tuple[int, int, int]:
+def _logical_weight(p: torch.Tensor) -> tuple[int, int, int]:
     """`(numel, nonzeros, storage_bits)` of a parameter as the model sees it (4-bit packing undone)."""
     quant_state = getattr(p, "quant_state", None)
     if quant_state is not None:  # bitsandbytes Params4bit: two 4-bit codes a byte, plus per-block absmax
@@ -89,7 +89,7 @@ def weight_stats(model: torch.nn.Module) -> dict:
                 continue
             seen.add(key)
             full = f"{mod_name}.{p_name}" if mod_name else p_name
-            numel, nnz, bits = _logical_weight(module, full, p)
+            numel, nnz, bits = _logical_weight(p)
             total += numel
             nnz_total += nnz if nnz >= 0 else numel
             bits_total += bits
