@@ -372,3 +372,21 @@ def test_tiny_llama_config_unused_guard():
     tied = transformers.LlamaForCausalLM(tiny_llama_config(tie_word_embeddings=True))
     _, embeddings = quantization_targets(tied, QuantizationArguments(bits=8, quantize_embeddings=True))
     assert embeddings == []  # tied to the full-precision lm_head: left alone
+
+
+def test_checkpoints_during_qat_use_plain_names(tiny_bert, tmp_path):
+    # A Trainer checkpoint saved mid-QAT must load into a plain model (resume, from_pretrained): the fp32
+    # master weights keep their usual names and values.
+    reference = {k: v.clone() for k, v in tiny_bert.state_dict().items()}
+    args = QuantizationArguments(bits=8)
+    attach_fake_quant(tiny_bert, args, *quantization_targets(tiny_bert, args))
+    state = tiny_bert.state_dict()
+    assert sorted(state) == sorted(reference)
+    assert all(torch.equal(state[k], reference[k]) for k in reference)
+    tiny_bert.save_pretrained(tmp_path / "ckpt")
+    plain = transformers.BertForSequenceClassification.from_pretrained(tmp_path / "ckpt")
+    assert all(torch.equal(plain.state_dict()[k], reference[k]) for k in reference)
+    again = transformers.BertForSequenceClassification(tiny_bert_config())  # a resumed run re-attaches first
+    attach_fake_quant(again, args, *quantization_targets(again, args))
+    again.load_state_dict(state)
+    assert torch.equal(again.bert.pooler.dense.parametrizations.weight.original, reference["bert.pooler.dense.weight"])

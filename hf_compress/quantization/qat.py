@@ -10,6 +10,24 @@ from .config import QuantizationArguments
 from .functional import fake_quantize_weight, int8_linear, int8_rowwise_quantize, straight_through
 
 _HOOK_ATTR = "_hf_compress_int8_hook"
+_STATE_HOOKS_ATTR = "_hf_compress_state_dict_hooks"
+_ORIGINAL = "parametrizations.weight.original"
+
+
+def _only_fake_quant(module: nn.Module) -> bool:
+    return all(isinstance(p, BnbFakeQuantize) for p in module.parametrizations.weight)
+
+
+def _save_plain_names(module, state_dict, prefix, local_metadata):
+    # Checkpoints saved during QAT hold the fp32 master weight under its usual name (`...weight`), so that
+    # `from_pretrained` and a resumed run (which re-attaches the fake quantizers) read them.
+    if prefix + _ORIGINAL in state_dict and _only_fake_quant(module):
+        state_dict[prefix + "weight"] = state_dict.pop(prefix + _ORIGINAL)
+
+
+def _load_plain_names(module, state_dict, prefix, *args):
+    if prefix + "weight" in state_dict and prefix + _ORIGINAL not in state_dict and _only_fake_quant(module):
+        state_dict[prefix + _ORIGINAL] = state_dict.pop(prefix + "weight")
 
 
 class BnbFakeQuantize(nn.Module):
@@ -73,6 +91,10 @@ def attach_fake_quant(model: nn.Module, args: QuantizationArguments, linear_name
         )
         if args.bits == 8 and not embedding:
             setattr(module, _HOOK_ATTR, module.register_forward_hook(_int8_activation_hook(args.llm_int8_threshold)))
+        setattr(module, _STATE_HOOKS_ATTR, [
+            module._register_state_dict_hook(_save_plain_names),
+            module.register_load_state_dict_pre_hook(_load_plain_names),
+        ])
         count += 1
     return count
 
@@ -86,6 +108,10 @@ def remove_fake_quant(model: nn.Module) -> int:
         if handle is not None:
             handle.remove()
             delattr(module, _HOOK_ATTR)
+        for handle in getattr(module, _STATE_HOOKS_ATTR, ()):
+            handle.remove()
+        if hasattr(module, _STATE_HOOKS_ATTR):
+            delattr(module, _STATE_HOOKS_ATTR)
         if not is_fake_quantized(module):
             continue
         plist = module.parametrizations.weight
