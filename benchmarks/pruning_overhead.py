@@ -42,6 +42,7 @@ def run(steps: int = 30, batch_size: int = 16, rounds: int = 2, frequency: int =
             Trainer(model=model, args=args, train_dataset=ds["train"], data_collator=DataCollatorWithPadding(tok), callbacks=callbacks).train()
             medians[mode].append(timer.median())
             means[mode].append(statistics.mean(timer.times[2:]))
+            print(f"{mode}: median step {medians[mode][-1]:.3f} s, mean {means[mode][-1]:.3f} s", flush=True)
     # The best of the rounds: the run least disturbed by other load on the machine.
     plain, pruned = min(medians["plain"]), min(medians["pruning"])
     result = {
