@@ -672,9 +672,22 @@ def _load_saved(auto_class, folder: str, quantization_args):
     return load_quantized(folder)
 
 
+# The embedded default is the Hub's all-MiniLM-L6-v2 shipped in a wheel: name it by its Hub id in the card.
+DEFAULT_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
+
+
 def _model_id(path: str) -> str:
     # A Hub id is kept as is; a local directory is named by its folder, never by an absolute local path.
-    return path if not os.path.isdir(path) else os.path.basename(os.path.normpath(path))
+    if not os.path.isdir(path):
+        return path
+    try:
+        from .models import default_model_path
+
+        if os.path.samefile(path, default_model_path()):
+            return DEFAULT_MODEL_ID
+    except (ImportError, OSError):
+        pass
+    return os.path.basename(os.path.normpath(path))
 
 
 def _jsonable(obj):

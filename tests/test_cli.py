@@ -288,7 +288,8 @@ def test_demo_real_model_reduced_steps(tmp_path):
     # The fine-tuned dense base beats chance on 200 balanced-ish rows; the 8-bit file is smaller than fp32.
     assert report["metrics"]["base"]["accuracy"] > 0.6
     assert report["size"]["compressed_weights_bytes"] < 0.8 * report["size"]["base_weights_bytes"]
-    assert report["base_model"] is not None and "MiniLM" in card or "minilm" in card.lower()
+    assert report["base_model"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert "base_model: sentence-transformers/all-MiniLM-L6-v2" in card
 
 
 def test_qat_without_pruning(tiny_setup, capsys):
