@@ -32,7 +32,7 @@ def accuracy(model, dataset, tok) -> float:
     return correct / len(dataset)
 
 
-def run(base_steps=200, steps=100, eval_rows=1000, batch_size=16, targets=(0.5, 0.8)) -> list[dict]:
+def run(base_steps=200, steps=100, eval_rows=1000, batch_size=16, targets=(0.5, 0.8), base_model=None) -> list[dict]:
     import torch
     from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, Trainer, TrainingArguments
 
@@ -50,8 +50,12 @@ def run(base_steps=200, steps=100, eval_rows=1000, batch_size=16, targets=(0.5, 
         Trainer(model=model, args=args, train_dataset=ds["train"], data_collator=DataCollatorWithPadding(tok), callbacks=list(callbacks)).train()
 
     torch.manual_seed(0)
-    base = AutoModelForSequenceClassification.from_pretrained(default_model_path(), num_labels=2)
-    train(base, base_steps)
+    if base_model:  # an already fine-tuned sequence classifier: skip the base fine-tune
+        base = AutoModelForSequenceClassification.from_pretrained(base_model)
+        base_steps = f"given: {base_model}"
+    else:
+        base = AutoModelForSequenceClassification.from_pretrained(default_model_path(), num_labels=2)
+        train(base, base_steps)
     base.save_pretrained(f"{work}/dense-base")
     rows = [{"model": f"unpruned fine-tune ({base_steps} steps)", "sparsity": 0.0, "accuracy": accuracy(base, test, tok),
              "dense MB": os.path.getsize(f"{work}/dense-base/model.safetensors") / 1e6}]
@@ -77,8 +81,9 @@ def main(argv=None) -> int:
     parser.add_argument("--base-steps", type=int, default=200)
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--eval-rows", type=int, default=1000)
+    parser.add_argument("--base-model", default=None, help="a fine-tuned MiniLM-L6 classifier folder (skips the base fine-tune)")
     args = parser.parse_args(argv)
-    print(json.dumps(run(args.base_steps, args.steps, args.eval_rows), indent=2))
+    print(json.dumps(run(args.base_steps, args.steps, args.eval_rows, base_model=args.base_model), indent=2))
     return 0
 
 
