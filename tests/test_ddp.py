@@ -90,12 +90,6 @@ def test_schedule_counts_global_optimizer_steps(ddp_run):
     assert drop(infos[0]["log_history"]) == drop(infos[1]["log_history"])  # `loss` is reduced over ranks
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="DistillationTrainer.log averages hard_loss / soft_loss over this rank's batches only; they should be "
-    "reduced over processes as Trainer reduces `loss` (e.g. `self.accelerator.reduce(torch.tensor(mean, "
-    "device=self.args.device), 'mean')` before logging), so that rank 0 logs the global figure.",
-)
 def test_logged_loss_parts_are_reduced_over_ranks(ddp_run):
     _, infos, _ = ddp_run
     parts = [[(h["step"], h["hard_loss"], h["soft_loss"]) for h in i["log_history"] if "hard_loss" in h] for i in infos]

@@ -57,6 +57,17 @@ class DistillationArguments(TrainingArguments):
     )
 
     def __post_init__(self):
+        for name in ("temperature", "alpha"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__}).")
+        if self.teacher_logits_top_k is not None and (
+            isinstance(self.teacher_logits_top_k, bool) or not isinstance(self.teacher_logits_top_k, int)
+        ):
+            raise TypeError(
+                f"teacher_logits_top_k must be an integer, got {self.teacher_logits_top_k!r} "
+                f"({type(self.teacher_logits_top_k).__name__})."
+            )
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}.")
         if not 0.0 <= self.alpha <= 1.0:

@@ -51,6 +51,7 @@ class DistillationTrainer(Trainer):
             teacher_tokenizer = _try_load_tokenizer(teacher_model)
         # Checked before the Trainer sets anything up: a mismatch is a one-line error, not a crash mid-epoch.
         check_compatible(model, teacher, task, kwargs.get("processing_class"), teacher_tokenizer)
+        _check_tokenized(kwargs.get("train_dataset"), "train_dataset")
         super().__init__(model=model, args=args, **kwargs)
         self.task = task
         self.teacher = prepare_teacher(teacher, args.teacher_device or self.args.device, args.teacher_dtype)
@@ -117,7 +118,9 @@ class DistillationTrainer(Trainer):
             n = num_items_in_batch if self.task in ("causal-lm", "token-classification") and y is not None else None
             res = distillation_loss(
                 outputs.logits, teacher_out[teacher_cache.LOGITS], y, args.temperature, args.alpha,
-                shift_labels=self.task == "causal-lm", attention_mask=inputs.get("attention_mask"),
+                shift_labels=self.task == "causal-lm",
+                # Per-position tasks only: a classifier has one prediction per example, not per token.
+                attention_mask=inputs.get("attention_mask") if self.task != "sequence-classification" else None,
                 num_items_in_batch=n, teacher_indices=teacher_out.get(teacher_cache.INDICES),
             )
             loss, hard, soft, num_items_in_batch = res.loss, res.hard_loss, res.soft_loss, n
@@ -134,14 +137,45 @@ class DistillationTrainer(Trainer):
         outputs["loss"] = loss
         return (loss, outputs) if return_outputs else loss
 
+    def train(self, resume_from_checkpoint=None, **kwargs):
+        """[`Trainer.train`], after checking the checkpoint to resume from (a truncated file is named in one line).
+
+        `resume_from_checkpoint=True` resumes from the newest *complete* checkpoint of `output_dir`.
+        """
+        from ..distributed import last_valid_checkpoint, validate_checkpoint
+
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = last_valid_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(
+                    f"resume_from_checkpoint=True but {self.args.output_dir} has no complete checkpoint; "
+                    "train from scratch (resume_from_checkpoint=None) or point to a checkpoint folder."
+                )
+        if isinstance(resume_from_checkpoint, str):
+            validate_checkpoint(resume_from_checkpoint)
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
         prefix = "eval_" if mode == "eval" else ""
         for key, values in self._distill_metrics[mode].items():
             if values:
-                logs[prefix + key] = sum(values) / len(values)
+                mean = torch.tensor(sum(values) / len(values), device=self.args.device)
+                if self.accelerator.num_processes > 1:
+                    # Average over processes, as the Trainer does for `loss`.
+                    mean = self.accelerator.reduce(mean, reduction="mean")
+                logs[prefix + key] = mean.item()
         self._distill_metrics[mode].clear()
         super().log(logs, *args, **kwargs)
+
+
+def _check_tokenized(dataset, name: str) -> None:
+    cols = getattr(dataset, "column_names", None)
+    if cols is not None and "input_ids" not in cols and "inputs_embeds" not in cols:
+        raise ValueError(
+            f"{name} has no `input_ids` column (columns: {cols}); tokenize it first, "
+            "e.g. `dataset.map(lambda b: tokenizer(b['text']), batched=True)`."
+        )
 
 
 def _student_key(teacher_key: str) -> str:
