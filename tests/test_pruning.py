@@ -338,3 +338,22 @@ def test_compressed_errors(tmp_path):
         load_compressed(str(tmp_path))
     with pytest.raises(ValueError, match="save_compressed needs a transformers PreTrainedModel"):
         save_compressed(torch.nn.Linear(2, 2), tmp_path / "x")
+
+
+def test_pruning_composes_with_qat_fake_quantization(tmp_path):
+    """QAT parametrizes the weights it fake-quantizes; the masks keep acting on the stored weights."""
+    from transformers import BertForSequenceClassification, Trainer, TrainingArguments
+
+    from conftest import random_classification_dataset, tiny_bert_config
+    from hf_compress.callbacks import QATCallback
+    from hf_compress.quantization import QuantizationArguments
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(tiny_bert_config())
+    args = TrainingArguments(str(tmp_path), max_steps=10, report_to="none", use_cpu=True, logging_steps=1,
+                             save_strategy="no", disable_tqdm=True)
+    pruning = GradualPruningCallback(target_sparsity=0.5, end_step=5, frequency=1)
+    qat = QATCallback(QuantizationArguments(bits=4, qat_fraction=0.5))
+    Trainer(model=model, args=args, train_dataset=random_classification_dataset(), callbacks=[pruning, qat]).train()
+    stats = sparsity_stats(model, default_targets(model))
+    assert stats["zeros"] == sum(round(0.5 * model.get_parameter(n).numel()) for n in default_targets(model))

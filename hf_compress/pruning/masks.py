@@ -169,12 +169,24 @@ def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(module_name) if module_name else model), param_name
 
 
+def _stored(module: nn.Module, param_name: str) -> torch.Tensor:
+    """The stored parameter: under a parametrization (e.g. QAT's fake quantizer) its `original`, not the
+    computed value, so masks keep acting on the weights the optimizer updates."""
+    if nn.utils.parametrize.is_parametrized(module, param_name):
+        return module.parametrizations[param_name].original
+    return getattr(module, param_name)
+
+
+def _is_param(module: nn.Module, param_name: str) -> bool:
+    return param_name in module._parameters or nn.utils.parametrize.is_parametrized(module, param_name)
+
+
 def attach_masks(model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
     """Register an all-True `<param>_mask` buffer next to each named parameter (kept if already there)."""
     masks = {}
     for name in names:
         module, param_name = _owner(model, name)
-        param = getattr(module, param_name)
+        param = _stored(module, param_name)
         buffer = module._buffers.get(param_name + MASK_SUFFIX)
         if buffer is None:
             buffer = torch.ones_like(param, dtype=torch.bool)
@@ -188,7 +200,7 @@ def get_masks(model: nn.Module) -> dict[str, torch.Tensor]:
     masks = {}
     for module_name, module in model.named_modules():
         for buffer_name, buffer in module._buffers.items():
-            if buffer_name.endswith(MASK_SUFFIX) and buffer_name[: -len(MASK_SUFFIX)] in module._parameters:
+            if buffer_name.endswith(MASK_SUFFIX) and _is_param(module, buffer_name[: -len(MASK_SUFFIX)]):
                 prefix = f"{module_name}." if module_name else ""
                 masks[prefix + buffer_name[: -len(MASK_SUFFIX)]] = buffer
     return masks
@@ -199,7 +211,7 @@ def apply_masks(model: nn.Module) -> None:
     """Zero every masked entry in place (`masked_fill`, so pruned weights are +0.0)."""
     for name, mask in get_masks(model).items():
         module, param_name = _owner(model, name)
-        getattr(module, param_name).masked_fill_(~mask, 0.0)
+        _stored(module, param_name).masked_fill_(~mask, 0.0)
 
 
 @torch.no_grad()
@@ -227,11 +239,10 @@ def sparsity_stats(model: nn.Module, names: list[str] | None = None) -> dict:
     """
     if names is None:
         names = list(get_masks(model)) or default_targets(model)
-    params = dict(model.named_parameters(remove_duplicate=False))
     zeros = total = 0
     layers = {}
     for name in names:
-        w = params[name]
+        w = _stored(*_owner(model, name))
         z = int((w == 0).sum())
         layers[name] = z / w.numel()
         zeros += z
