@@ -208,9 +208,11 @@ def verification_sample(model, dataset, tokenizer=None, num_examples: int = 8, m
     """
     rows = dataset.select(range(min(num_examples, len(dataset))))
     logits, labels = predict_classifier(model, rows, tokenizer)
-    keep = [c for c in ("input_ids", "attention_mask", "token_type_ids") if c in rows.column_names]
+    # The inputs as the model saw them: one padded batch, so they reload as rectangular tensors.
+    batch, _ = next(_batches(rows, tokenizer, len(rows)))
+    keep = [c for c in ("input_ids", "attention_mask", "token_type_ids") if c in batch]
     return {
-        "inputs": {c: [list(map(int, r)) for r in rows[c]] for c in keep},
+        "inputs": {c: batch[c].tolist() for c in keep},
         "labels": labels.tolist(),
         "logits": [[round(float(v), 6) for v in row] for row in logits],
         "predictions": logits.argmax(-1).tolist(),
