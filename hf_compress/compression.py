@@ -533,24 +533,53 @@ def _log(msg: str) -> None:
     print(f"[hf-compress] {msg}", flush=True)
 
 
-def run(plan: CompressionPlan) -> dict:
+def _shared_work_dir(parent: str, training_args) -> str:
+    """A `.hf-compress-*` folder beside the output, created by the main process and shared by every rank."""
+    from .distributed import _dist
+
+    name = [tempfile.mkdtemp(prefix=".hf-compress-", dir=parent) if training_args.process_index == 0 else None]
+    dist = _dist()
+    if dist is not None and training_args.world_size > 1:
+        dist.broadcast_object_list(name, src=0)
+    return name[0]
+
+
+def _barrier() -> None:
+    from .distributed import _dist
+
+    dist = _dist()
+    if dist is not None:
+        dist.barrier()
+
+
+def run(plan: CompressionPlan) -> dict | None:
     """
     Execute a checked [`CompressionPlan`]: returns the compression report (also in `output_dir`).
 
     The output is written into a temporary folder beside `output_dir` and renamed at the end, so an interrupted run
-    leaves no half-written checkpoint.
+    leaves no half-written checkpoint. Under `torchrun` / `accelerate launch` every rank trains (DDP) and only the
+    main process evaluates, exports, writes and pushes; the other ranks return `None`.
     """
     import transformers
     from transformers import AutoTokenizer
 
-    from .model_cards import build_model_card, build_report
+    from .distributed import check_distributed_support
+    from .model_cards import build_model_card
 
     t0 = time.time()
     ma, ta, pa, qa = plan.model_args, plan.training_args, plan.pruning_args, plan.quantization_args
     transformers.set_seed(ta.seed)
+    pruning = ma.prune and pa.target_sparsity > 0
+    qat = ma.train and ma.quantize and ma.qat
+    if ma.train:
+        from .callbacks import GradualPruningCallback, QATCallback
+
+        check_distributed_support(ta, ([GradualPruningCallback] if pruning else []) + ([QATCallback] if qat else []))
+    main = ta.process_index == 0  # initialises the process group under a launcher
+    log = _log if main else (lambda msg: None)
     parent = os.path.dirname(plan.output_dir)
     os.makedirs(parent, exist_ok=True)
-    work = tempfile.mkdtemp(prefix=".hf-compress-", dir=parent)
+    work = _shared_work_dir(parent, ta)
     try:
         auto_class = getattr(transformers, _AUTO_CLASSES[plan.task])
         tokenizer = AutoTokenizer.from_pretrained(plan.model_path)
@@ -564,100 +593,66 @@ def run(plan: CompressionPlan) -> dict:
 
         base_steps = ma.base_finetune_steps if ma.base_finetune_steps is not None else steps
         if not plan.has_head and ma.train and base_steps > 0:
-            _log(f"Fine-tuning the dense base ({base_steps} steps): its task head is new.")
+            log(f"Fine-tuning the dense base ({base_steps} steps): its task head is new.")
             stages["base_finetune"] = _train(model, _trainer_args(ta, os.path.join(work, "base-run"), max_steps=base_steps), train_ds, tokenizer)
             stages["base_finetune"]["steps"] = base_steps
         base_dir = os.path.join(work, "base")
-        model.save_pretrained(base_dir)
-        tokenizer.save_pretrained(base_dir)
         base = copy.deepcopy(model).eval()
         base_metrics = None
-        if ma.evaluate:
-            _log(f"Evaluating the base on {plan.eval_split_name} ({len(eval_ds)} rows).")
-            base_metrics = evaluate_model(base, eval_ds, tokenizer, desc="Evaluating base")
+        if main:
+            model.save_pretrained(base_dir)
+            tokenizer.save_pretrained(base_dir)
+            if ma.evaluate:
+                log(f"Evaluating the base on {plan.eval_split_name} ({len(eval_ds)} rows).")
+                base_metrics = evaluate_model(base, eval_ds, tokenizer, desc="Evaluating base")
 
-        pruning = ma.prune and pa.target_sparsity > 0
         techniques = []
         if ma.train:
-            from .callbacks import GradualPruningCallback
-
             teacher = None
             if ma.teacher == "base":
                 teacher = base
             elif ma.teacher is not None:
                 teacher = ma.teacher
             what = "Distilling" if teacher is not None else "Fine-tuning"
-            _log(f"{what} {steps} steps" + (f" with gradual pruning to {pa.target_sparsity:.0%}." if pruning else "."))
+            log(f"{what} {steps} steps" + (f" with gradual pruning to {pa.target_sparsity:.0%}." if pruning else "."))
             callbacks = [GradualPruningCallback.from_args(pa)] if pruning else []
-            if ma.quantize and ma.qat and pruning:
-                # GradualPruningCallback logs sparsity by parameter name, and QATCallback's parametrizations rename
-                # the weights (`...parametrizations.weight.original`), which breaks that logging: the two do not
-                # compose yet, so pruning wins and the export is post-training quantization.
-                _log("QAT is skipped while pruning (the two callbacks do not compose yet); quantizing after training.")
-            elif ma.quantize and ma.qat:
-                from .callbacks import QATCallback
-
+            if qat:
+                # After the pruning callback: its masks act on the stored weight under QAT's parametrization.
                 callbacks.append(QATCallback(qa))
-                _log(f"Fake-quantizing ({qa.bits}-bit) over the last {qa.qat_fraction:.0%} of the steps (QAT).")
+                log(f"Fake-quantizing ({qa.bits}-bit) over the last {qa.qat_fraction:.0%} of the steps (QAT).")
                 stages["qat"] = {"bits": qa.bits, "fraction": qa.qat_fraction}
             stages["train"] = _train(model, _trainer_args(ta, os.path.join(work, "run")), train_ds, tokenizer, teacher, callbacks)
             if teacher is not None:
                 techniques.append("distillation")
         elif pruning:
-            _log(f"Pruning one-shot by magnitude to {pa.target_sparsity:.0%} (no training).")
+            log(f"Pruning one-shot by magnitude to {pa.target_sparsity:.0%} (no training).")
             _one_shot_prune(model, pa)
         if pruning:
             techniques.append("pruning")
 
-        ckpt = os.path.join(work, "checkpoint")
-        if ma.quantize:
-            from .quantization import quantize_and_save
+        report = None
+        if main:
+            report = _export(plan, model, base, base_dir, tokenizer, eval_ds, base_metrics, techniques, stages, steps, work, log)
+            report["pipeline"]["wall_seconds"] = round(time.time() - t0, 1)
+            from .model_cards import save_report
 
-            _log(f"Quantizing to {qa.bits} bits and saving.")
-            stages["quantization"] = quantize_and_save(model, ckpt, qa, tokenizer=tokenizer)
-            techniques.append("quantization")
-            result = _load_saved(auto_class, ckpt, qa)
-        else:
-            _log("Saving the full-precision checkpoint.")
-            model.save_pretrained(ckpt)
-            tokenizer.save_pretrained(ckpt)
-            result = model
-        result.eval()
-        result_metrics = None
-        if ma.evaluate:
-            _log(f"Evaluating the result on {plan.eval_split_name} ({len(eval_ds)} rows).")
-            result_metrics = evaluate_model(result, eval_ds, tokenizer, desc="Evaluating result")
-
-        report = build_report(
-            result, ckpt, base_model=base, base_dir=base_dir, base_model_id=_model_id(plan.model_path),
-            techniques=techniques, base_metrics=base_metrics, compressed_metrics=result_metrics,
-            eval_dataset=eval_ds if ma.evaluate else None, tokenizer=tokenizer, metrics=("accuracy", "f1"),
-            eval_info={"dataset": plan.data_args.dataset, "dataset_name": plan.data_args.dataset,
-                       "split": plan.eval_split_name, "task": "text-classification"},
-            verification_examples=8 if ma.evaluate else 0, save=False,
-        )
-        report["pipeline"] = {"stages": _jsonable(stages), "train_steps": steps if ma.train else 0,
-                              "base_finetune_steps": stages.get("base_finetune", {}).get("steps", 0),
-                              "wall_seconds": None}
-        report["pipeline"]["wall_seconds"] = round(time.time() - t0, 1)
-        from .model_cards import save_report
-
-        save_report(report, ckpt)
-        card = build_model_card(report, plan.recipe, plan.command, repo_id=ta.hub_model_id if ta.push_to_hub else None,
-                                output_dir=ckpt)
-        card.save(os.path.join(ckpt, "README.md"))
-
-        if os.path.exists(plan.output_dir):
-            shutil.rmtree(plan.output_dir)  # checked empty, or --overwrite, in `prepare`
-        os.rename(ckpt, plan.output_dir)
-        _log(f"Wrote {plan.output_dir}")
+            save_report(report, os.path.join(work, "checkpoint"))
+            card = build_model_card(report, plan.recipe, plan.command, repo_id=ta.hub_model_id if ta.push_to_hub else None,
+                                    output_dir=os.path.join(work, "checkpoint"))
+            card.save(os.path.join(work, "checkpoint", "README.md"))
+            if os.path.exists(plan.output_dir):
+                shutil.rmtree(plan.output_dir)  # checked empty, or --overwrite, in `prepare`
+            os.rename(os.path.join(work, "checkpoint"), plan.output_dir)
+            log(f"Wrote {plan.output_dir}")
+        _barrier()  # the other ranks leave once the output is in place
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if main:
+            shutil.rmtree(work, ignore_errors=True)
 
-    if ta.push_to_hub:
+    if main and ta.push_to_hub:
         from .hub import push_to_hub
 
-        _log(f"Pushing to {ta.hub_model_id}.")
+        log(f"Pushing to {ta.hub_model_id}.")
         pushed = push_to_hub(plan.output_dir, ta.hub_model_id, endpoint=ma.hub_endpoint, token=ta.hub_token,
                              private=bool(ta.hub_private_repo), verify=ma.verify_push)
         report["push"] = {"repo_id": ta.hub_model_id, "commit": getattr(pushed, "commit_id", None),
@@ -665,11 +660,45 @@ def run(plan: CompressionPlan) -> dict:
     return report
 
 
-def _load_saved(auto_class, folder: str, quantization_args):
-    # Evaluate what was written, reloaded the way a user loads it (low-bit embeddings need `load_quantized`).
-    from .quantization import load_quantized
+def _export(plan, model, base, base_dir, tokenizer, eval_ds, base_metrics, techniques, stages, steps, work, log) -> dict:
+    """Main process: quantize or save the trained model, evaluate what was written, and build the report."""
+    from .model_cards import build_report
 
-    return load_quantized(folder)
+    ma, qa = plan.model_args, plan.quantization_args
+    ckpt = os.path.join(work, "checkpoint")
+    if ma.quantize:
+        from .quantization import quantize_and_save
+
+        log(f"Quantizing to {qa.bits} bits and saving.")
+        stages["quantization"] = quantize_and_save(model, ckpt, qa, tokenizer=tokenizer)
+        techniques.append("quantization")
+        from .quantization import load_quantized
+
+        # Evaluate what was written, reloaded the way a user loads it (low-bit embeddings need `load_quantized`).
+        result = load_quantized(ckpt)
+    else:
+        log("Saving the full-precision checkpoint.")
+        model.save_pretrained(ckpt)
+        tokenizer.save_pretrained(ckpt)
+        result = model
+    result.eval()
+    result_metrics = None
+    if ma.evaluate:
+        log(f"Evaluating the result on {plan.eval_split_name} ({len(eval_ds)} rows).")
+        result_metrics = evaluate_model(result, eval_ds, tokenizer, desc="Evaluating result")
+
+    report = build_report(
+        result, ckpt, base_model=base, base_dir=base_dir, base_model_id=_model_id(plan.model_path),
+        techniques=techniques, base_metrics=base_metrics, compressed_metrics=result_metrics,
+        eval_dataset=eval_ds if ma.evaluate else None, tokenizer=tokenizer, metrics=("accuracy", "f1"),
+        eval_info={"dataset": plan.data_args.dataset, "dataset_name": plan.data_args.dataset,
+                   "split": plan.eval_split_name, "task": "text-classification"},
+        verification_examples=8 if ma.evaluate else 0, save=False,
+    )
+    report["pipeline"] = {"stages": _jsonable(stages), "train_steps": steps if ma.train else 0,
+                          "base_finetune_steps": stages.get("base_finetune", {}).get("steps", 0),
+                          "wall_seconds": None}
+    return report
 
 
 # The embedded default is the Hub's all-MiniLM-L6-v2 shipped in a wheel: name it by its Hub id in the card.

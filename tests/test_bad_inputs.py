@@ -1,8 +1,6 @@
 """The bad-input table: every wrong argument is answered by one clear line, raised before any work starts.
 
-Each row is (what is built, the error class, the pinned message). Rows marked `xfail(strict=True)` name the
-change the owning module needs; they turn into failures (strict) the day the change lands without the marker
-being removed, so the table always says what is true.
+Each row is (what is built, the error class, the pinned message).
 """
 
 from __future__ import annotations
@@ -19,15 +17,6 @@ from hf_compress.distillation import DistillationArguments
 from hf_compress.distributed import check_distributed_support, check_safetensors_file, validate_checkpoint
 from hf_compress.pruning import PruningArguments
 from hf_compress.quantization import QuantizationArguments
-
-
-def _types_fix(owner: str):
-    return pytest.mark.xfail(
-        strict=True, raises=AssertionError,  # pytest.raises(TypeError, match=...) finds Python's message instead
-        reason=f"{owner}.__post_init__ compares before checking the type, so Python's own TypeError "
-        "(\"'>' not supported between 'str' and 'int'\") escapes; check `isinstance(x, (int, float))` first and "
-        "raise e.g. `TypeError(f\"temperature must be a number, got {x!r} ({type(x).__name__}).\")`.",
-    )
 
 
 def _dargs(**kw):
@@ -77,11 +66,9 @@ ARGUMENT_TABLE = [
     pytest.param(lambda: PruningArguments(target_sparsity=0.3, pruning_pattern="2:4"), ValueError,
                  r"fixes the sparsity at 0\.5, but target_sparsity is 0\.3; set target_sparsity=0\.5", id="pattern-vs-target"),
     pytest.param(lambda: PruningArguments(target_sparsity="0.5"), TypeError, r"^target_sparsity must be a number, got '0\.5'",
-                 id="target_sparsity-str", marks=_types_fix("PruningArguments")),
+                 id="target_sparsity-str"),
     pytest.param(lambda: PruningArguments(pruning_frequency=2.5), TypeError,
-                 r"^pruning_frequency must be an integer, got 2\.5", id="frequency-float",
-                 marks=pytest.mark.xfail(strict=True, reason="PruningArguments accepts pruning_frequency=2.5 silently "
-                                         "(the schedule then uses float steps); check `isinstance(x, int)`.")),
+                 r"^pruning_frequency must be an integer, got 2\.5", id="frequency-float"),
     # QuantizationArguments
     pytest.param(lambda: QuantizationArguments(bits=3), ValueError, r"^bits must be 4 or 8, got 3; use 8 for LLM\.int8", id="bits=3"),
     pytest.param(lambda: QuantizationArguments(bits="8"), ValueError, r"^bits must be 4 or 8, got '8'", id="bits-str"),
@@ -299,11 +286,6 @@ def test_compressed_checkpoint_missing_is_one_line(tmp_path):
         load_compressed(str(tmp_path / "nothing"))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="load_compressed on a truncated model.compressed.safetensors raises safetensors' header error without "
-    "the file name; call `hf_compress.distributed.check_safetensors_file(path)` before `safe_open`.",
-)
 def test_compressed_checkpoint_truncated_is_one_line(tmp_path):
     from hf_compress.pruning import load_compressed, save_compressed
 

@@ -6,10 +6,10 @@ import pytest
 
 
 @pytest.mark.slow
-def test_results_quick_mode(tmp_path):
+def test_results_quick_mode(tmp_path, real_finetuned):
     from benchmarks import results
 
-    out = results.run("quick", str(tmp_path))
+    out = results.run("quick", str(tmp_path), base_model=str(real_finetuned))
     rows = {r["variant"]: r for r in out["rows"]}
     assert len(rows) == 9
     base = out["rows"][0]

@@ -244,6 +244,11 @@ def test_prune_and_quantize(tiny_setup, bits):
     report, card = _read(out)
     assert report["techniques"] == ["pruning", "quantization"]
     assert report["quantization"]["bits"] == [bits]
+    # Pruning and quantization-aware training compose: the last quarter of the steps was fake-quantized, and the
+    # pruned zeros survive bnb's rounding (absmax / NF4 codes map 0 to 0) in every encoder matrix.
+    assert report["pipeline"]["stages"]["qat"] == {"bits": bits, "fraction": 0.25}
+    encoder = {k: v for k, v in report["sparsity"]["per_layer"].items() if ".encoder.layer." in k and k.endswith("weight")}
+    assert len(encoder) == 12 and all(v == pytest.approx(0.5, abs=0.02) for v in encoder.values()), encoder
     # Every encoder Linear (2 layers x 6) is quantized; the head and pooler? the head stays full precision.
     assert report["quantization"]["num_quantized_modules"] >= 12
     cfg = json.load(open(out / "config.json"))

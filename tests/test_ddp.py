@@ -133,14 +133,6 @@ def test_only_the_main_process_writes(ddp_run):
 
 
 @pytest.mark.slow  # not a real-model test, but it runs the whole `hf-compress` pipeline on 2 processes (~60 s)
-@pytest.mark.xfail(
-    strict=True,
-    reason="compression.run under torchrun: every rank makes its own `.hf-compress-*` work folder, evaluates, saves "
-    "and builds the report; rank 1's `save_pretrained` writes nothing (not the main process) so its `build_report` "
-    "raises 'No weight file (*.safetensors, *.bin) in .../.hf-compress-xxxx/checkpoint'. Needed: one work folder "
-    "for all ranks (e.g. created by rank 0 and broadcast, or derived from output_dir), save/evaluate/report/card/"
-    "rename under `training_args.process_index == 0` with a barrier after, and `check_distributed_support`.",
-)
 def test_cli_under_torchrun_writes_one_output(tmp_path):
     from test_cli import FAST, make_csv, make_tiny_model
 

@@ -132,6 +132,9 @@ def load_compressed_state_dict(path: str) -> dict[str, torch.Tensor]:
     """The full (dense) state dict stored in a `model.compressed.safetensors` file."""
     from safetensors import safe_open
 
+    from ..distributed import check_safetensors_file
+
+    check_safetensors_file(path)  # one line naming the file if it is truncated or corrupt
     with safe_open(path, framework="pt") as f:
         meta = f.metadata() or {}
         if meta.get("format") != FORMAT:

@@ -59,6 +59,15 @@ class PruningArguments:
     pruning_log_per_layer: bool = field(default=True, metadata={"help": "Log the sparsity of every pruned tensor."})
 
     def __post_init__(self):
+        # Types first, so a string from a hand-written config gets our message and not Python's comparison error.
+        for name in ("target_sparsity", "pruning_initial_sparsity", "pruning_end_fraction"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__}).")
+        for name in ("pruning_start_step", "pruning_end_step", "pruning_frequency"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__}); it counts optimizer steps.")
         if not 0.0 <= self.target_sparsity < 1.0:
             raise ValueError(f"target_sparsity must be in [0, 1), got {self.target_sparsity}.")
         if not 0.0 <= self.pruning_initial_sparsity <= self.target_sparsity:
