@@ -54,3 +54,30 @@ def print_table(rows: list[dict], columns: list[str]) -> str:
     text = "\n".join(lines)
     print(text)
     return text
+
+
+def print_ratios(times: dict[str, float], reference: str = "plain") -> None:
+    """Print each run's median step time and its ratio to the `reference` run."""
+    print_table(
+        [{"run": k, "median step (s)": v, f"ratio to {reference}": v / times[reference]} for k, v in times.items()],
+        ["run", "median step (s)", f"ratio to {reference}"],
+    )
+
+
+def steps_main(run, doc: str, default_steps: int, argv=None) -> int:
+    """The command line of an overhead benchmark: `--steps N`, then the result as JSON."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=default_steps)
+    args = parser.parse_args(argv)
+    print(json.dumps(run(args.steps), indent=2))
+    return 0
+
+
+def scratch_dir(name: str) -> str:
+    """A fresh temporary folder for a benchmark's Trainer output (nothing is kept)."""
+    import tempfile
+
+    return tempfile.mkdtemp(prefix=f"hf_compress_bench_{name}_")

@@ -6,10 +6,7 @@ fine-tuning (target: cached <= 1.05x). Usage: `python -m benchmarks.distillation
 
 from __future__ import annotations
 
-import argparse
-import json
-
-from benchmarks.common import StepTimer, print_table, real_data
+from benchmarks.common import StepTimer, print_ratios, real_data, scratch_dir, steps_main
 
 
 def run(steps: int = 20, batch_size: int = 16) -> dict:
@@ -28,7 +25,7 @@ def run(steps: int = 20, batch_size: int = 16) -> dict:
         torch.manual_seed(0)
         student = layer_dropped_student(teacher, [0, 2, 4])
         args = DistillationArguments(
-            output_dir=f"/tmp/hf_compress_bench_distill/{mode}", max_steps=steps, per_device_train_batch_size=batch_size,
+            output_dir=scratch_dir("distill"), max_steps=steps, per_device_train_batch_size=batch_size,
             report_to="none", save_strategy="no", use_cpu=True, seed=0, disable_tqdm=True,
             cache_teacher_logits=mode == "cached teacher",
         )
@@ -44,20 +41,13 @@ def run(steps: int = 20, batch_size: int = 16) -> dict:
         "live_over_plain": times["live teacher"] / times["plain"],
         "cached_over_plain": times["cached teacher"] / times["plain"],
     }
-    print_table(
-        [{"run": k, "median step (s)": v, "ratio to plain": v / times["plain"]} for k, v in times.items()],
-        ["run", "median step (s)", "ratio to plain"],
-    )
+    print_ratios(times)
     print(f"cached/plain = {result['cached_over_plain']:.3f} (target <= 1.05)")
     return result
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=20)
-    args = parser.parse_args(argv)
-    print(json.dumps(run(args.steps), indent=2))
-    return 0
+    return steps_main(run, __doc__, 20, argv)
 
 
 if __name__ == "__main__":

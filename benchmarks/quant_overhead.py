@@ -7,10 +7,7 @@ Usage: `python -m benchmarks.quant_overhead [--steps N]`.
 
 from __future__ import annotations
 
-import argparse
-import json
-
-from benchmarks.common import StepTimer, print_table, real_data
+from benchmarks.common import StepTimer, print_ratios, real_data, scratch_dir, steps_main
 
 
 def run(steps: int = 12, batch_size: int = 16) -> dict:
@@ -32,7 +29,7 @@ def run(steps: int = 12, batch_size: int = 16) -> dict:
         torch.manual_seed(0)
         model = AutoModelForSequenceClassification.from_pretrained(default_model_path(), num_labels=2)
         args = TrainingArguments(
-            f"/tmp/hf_compress_bench_quant/{mode.replace(' ', '_')}", max_steps=steps,
+            scratch_dir("quant"), max_steps=steps,
             per_device_train_batch_size=batch_size, report_to="none", save_strategy="no", use_cpu=True, seed=0,
             disable_tqdm=True,
         )
@@ -43,19 +40,12 @@ def run(steps: int = 12, batch_size: int = 16) -> dict:
         times[mode] = timer.median()
     result = {"steps": steps, "batch_size": batch_size, "plain_step_s": times["plain"]}
     result.update({f"{m} / plain": t / times["plain"] for m, t in times.items() if m != "plain"})
-    print_table(
-        [{"run": k, "median step (s)": v, "ratio to plain": v / times["plain"]} for k, v in times.items()],
-        ["run", "median step (s)", "ratio to plain"],
-    )
+    print_ratios(times)
     return result
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=12)
-    args = parser.parse_args(argv)
-    print(json.dumps(run(args.steps), indent=2))
-    return 0
+    return steps_main(run, __doc__, 12, argv)
 
 
 if __name__ == "__main__":

@@ -115,7 +115,7 @@ def run(mode: str = "quick", output_dir: str = "benchmarks/results", base_model:
     test, texts = ds["test"], ds["test"]["input_ids"]
     texts = tok.batch_decode(texts[:32], skip_special_tokens=True)
     work = tempfile.mkdtemp(prefix="hf_compress_bench_")
-    rows, models = [], {}
+    rows = []
     t_start = time.time()
 
     def record(name, model, folder, eval_model=None, params=None, note=""):

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from datasets import Dataset
 from transformers import (
     BertForQuestionAnswering,
     BertForSequenceClassification,

@@ -104,6 +104,25 @@ def test_magnitude_masks_prune_exact_counts_of_smallest():
     assert int((~later["a"]).sum()) == round(0.5 * 16 * 24)
 
 
+@pytest.mark.parametrize("kind", ["distinct", "ties", "pruned", "nan"])
+def test_selection_equals_a_stable_sort(kind):
+    """The linear-time selection prunes exactly the first k of a stable ascending sort, ties by position."""
+    from hf_compress.pruning.masks import smallest_k_keep_mask
+
+    g = torch.Generator().manual_seed(1)
+    flat = torch.rand(1000, generator=g)
+    if kind == "ties":
+        flat = torch.randint(0, 7, (1000,), generator=g).float()  # ~140 copies of each value
+    elif kind == "pruned":
+        flat[torch.randperm(1000, generator=g)[:300]] = -1.0  # already-pruned entries score -1
+    elif kind == "nan":
+        flat[5] = float("nan")
+    for k in (0, 1, 299, 300, 301, 500, 999, 1000):
+        reference = torch.ones(1000, dtype=torch.bool)
+        reference[torch.argsort(flat, stable=True)[:k]] = False
+        assert torch.equal(smallest_k_keep_mask(flat, k), reference), (kind, k)
+
+
 def test_two_four_masks_are_valid():
     torch.manual_seed(0)
     w = torch.randn(6, 16)

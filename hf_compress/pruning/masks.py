@@ -83,6 +83,26 @@ def _scores(weight: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return score
 
 
+def smallest_k_keep_mask(flat: torch.Tensor, k: int) -> torch.Tensor:
+    """
+    Keep-mask of a 1-D score tensor with its `k` smallest entries pruned, exactly as the first `k` of a stable
+    ascending sort (ties broken by position), via a linear-time selection instead of a full sort.
+    """
+    keep = torch.ones(flat.numel(), dtype=torch.bool, device=flat.device)
+    if k <= 0:
+        return keep
+    if k >= flat.numel() or torch.isnan(flat).any():  # NaN: let the sort's ordering (NaN last) decide
+        keep[torch.argsort(flat, stable=True)[:k]] = False
+        return keep
+    threshold = flat.kthvalue(k).values
+    below = flat < threshold
+    keep[below] = False
+    remaining = k - int(below.sum())  # >= 1: the k-th value itself is not below the threshold
+    ties = (flat == threshold).nonzero().flatten()  # in position order, as a stable sort leaves them
+    keep[ties[:remaining]] = False
+    return keep
+
+
 @torch.no_grad()
 def magnitude_masks(
     weights: dict[str, torch.Tensor],
@@ -115,15 +135,12 @@ def magnitude_masks(
         for name, score in scores.items():
             flat = score.flatten()
             k = max(num_to_prune(flat.numel(), sparsity), int((flat < 0).sum()))
-            keep = torch.ones(flat.numel(), dtype=torch.bool, device=flat.device)
-            # A stable sort makes ties (e.g. equal magnitudes) break the same way on every run and rank.
-            keep[torch.argsort(flat, stable=True)[:k]] = False
-            masks[name] = keep.view_as(score)
+            # Ties (e.g. equal magnitudes) break by position: the same way on every run and rank.
+            masks[name] = smallest_k_keep_mask(flat, k).view_as(score)
         return masks
     flat = torch.cat([s.flatten().cpu() for s in scores.values()])
     k = max(num_to_prune(flat.numel(), sparsity), int((flat < 0).sum()))
-    keep = torch.ones(flat.numel(), dtype=torch.bool)
-    keep[torch.argsort(flat, stable=True)[:k]] = False
+    keep = smallest_k_keep_mask(flat, k)
     offset = 0
     for name, score in scores.items():
         n = score.numel()
