@@ -14,12 +14,14 @@ import os
 
 def main(argv=None) -> int:
     from benchmarks import distillation, pruning_overhead, quant_overhead, results
+    from benchmarks.common import OUTPUT_DIRS
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a few steps of everything (minutes, not the published figures)")
-    parser.add_argument("--output-dir", default="benchmarks/results")
+    parser.add_argument("--output-dir", default=None, help="default: benchmarks/results (full), benchmarks/results-quick (--quick)")
     parser.add_argument("--skip-table", action="store_true", help="only the overhead ratios")
     a = parser.parse_args(argv)
+    a.output_dir = a.output_dir or OUTPUT_DIRS["quick" if a.quick else "full"]
     steps = 8 if a.quick else 30
     overheads = {
         "distillation": distillation.run(steps=steps),

@@ -13,6 +13,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from transformers import TrainerCallback  # noqa: E402
 
 MAX_LENGTH = 48
+# The full run's files are the published ones (committed, shown in the README); quick runs write beside them.
+OUTPUT_DIRS = {"full": "benchmarks/results", "quick": "benchmarks/results-quick"}
 
 
 class StepTimer(TrainerCallback):

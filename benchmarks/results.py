@@ -2,7 +2,8 @@
 
 For each variant: held-out accuracy, on-disk bytes of the weights, ratio to the fp32 baseline, bits per
 weight, and CPU inference latency ratio to the baseline at batch 1 and batch 32. Writes `results.json`,
-`results.md` and `accuracy_vs_size.png` to `--output-dir` (default `benchmarks/results`).
+`results.md` and `accuracy_vs_size.png` to `--output-dir` (default `benchmarks/results`, the published files shown in
+the README; `benchmarks/results-quick` with `--quick`).
 
     python -m benchmarks.results            # the full table published in the README
     python -m benchmarks.results --quick    # a few steps of everything (what the test runs)
@@ -19,7 +20,7 @@ import statistics
 import tempfile
 import time
 
-from benchmarks.common import print_table, real_data
+from benchmarks.common import OUTPUT_DIRS, print_table, real_data
 
 GOAL = "combined checkpoint >= 8x smaller than the fp32 baseline with accuracy within 1.0 point of it"
 MODES = {
@@ -98,7 +99,7 @@ def latency(model, tok, texts, batch_size: int, reps: int) -> float:
     return statistics.median(times)
 
 
-def run(mode: str = "quick", output_dir: str = "benchmarks/results", base_model: str | None = None) -> dict:
+def run(mode: str = "quick", output_dir: str | None = None, base_model: str | None = None) -> dict:
     """Build every variant and write the table. `base_model`: an already fine-tuned checkpoint to use as the
     fp32 baseline instead of fine-tuning the pretrained MiniLM-L6 for `base_steps` steps."""
     import torch
@@ -206,6 +207,7 @@ def run(mode: str = "quick", output_dir: str = "benchmarks/results", base_model:
         "rows": rows,
         "wall_s": time.time() - t_start,
     }
+    output_dir = output_dir or OUTPUT_DIRS[mode]
     os.makedirs(output_dir, exist_ok=True)
     cols = ["variant", "accuracy", "accuracy_delta_pts", "bytes", "ratio_to_baseline", "bits_per_weight",
             "latency_ratio_b1", "latency_ratio_b32"]
@@ -217,8 +219,31 @@ def run(mode: str = "quick", output_dir: str = "benchmarks/results", base_model:
     with open(os.path.join(output_dir, "results.md"), "w") as f:
         f.write(f"{result['data']}; mode `{mode}` {cfg}.\n\n{table}\n\n{summary}\n")
     plot(rows, os.path.join(output_dir, "accuracy_vs_size.png"))
+    if mode == "full" and os.path.abspath(output_dir) == os.path.abspath(OUTPUT_DIRS["full"]):
+        update_readme(f"{result['data']}; {cfg['base_steps']} fine-tuning steps for the baseline and the student, "
+                      f"{cfg['prune_steps']} for each pruning run and the combined recipe, {cfg['qat_steps']} QAT steps, batch "
+                      f"{BATCH}; {time.strftime('%Y-%m-%d')}, {result['wall_s'] / 60:.0f} min on CPU.\n\n{table}\n\n{summary}")
     shutil.rmtree(work, ignore_errors=True)
     return result
+
+
+README_MARKERS = ("<!-- benchmarks.results: start -->", "<!-- benchmarks.results: end -->")
+
+
+def update_readme(text: str, path: str = "README.md") -> None:
+    """Replace the published table between the README's markers (the full run regenerates it)."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        readme = f.read()
+    start, end = README_MARKERS
+    if start not in readme or end not in readme:
+        return
+    head, rest = readme.split(start, 1)
+    tail = rest.split(end, 1)[1]
+    with open(path + ".tmp", "w") as f:
+        f.write(f"{head}{start}\n{text}\n{end}{tail}")
+    os.replace(path + ".tmp", path)
 
 
 def plot(rows, path):
@@ -243,7 +268,7 @@ def plot(rows, path):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a few steps of everything (minutes, not the published figures)")
-    parser.add_argument("--output-dir", default="benchmarks/results")
+    parser.add_argument("--output-dir", default=None, help="default: benchmarks/results (full), benchmarks/results-quick (--quick)")
     parser.add_argument("--base-model", default=None, help="an already fine-tuned checkpoint to use as the fp32 baseline")
     a = parser.parse_args(argv)
     run("quick" if a.quick else "full", a.output_dir, base_model=a.base_model)

@@ -52,6 +52,19 @@ def _report(checkpoints, **kw):
     return build_report(comp, comp_dir, base, base_dir, base_model_id="acme/tiny-bert", techniques=["pruning"], **kw)
 
 
+def test_checkpoint_bytes_counts_weights_not_trainer_state(tmp_path):
+    """A Trainer `checkpoint-N` folder: optimizer, scheduler, RNG and args files are not weights."""
+    from hf_compress.model_cards.report import checkpoint_bytes
+
+    sizes = {"model.safetensors": 1000, "training_args.bin": 7, "optimizer.pt": 2000, "scheduler.pt": 3,
+             "rng_state.pth": 11, "rng_state_1.pth": 13, "config.json": 5}
+    for name, n in sizes.items():
+        (tmp_path / name).write_bytes(b"x" * n)
+    out = checkpoint_bytes(str(tmp_path))
+    assert out["weights_bytes"] == 1000 and out["weight_files"] == ["model.safetensors"]
+    assert out["total_bytes"] == sum(sizes.values())
+
+
 def test_report_numbers_match_hand_counts(checkpoints):
     base, comp, base_dir, comp_dir = checkpoints
     report = _report(checkpoints)

@@ -16,6 +16,8 @@ import torch
 REPORT_NAME = "compression_report.json"
 REPORT_FORMAT = "hf_compress.report.v1"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+# What `Trainer` saves next to the weights in a `checkpoint-N` folder: counted in total bytes, never as weights.
+TRAINER_STATE_FILES = ("training_args.bin", "optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state")
 # Module class names that hold bitsandbytes-quantized weights (matched by name: bitsandbytes stays unimported).
 _BNB_BITS = {"Linear8bitLt": 8, "Linear4bit": 4, "LinearNF4": 4, "LinearFP4": 4, "Embedding8bit": 8, "Embedding4bit": 4}
 
@@ -38,7 +40,7 @@ def checkpoint_bytes(folder: str) -> dict:
                 continue
             size = os.path.getsize(os.path.join(dirpath, name))
             total += size
-            if name.endswith(WEIGHT_SUFFIXES):
+            if name.endswith(WEIGHT_SUFFIXES) and not name.startswith(TRAINER_STATE_FILES):
                 weights += size
                 files.append(os.path.relpath(os.path.join(dirpath, name), folder))
     if not files:
