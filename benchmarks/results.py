@@ -25,7 +25,7 @@ from benchmarks.common import OUTPUT_DIRS, print_table, real_data
 GOAL = "combined checkpoint >= 8x smaller than the fp32 baseline with accuracy within 1.0 point of it"
 MODES = {
     # steps of each training stage, rows of the fixed `test` split evaluated, latency repetitions
-    "quick": dict(base_steps=30, student_steps=10, prune_steps=10, qat_steps=5, eval_rows=100, reps=2),
+    "quick": dict(base_steps=30, student_steps=6, prune_steps=8, qat_steps=4, eval_rows=64, reps=2),
     "full": dict(base_steps=400, student_steps=400, prune_steps=250, qat_steps=100, eval_rows=2000, reps=10),
 }
 BATCH = 16
