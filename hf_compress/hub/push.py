@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 import os
 import tempfile
@@ -163,11 +164,17 @@ def _sha256(path: str) -> str:
 
 
 def load_checkpoint(folder: str):
-    """Load a classifier checkpoint saved either densely (`from_pretrained`) or with `save_compressed`."""
+    """Load a classifier checkpoint saved densely (`from_pretrained`), with `save_compressed`, or by
+    `quantize_and_save` (`load_quantized`: low-bit embeddings, and the float32 path the report was measured on)."""
     if os.path.isfile(os.path.join(folder, "model.compressed.safetensors")):
         from hf_compress.pruning import load_compressed
 
         return load_compressed(folder)
+    with open(os.path.join(folder, "config.json")) as f:
+        if "quantization_config" in json.load(f):
+            from hf_compress.quantization import load_quantized
+
+            return load_quantized(folder)
     from transformers import AutoModelForSequenceClassification
 
     return AutoModelForSequenceClassification.from_pretrained(folder).eval()

@@ -11,6 +11,9 @@ from .export import (
     quantize_model,
     require_bitsandbytes,
     resolve_skip_modules,
+    shape_skipped_modules,
+    unsupported_4bit_modules,
+    use_reference_cpu_kernel,
 )
 from .functional import (
     dequantize_4bit,
@@ -40,5 +43,8 @@ __all__ = [
     "remove_fake_quant",
     "require_bitsandbytes",
     "resolve_skip_modules",
+    "shape_skipped_modules",
     "straight_through",
+    "unsupported_4bit_modules",
+    "use_reference_cpu_kernel",
 ]

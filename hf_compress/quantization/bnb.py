@@ -74,5 +74,14 @@ def embedding_module(num: int, dim: int, tensors: dict[str, torch.Tensor], bits:
     return module
 
 
+def is_linear_4bit(module: nn.Module) -> bool:
+    return isinstance(module, bnb.nn.Linear4bit)
+
+
+def cpu_has_avx512bf16() -> bool:
+    """Whether bitsandbytes would use its AVX512-BF16 CPU kernel on this machine."""
+    return bool(bnb.functional.has_avx512bf16())
+
+
 def is_bnb_embedding(module: nn.Module) -> bool:
     return isinstance(module, (bnb.nn.Embedding8bit, bnb.nn.Embedding4bit))

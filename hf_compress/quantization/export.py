@@ -20,6 +20,9 @@ EMBEDDINGS_FILE = "quantized_embeddings.safetensors"
 EMBEDDINGS_CONFIG_KEY = "hf_compress_quantized_embeddings"
 REPORT_FILE = "quantization_report.json"
 SUPPORTED_DEVICES = ("cpu", "cuda", "xpu")
+# bitsandbytes' 4-bit blocks (64 values) and the row tiles of its AVX512-BF16 CPU inference kernel (32 rows).
+BLOCKSIZE_4BIT = 64
+ROW_TILE_4BIT = 32
 
 
 def require_bitsandbytes(bits: int = 8) -> None:
@@ -61,16 +64,64 @@ def _tied_names(model) -> set[str]:
     return {k.removesuffix(".weight") for k in set(tied) | set(tied.values())}
 
 
-def resolve_skip_modules(model, args: QuantizationArguments) -> list[str]:
-    """`args.skip_modules`, or the task heads present in `model` plus its output embeddings and tied weights."""
+def unsupported_4bit_modules(model, embeddings: bool = True) -> list[str]:
+    """Linear layers and embedding tables whose shapes bitsandbytes' CPU 4-bit kernels get wrong.
+
+    bitsandbytes (0.50) stores a weight as 64-value blocks of the flattened tensor, but its AVX512 CPU
+    dequantization walks blocks row by row, so a row length (`in_features`, `embedding_dim`) that is not a multiple
+    of 64 gives wrong weights; its AVX512-BF16 inference kernel also needs `in_features % 64 == 0` and
+    `out_features % 32 == 0` (it crashes otherwise). Such layers are kept in full precision: a checkpoint must give
+    the same logits on every machine. Real transformer widths (384, 576, 768, 1536, ...) are all multiples.
+    """
+    names = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and (
+            module.in_features % BLOCKSIZE_4BIT or module.out_features % ROW_TILE_4BIT
+        ):
+            names.append(name)
+        elif embeddings and isinstance(module, nn.Embedding) and module.embedding_dim % BLOCKSIZE_4BIT:
+            names.append(name)
+    return names
+
+
+def _base_skip_modules(model, args: QuantizationArguments) -> list[str]:
     if args.skip_modules is not None:
         return list(args.skip_modules)
     names = [n for n, _ in model.named_modules() if n]
     skip = [h for h in DEFAULT_HEAD_MODULES if any(n == h or n.startswith(h + ".") or n.endswith("." + h) for n in names)]
     out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     skip += [n for n, m in model.named_modules() if out_emb is not None and m is out_emb]
-    skip += sorted(_tied_names(model))
-    return sorted(set(skip))
+    return skip + sorted(_tied_names(model))
+
+
+def shape_skipped_modules(model, args: QuantizationArguments) -> list[str]:
+    """The layers a 4-bit export keeps in full precision only because of their shape ([`unsupported_4bit_modules`])."""
+    if args.bits != 4:
+        return []
+    skip = _base_skip_modules(model, args)
+    return sorted(n for n in unsupported_4bit_modules(model, args.quantize_embeddings) if should_quantize(n, skip))
+
+
+def resolve_skip_modules(model, args: QuantizationArguments) -> list[str]:
+    """`args.skip_modules`, or the task heads present in `model` plus its output embeddings and tied weights; with
+    4 bits also the layers whose shapes bitsandbytes' CPU kernels do not support ([`shape_skipped_modules`])."""
+    return sorted(set(_base_skip_modules(model, args)) | set(shape_skipped_modules(model, args)))
+
+
+def use_reference_cpu_kernel(model, enabled: bool = True):
+    """Route bitsandbytes' CPU 4-bit inference through its float32 reference path (dequantize, then matmul).
+
+    On CPUs with AVX512-BF16, bitsandbytes >= 0.49 switches `Linear4bit` in eval mode without gradients to a
+    packed bf16 kernel that rounds the activations and block scales to bfloat16. That kernel is faster, but its
+    logits differ from the float32 path by bf16 rounding (about 1e-2 relative), and the float32 path is the one
+    quantization-aware training replays exactly. Returns `model`.
+    """
+    from . import bnb as backend
+
+    for module in model.modules():
+        if backend.is_linear_4bit(module) and hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = not enabled and backend.cpu_has_avx512bf16()
+    return model
 
 
 def quantization_targets(model, args: QuantizationArguments) -> tuple[list[str], list[str]]:
@@ -137,7 +188,7 @@ def _quantize_linears(model, args: QuantizationArguments, device: torch.device):
         qmodel = type(model).from_pretrained(
             tmp, quantization_config=backend.bnb_config(args, skip), dtype=torch.float32, device_map={"": device}
         )
-    qmodel.eval()
+    use_reference_cpu_kernel(qmodel.eval())
     quantized, kept = backend.quantized_linear_names(qmodel)
     info = {
         "method": "bitsandbytes",
@@ -148,6 +199,8 @@ def _quantize_linears(model, args: QuantizationArguments, device: torch.device):
         "quantized_linear_modules": quantized,
         "full_precision_linear_modules": kept,
         "quantized_embeddings": embeddings,
+        # kept in full precision because bitsandbytes' CPU 4-bit kernels do not support their shapes
+        "unsupported_shape_modules": shape_skipped_modules(plain, args),
         "source_weight_bytes": _weight_bytes(plain),
         "num_parameters": sum(p.numel() for p in plain.parameters()),
     }
@@ -266,7 +319,7 @@ def _save_embeddings(folder: Path, embedding_tensors, args: QuantizationArgument
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
 
 
-def load_quantized(path, model_class=None, device=None, **kwargs):
+def load_quantized(path, model_class=None, device=None, cpu_bf16_kernel: bool = False, **kwargs):
     """
     Load a folder written by [`quantize_and_save`]: `from_pretrained`, then the low-bit embedding tables if the
     export stored any (bitsandbytes `Embedding8bit` / `Embedding4bit`).
@@ -275,6 +328,10 @@ def load_quantized(path, model_class=None, device=None, **kwargs):
         path (`str` or `os.PathLike`): The exported folder.
         model_class (*optional*): The model class; defaults to `config.architectures[0]` from transformers.
         device (*optional*): Device to load on (default: CPU).
+        cpu_bf16_kernel (`bool`, *optional*, defaults to `False`):
+            Let bitsandbytes run 4-bit layers through its AVX512-BF16 CPU kernel where the CPU has one (faster,
+            logits within bf16 rounding). The default keeps its float32 reference path, whose logits are the ones
+            quantization-aware training produced (see [`use_reference_cpu_kernel`]).
         kwargs: Passed to `from_pretrained`.
     """
     import transformers
@@ -302,4 +359,6 @@ def load_quantized(path, model_class=None, device=None, **kwargs):
             for name in stored["modules"]
         }
         _swap_embeddings(model, tensors, stored["bits"], stored["quant_type"])
+    if config.get("quantization_config", {}).get("load_in_4bit"):
+        use_reference_cpu_kernel(model, enabled=not cpu_bf16_kernel)
     return model.eval()
