@@ -376,3 +376,55 @@ def test_pruning_composes_with_qat_fake_quantization(tmp_path):
     Trainer(model=model, args=args, train_dataset=random_classification_dataset(), callbacks=[pruning, qat]).train()
     stats = sparsity_stats(model, default_targets(model))
     assert stats["zeros"] == sum(round(0.5 * model.get_parameter(n).numel()) for n in default_targets(model))
+
+
+class _ReviveSGD(torch.optim.SGD):
+    """An SGD that also pushes every weight by +1e-3 each step: it revives zeros, so it must not be trusted."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = super().step(closure)
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.add_(1e-3)
+        return loss
+
+
+def test_optimizer_preserves_zeros_rule():
+    from types import SimpleNamespace
+
+    from hf_compress.callbacks.pruning import optimizer_preserves_zeros
+
+    w = [torch.nn.Parameter(torch.zeros(3))]
+    assert optimizer_preserves_zeros(torch.optim.AdamW(w, weight_decay=0.1))
+    assert optimizer_preserves_zeros(torch.optim.Adam(w, amsgrad=True))
+    assert optimizer_preserves_zeros(torch.optim.SGD(w, lr=0.1, momentum=0.9, weight_decay=0.1))
+    assert optimizer_preserves_zeros(SimpleNamespace(optimizer=torch.optim.AdamW(w)))  # accelerate's wrapper
+    assert not optimizer_preserves_zeros(torch.optim.AdamW(w, eps=0.0))  # 0 / 0 would be NaN
+    assert not optimizer_preserves_zeros(torch.optim.Adagrad(w))  # not on the list: masks re-applied
+    assert not optimizer_preserves_zeros(_ReviveSGD(w, lr=0.1))  # a subclass may change the update
+    assert not optimizer_preserves_zeros(None)
+    # The claim behind the list, checked on one step: zero weight, zero gradient, zero state -> still zero.
+    for opt_cls, kw in [(torch.optim.AdamW, dict(weight_decay=0.1)), (torch.optim.Adam, dict(weight_decay=0.1)),
+                        (torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=0.1, nesterov=True))]:
+        p = torch.nn.Parameter(torch.tensor([0.0, 1.0]))
+        opt = opt_cls([p], **kw)
+        for _ in range(3):
+            p.grad = torch.tensor([0.0, 0.5])
+            opt.step()
+        assert p[0].item() == 0.0 and p[1].item() != 1.0, opt_cls
+
+
+def test_untrusted_optimizer_gets_masks_reapplied(tmp_path):
+    cb = GradualPruningCallback(target_sparsity=0.5, end_step=4, frequency=2)
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(tiny_bert_config())
+    optimizer = _ReviveSGD(model.parameters(), lr=1e-2)
+    args = TrainingArguments(str(tmp_path / "run"), max_steps=6, per_device_train_batch_size=8, report_to="none",
+                             use_cpu=True, save_strategy="no", disable_tqdm=True)
+    Trainer(model=model, args=args, train_dataset=random_classification_dataset(n=64), callbacks=[cb],
+            optimizers=(optimizer, None)).train()
+    params = dict(model.named_parameters())
+    for n in default_targets(model):
+        assert int((params[n] == 0).sum()) == num_to_prune(params[n].numel(), 0.5), n
+    assert int((model.classifier.weight == 0).sum()) == 0  # the optimizer did move every other weight
