@@ -24,7 +24,7 @@ def main(argv=None) -> int:
     a.output_dir = a.output_dir or OUTPUT_DIRS["quick" if a.quick else "full"]
     steps = 8 if a.quick else 30
     overheads = {
-        "distillation": distillation.run(steps=steps),
+        "distillation": distillation.run(steps=steps, rounds=1 if a.quick else 3),
         "pruning": pruning_overhead.run(steps=steps, rounds=1 if a.quick else 2),
         "qat": quant_overhead.run(steps=steps),
     }
