@@ -265,3 +265,27 @@ def test_4bit_weights_counted_at_logical_shape(tmp_path, tiny_bert):
     report = build_report(q, str(tmp_path / "q4"), tiny_bert, str(tmp_path / "base"))
     assert report["quantization"]["bits"] == [4] and report["quantization"]["quant_type"] == "nf4"
     assert report["bits_per_weight"]["in_memory"] < 16
+
+
+def test_linear_sparsity_leaves_quantized_embeddings_out(tiny_bert):
+    # bitsandbytes embedding tables (Embedding8bit) are not Linear weights: the linear sparsity that pruning is judged
+    # by must not be diluted by them. Linear weights by hand: 2 layers x (4 x 32x32 + 32x64 + 64x32) + pooler 32x32
+    # + classifier 32x2 = 17,472; the zeros are those of the int8 codes (a 64 x 32 matrix zeroed, plus the weights
+    # LLM.int8 rounds to 0), the same with and without low-bit embeddings.
+    pytest.importorskip("bitsandbytes")
+    from hf_compress.model_cards.report import weight_stats
+    from hf_compress.quantization import QuantizationArguments, quantize_model
+
+    with torch.no_grad():
+        tiny_bert.get_parameter(PRUNED).zero_()
+    plain, _ = quantize_model(tiny_bert, QuantizationArguments(bits=8))
+    q, info = quantize_model(tiny_bert, QuantizationArguments(bits=8, quantize_embeddings=True))
+    assert "bert.embeddings.word_embeddings" in info["quantized_embeddings"]
+    linear = [m for m in q.modules() if isinstance(m, torch.nn.Linear)]
+    assert sum(m.weight.numel() for m in linear) == 17472
+    zeros = sum(int((m.weight == 0).sum()) for m in linear)  # int8 codes, and the fp32 head
+    assert zeros >= 2048
+    stats = weight_stats(q)
+    assert stats["linear_sparsity"] == round(zeros / 17472, 6) == weight_stats(plain)["linear_sparsity"]
+    assert stats["per_layer"]["bert.embeddings.word_embeddings.weight"]["bits"] == 8  # still listed, as a table
+    assert stats["quantized_modules"]["bert.embeddings.word_embeddings"] == "Embedding8bit"
