@@ -664,22 +664,29 @@ def _export(plan, model, base, base_dir, tokenizer, eval_ds, base_metrics, techn
     """Main process: quantize or save the trained model, evaluate what was written, and build the report."""
     from .model_cards import build_report
 
+    from tqdm.auto import tqdm
+
     ma, qa = plan.model_args, plan.quantization_args
     ckpt = os.path.join(work, "checkpoint")
     if ma.quantize:
-        from .quantization import quantize_and_save
+        from .quantization import load_quantized, quantize_and_save
 
         log(f"Quantizing to {qa.bits} bits and saving.")
-        stages["quantization"] = quantize_and_save(model, ckpt, qa, tokenizer=tokenizer)
+        with tqdm(total=2, desc="Exporting", leave=False) as bar:
+            bar.set_postfix_str(f"quantize {qa.bits}-bit and save")
+            stages["quantization"] = quantize_and_save(model, ckpt, qa, tokenizer=tokenizer)
+            bar.update()
+            # Evaluate what was written, reloaded the way a user loads it (low-bit embeddings need `load_quantized`).
+            bar.set_postfix_str("reload")
+            result = load_quantized(ckpt)
+            bar.update()
         techniques.append("quantization")
-        from .quantization import load_quantized
-
-        # Evaluate what was written, reloaded the way a user loads it (low-bit embeddings need `load_quantized`).
-        result = load_quantized(ckpt)
     else:
         log("Saving the full-precision checkpoint.")
-        model.save_pretrained(ckpt)
-        tokenizer.save_pretrained(ckpt)
+        with tqdm(total=1, desc="Exporting", leave=False) as bar:
+            model.save_pretrained(ckpt)
+            tokenizer.save_pretrained(ckpt)
+            bar.update()
         result = model
     result.eval()
     result_metrics = None
