@@ -326,3 +326,26 @@ def test_distillation_from_teacher(tiny_setup, capsys):
     report, card = _read(out)
     assert report["techniques"] == ["distillation", "pruning"]
     assert "distillation" in card
+
+
+def test_quantized_embeddings_card_loads_with_load_quantized(tiny_setup):
+    # Low-bit embedding tables live beside model.safetensors; `from_pretrained` alone would re-initialise them, so the
+    # card's snippet must use `load_quantized`, and that loader reproduces the logits recorded in the report.
+    from transformers import AutoModelForSequenceClassification
+
+    from hf_compress.quantization import load_quantized
+
+    model, data, tmp = tiny_setup
+    out = tmp / "out-emb"
+    rc = main(["--model", model, "--dataset", data, "--output_dir", str(out), "--sparsity", "0.5", "--bits", "8",
+               "--quantize_embeddings", "true", *FAST])
+    assert rc == 0
+    report, card = _read(out)
+    assert "load_quantized(snapshot_download(" in card and "AutoModelForSequenceClassification.from_pretrained" not in card
+    v = report["verification"]
+    inputs = {k: torch.tensor(x) for k, x in v["inputs"].items()}
+    with torch.no_grad():
+        right = load_quantized(str(out))(**inputs).logits
+        plain = AutoModelForSequenceClassification.from_pretrained(str(out)).eval()(**inputs).logits
+    torch.testing.assert_close(right, torch.tensor(v["logits"]), atol=1e-5, rtol=0)
+    assert (plain - torch.tensor(v["logits"])).abs().max().item() > 1e-3  # the trap the card steers around

@@ -223,6 +223,12 @@ def build_model_card(
     if any(f.endswith("model.compressed.safetensors") for f in weight_files):
         usage = (f"from hf_compress.pruning import load_compressed\nfrom huggingface_hub import snapshot_download\n\n"
                  f"model = load_compressed(snapshot_download({repo_id or name!r}))")
+    elif any(f.endswith("quantized_embeddings.safetensors") for f in weight_files):
+        # Low-bit embedding tables are not read by `from_pretrained` (it would initialise them afresh).
+        usage = (f"from hf_compress.quantization import load_quantized\nfrom huggingface_hub import snapshot_download\n"
+                 f"from transformers import AutoTokenizer\n\n"
+                 f"model = load_quantized(snapshot_download({repo_id or name!r}))  # restores the 8/4-bit embeddings\n"
+                 f"tokenizer = AutoTokenizer.from_pretrained({repo_id or name!r})")
     else:
         usage = (f"from transformers import AutoModelForSequenceClassification, AutoTokenizer\n\n"
                  f"model = AutoModelForSequenceClassification.from_pretrained({repo_id or name!r})\n"
