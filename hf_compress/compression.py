@@ -662,9 +662,9 @@ def run(plan: CompressionPlan) -> dict | None:
 
 def _export(plan, model, base, base_dir, tokenizer, eval_ds, base_metrics, techniques, stages, steps, work, log) -> dict:
     """Main process: quantize or save the trained model, evaluate what was written, and build the report."""
-    from .model_cards import build_report
-
     from tqdm.auto import tqdm
+
+    from .model_cards import build_report
 
     ma, qa = plan.model_args, plan.quantization_args
     ckpt = os.path.join(work, "checkpoint")

@@ -12,6 +12,8 @@ import os
 
 import yaml
 
+from ..quantization.export import EMBEDDINGS_FILE
+
 PLOT_NAME = "accuracy_vs_size.png"
 # The relations the Hub knows (https://huggingface.co/docs/hub/model-cards#specifying-a-base-model).
 BASE_MODEL_RELATIONS = ("adapter", "merge", "quantized", "finetune")
@@ -223,7 +225,7 @@ def build_model_card(
     if any(f.endswith("model.compressed.safetensors") for f in weight_files):
         usage = (f"from hf_compress.pruning import load_compressed\nfrom huggingface_hub import snapshot_download\n\n"
                  f"model = load_compressed(snapshot_download({repo_id or name!r}))")
-    elif any(f.endswith("quantized_embeddings.safetensors") for f in weight_files):
+    elif any(f.endswith(EMBEDDINGS_FILE) for f in weight_files):
         # Low-bit embedding tables are not read by `from_pretrained` (it would initialise them afresh).
         usage = (f"from hf_compress.quantization import load_quantized\nfrom huggingface_hub import snapshot_download\n"
                  f"from transformers import AutoTokenizer\n\n"

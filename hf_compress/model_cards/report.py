@@ -84,8 +84,8 @@ def weight_stats(model: torch.nn.Module) -> dict:
         cls = type(module).__name__
         if cls in _BNB_BITS:
             quantized[mod_name] = cls
-        # bitsandbytes' Linear classes subclass nn.Linear; its Embedding8bit / Embedding4bit tables are not Linear.
-        is_linear = isinstance(module, torch.nn.Linear) or (cls in _BNB_BITS and not cls.startswith("Embedding"))
+        # bitsandbytes' Linear8bitLt / Linear4bit subclass nn.Linear; its Embedding8bit / Embedding4bit tables do not.
+        is_linear = isinstance(module, torch.nn.Linear)
         for p_name, p in module.named_parameters(recurse=False):
             key = id(p)
             if key in seen:
