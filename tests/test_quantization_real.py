@@ -85,6 +85,24 @@ def test_real_minilm_quantization_table(real_data, real_finetuned, tmp_path):
     assert size["8-bit + 8-bit embeddings"] < 0.30 * size["fp32"]
     assert size["4-bit NF4 + 4-bit embeddings"] < 0.17 * size["fp32"]
     assert infos["4-bit NF4"]["full_precision_linear_modules"] == ["classifier"]
+    assert infos["4-bit NF4"]["unsupported_shape_modules"] == []  # MiniLM's 384 / 1536 widths are all supported
+
+    # bitsandbytes' own CPU kernel choice (AVX512-BF16 where the CPU has it) on the same export: within bf16 rounding
+    # of the float32 reference path the table was measured on.
+    from hf_compress.quantization import bnb as backend
+
+    nf4_dir = infos["4-bit NF4"]["output_dir"]
+    fast = load_quantized(nf4_dir, cpu_bf16_kernel=True)
+    reference = load_quantized(nf4_dir)
+    batch = DataCollatorWithPadding(tok)([{k: test[i][k] for k in ("input_ids", "attention_mask")} for i in range(16)])
+    with torch.no_grad():
+        fast_logits, ref_logits = fast(**batch).logits, reference(**batch).logits
+    if backend.cpu_has_avx512bf16():
+        assert not torch.equal(fast_logits, ref_logits)  # the option really switches kernels here
+        torch.testing.assert_close(fast_logits, ref_logits, atol=5e-2, rtol=5e-2)
+    else:
+        assert torch.equal(fast_logits, ref_logits)
+    assert abs(evaluate_accuracy(fast, test, tok) - acc["4-bit NF4"]) <= 0.01
 
     # The QAT model's fake-quantized logits are the exported model's logits.
     fake = copy.deepcopy(student)
