@@ -44,3 +44,38 @@ def load_rotten_tomatoes(max_train: int | None = None, max_eval: int | None = No
         for s in ("validation", "test"):
             out[s] = out[s].select(range(min(max_eval, len(out[s]))))
     return out
+
+
+HAMLET = "hamlet"
+# Every fifth scene (the 3rd, 8th, 13th and 18th of 20) is held out: a split by document, so no held-out line
+# shares a scene with a training line.
+_HAMLET_HELD_OUT_EVERY = 5
+
+
+def hamlet_path() -> str:
+    """Path of the shipped text of Shakespeare's *Hamlet* (public domain; see `hf_compress/data/LICENSE.md`)."""
+    return str(resources.files(__package__).joinpath("hamlet.txt.gz"))
+
+
+def load_hamlet():
+    """The shipped *Hamlet* as a `datasets.DatasetDict` of whole scenes, split by scene.
+
+    Returns:
+        `DatasetDict` with `train` (16 scenes, ~150 KB) and `test` (4 scenes, ~25 KB) of one column `text`,
+        one row per scene (the title line is prepended to the first scene). Fixed: scenes 3, 8, 13 and 18 (1-based)
+        are the held-out ones.
+    """
+    import gzip
+    import re
+
+    import datasets
+
+    with gzip.open(hamlet_path(), "rt", encoding="utf-8") as f:
+        text = f.read()
+    parts = re.split(r"\n(?=SCENE [IVX]+\.)", text)
+    scenes = [parts[0] + "\n" + parts[1]] + parts[2:]
+    held_out = [s for i, s in enumerate(scenes) if i % _HAMLET_HELD_OUT_EVERY == 2]
+    train = [s for i, s in enumerate(scenes) if i % _HAMLET_HELD_OUT_EVERY != 2]
+    return datasets.DatasetDict(
+        {"train": datasets.Dataset.from_dict({"text": train}), "test": datasets.Dataset.from_dict({"text": held_out})}
+    )
