@@ -9,6 +9,7 @@ Tomatoes data into `./hf-compress-output`.
 
 from __future__ import annotations
 
+import logging
 import os
 import shlex
 import sys
@@ -207,6 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     import time
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # transformers imports peft, which imports bitsandbytes; on AVX512-BF16 CPUs bitsandbytes then warns on stderr
+    # that an optional Hub-downloaded kernel is missing. It changes nothing for the user: keep the console clean.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in ("-h", "--help"):
         build_parser().print_help()
