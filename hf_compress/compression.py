@@ -20,36 +20,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-TASKS = ("sequence-classification", "token-classification", "question-answering", "causal-lm")
-# The pipeline trains and evaluates sequence classifiers; the other tasks are recognised (so the error says
-# what to do) but need their own data preparation, which the Python trainers and callbacks leave to the user.
-PIPELINE_TASKS = ("sequence-classification",)
-# `config.architectures` suffix -> task; a small version of optimum's `TasksManager` mapping (optimum is not a
-# dependency).
-_ARCH_SUFFIXES = (
-    ("ForSequenceClassification", "sequence-classification"),
-    ("ForTokenClassification", "token-classification"),
-    ("ForQuestionAnswering", "question-answering"),
-    ("ForCausalLM", "causal-lm"),
-    ("LMHeadModel", "causal-lm"),
-)
-# Headless checkpoints (a bare encoder, or one pre-trained with an LM objective) get a new task head.
-_HEADLESS_SUFFIXES = ("Model", "ForMaskedLM", "ForPreTraining")
-_AUTO_CLASSES = {
-    "sequence-classification": "AutoModelForSequenceClassification",
-    "token-classification": "AutoModelForTokenClassification",
-    "question-answering": "AutoModelForQuestionAnswering",
-    "causal-lm": "AutoModelForCausalLM",
-}
-_TEXT_COLUMNS = ("text", "sentence", "review", "content", "document", "comment", "tweet", "utterance")
-_PAIR_COLUMNS = (("sentence1", "sentence2"), ("premise", "hypothesis"), ("question", "sentence"), ("question1", "question2"))
-_LABEL_COLUMNS = ("label", "labels", "class", "target", "sentiment", "category")
+from .tasks import TASKS, CompressionInputError, Task, check_task_supported, get_task, infer_task
+
 _FILE_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
+_COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
 DEFAULT_OUTPUT_DIR = "hf-compress-output"
-
-
-class CompressionInputError(ValueError):
-    """Bad input found before any training: the message is one line naming the value and the fix."""
 
 
 @dataclass
@@ -62,7 +37,8 @@ class ModelArguments:
             Hub id or local directory of the model to compress. Defaults to the embedded MiniLM-L6 (demo).
         task (`str`, *optional*, defaults to `"auto"`):
             `sequence-classification`, `token-classification`, `question-answering` or `causal-lm`; `auto` infers it
-            from `config.architectures` (a headless encoder gets a new sequence-classification head).
+            from `config.architectures` with optimum's `TasksManager` (a headless encoder gets a new
+            sequence-classification head; pass `--task` to give it another one).
         teacher (`str`, *optional*):
             Hub id or directory of a teacher: train with `DistillationTrainer` instead of `Trainer`. `base` uses the
             (fine-tuned) base model itself as the teacher.
@@ -122,16 +98,21 @@ class DataArguments:
 
     Parameters:
         dataset (`str`, *optional*, defaults to `"rotten_tomatoes"`):
-            `rotten_tomatoes` (shipped with the package, offline), a local `.csv`/`.tsv`/`.json`/`.jsonl`/`.parquet`
-            file, a directory (`save_to_disk` output or data files), or a Hub dataset id.
+            `rotten_tomatoes` or `hamlet` (shipped with the package, offline), a local `.csv`/`.tsv`/`.json`/`.jsonl`/
+            `.parquet`/`.txt` file (optionally `.gz`/`.bz2`/`.xz`/`.zst`; SQuAD-layout `.json` is flattened), a
+            directory (`save_to_disk` output or data files), or a Hub dataset id.
         text_column (`str`, *optional*):
-            Text column; detected (`text`, `sentence`, ...) when not given.
+            Text column (token classification: the list of words; question answering: the question); detected
+            (`text`, `sentence`, `tokens`, `question`, `messages`, ...) when not given.
         text_pair_column (`str`, *optional*):
-            Second text column of sentence-pair tasks; detected (`sentence2`, `hypothesis`, ...) when not given.
+            Second text column of sentence pairs (question answering: the context); detected when not given.
         label_column (`str`, *optional*):
-            Label column; detected (`label`, `labels`, ...) when not given.
+            Label column (token classification: the list of tags; question answering: `answers`); detected when not
+            given.
         max_length (`int`, *optional*, defaults to `128`):
-            Tokens per example (truncation).
+            Tokens per example (truncation; causal LM: the block length; question answering: the window length).
+        doc_stride (`int`, *optional*):
+            Question answering: tokens shared by consecutive windows of a long context. Defaults to `max_length // 4`.
         eval_split (`str`, *optional*):
             Held-out split for base and result; defaults to `test`, then `validation`, then a seeded 10% of `train`.
         max_train_samples (`int`, *optional*):
@@ -144,7 +125,8 @@ class DataArguments:
     text_column: str | None = field(default=None, metadata={"help": "Text column (detected when not given)."})
     text_pair_column: str | None = field(default=None, metadata={"help": "Second text column for sentence pairs (detected when not given)."})
     label_column: str | None = field(default=None, metadata={"help": "Label column (detected when not given)."})
-    max_length: int = field(default=128, metadata={"help": "Maximum tokens per example."})
+    max_length: int = field(default=128, metadata={"help": "Maximum tokens per example (causal LM: block length)."})
+    doc_stride: int | None = field(default=None, metadata={"help": "QA: overlap of context windows (default max_length // 4)."})
     eval_split: str | None = field(default=None, metadata={"help": "Held-out split (default: test, then validation, then 10%% of train)."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Seeded subset of this many training rows."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "First this-many rows of the held-out split."})
@@ -159,49 +141,6 @@ class DataArguments:
 
 
 # --- checks and preparation (no training) ---------------------------------------------------------------------
-
-
-def infer_task(config) -> tuple[str, bool]:
-    """
-    The task of a checkpoint from its `config.architectures`, and whether its task head is already trained.
-
-    Returns:
-        `(task, has_head)`; a headless encoder (`BertModel`, `*ForMaskedLM`) maps to `sequence-classification` with
-        a new head when its model type has a sequence-classification class.
-
-    Raises:
-        `CompressionInputError`: no task matches.
-    """
-    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
-
-    archs = list(getattr(config, "architectures", None) or [])
-    for arch in archs:
-        for suffix, task in _ARCH_SUFFIXES:
-            if arch.endswith(suffix):
-                return task, True
-    if config.model_type in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES and (
-        not archs or any(a.endswith(_HEADLESS_SUFFIXES) for a in archs)
-    ):
-        return "sequence-classification", False
-    raise CompressionInputError(
-        f"No task matches the model (model_type {config.model_type!r}, architectures {archs or None}); "
-        f"pass `--task` with one of {', '.join(TASKS)} or use a text model."
-    )
-
-
-def _check_task_supported(config, task: str) -> None:
-    from transformers.models.auto import modeling_auto
-
-    mapping = {
-        "sequence-classification": modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
-        "token-classification": modeling_auto.MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES,
-        "question-answering": modeling_auto.MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES,
-        "causal-lm": modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-    }[task]
-    if config.model_type not in mapping:
-        raise CompressionInputError(
-            f"The model type {config.model_type!r} has no {task} class; pick another `--task` or another model."
-        )
 
 
 def load_config(model: str):
@@ -220,26 +159,41 @@ def load_config(model: str):
 
 
 def load_dataset_any(name: str):
-    """A `DatasetDict` from the shipped `rotten_tomatoes`, a local file or directory, or a Hub id."""
+    """
+    A `DatasetDict` from a shipped set (`rotten_tomatoes`, `hamlet`), a local file (`.csv`, `.tsv`, `.json`, `.jsonl`,
+    `.parquet`, `.txt`, optionally `.gz`/`.bz2`/`.xz`/`.zst`-compressed; a `.json` in the official SQuAD layout is
+    flattened; a `.txt` gives one row per blank-line-separated paragraph), a directory (`save_to_disk` output or data
+    files), or a Hub id.
+    """
     import datasets
 
-    from .data import ROTTEN_TOMATOES, load_rotten_tomatoes
+    from .data import HAMLET, ROTTEN_TOMATOES, load_hamlet, load_rotten_tomatoes
 
     try:
         if name == ROTTEN_TOMATOES:
             return load_rotten_tomatoes()
+        if name == HAMLET:
+            return load_hamlet()
         if os.path.isfile(name):
             base = name
-            for comp in (".gz", ".bz2", ".xz", ".zst"):
-                if base.endswith(comp):
-                    base = base[: -len(comp)]
+            for comp in _COMPRESSIONS:
+                base = base[: -len(comp)] if base.endswith(comp) else base
             ext = os.path.splitext(base)[1].lower()
             if ext not in _FILE_BUILDERS:
                 raise CompressionInputError(
-                    f"Cannot read dataset file {name!r}: use .csv, .tsv, .json, .jsonl or .parquet."
+                    f"Cannot read dataset file {name!r}: use .csv, .tsv, .json, .jsonl, .parquet or .txt (optionally "
+                    ".gz/.bz2/.xz/.zst), a save_to_disk folder or a Hub id."
                 )
-            kwargs = {"delimiter": "\t"} if ext == ".tsv" else {}
-            ds = datasets.load_dataset(_FILE_BUILDERS[ext], data_files=name, **kwargs)
+            squad = None
+            if ext == ".json":
+                from .tasks.question_answering import read_squad_json
+
+                squad = read_squad_json(name)
+            if squad is not None:
+                ds = datasets.Dataset.from_dict(squad)
+            else:
+                kwargs = {"delimiter": "\t"} if ext == ".tsv" else {"sample_by": "paragraph"} if ext == ".txt" else {}
+                ds = datasets.load_dataset(_FILE_BUILDERS[ext], data_files=name, **kwargs)
         elif os.path.isdir(name):
             marker = any(os.path.exists(os.path.join(name, f)) for f in ("dataset_dict.json", "dataset_info.json", "state.json"))
             ds = datasets.load_from_disk(name) if marker else datasets.load_dataset(name)
@@ -249,51 +203,17 @@ def load_dataset_any(name: str):
         raise
     except Exception as err:
         raise CompressionInputError(
-            f"Unknown dataset {name!r}: {type(err).__name__} while loading it; pass `rotten_tomatoes`, a local "
-            "csv/json/parquet file or directory, or a Hub dataset id."
+            f"Unknown dataset {name!r}: {type(err).__name__} while loading it; pass `rotten_tomatoes`, `hamlet`, a local "
+            "csv/tsv/json/jsonl/parquet/txt file or directory, or a Hub dataset id."
         ) from err
     if isinstance(ds, datasets.Dataset):
         ds = datasets.DatasetDict({"train": ds})
     return ds
 
 
-def detect_columns(columns: list[str], features, data_args: DataArguments, dataset_name: str) -> tuple[str, str | None, str]:
-    """`(text_column, text_pair_column, label_column)`: the given ones (checked) or detected ones."""
-    def check(name, what, flag):
-        if name is not None and name not in columns:
-            raise CompressionInputError(
-                f"Dataset {dataset_name!r} has no {what} column {name!r} (columns: {', '.join(columns)}); fix `{flag}`."
-            )
-        return name
-
-    label = check(data_args.label_column, "label", "--label_column")
-    if label is None:
-        label = next((c for c in _LABEL_COLUMNS if c in columns), None)
-    if label is None:
-        raise CompressionInputError(
-            f"Dataset {dataset_name!r} has no label column (columns: {', '.join(columns)}); pass `--label_column`."
-        )
-    text = check(data_args.text_column, "text", "--text_column")
-    pair = check(data_args.text_pair_column, "text pair", "--text_pair_column")
-    if text is None:
-        for a, b in _PAIR_COLUMNS:
-            if a in columns and b in columns:
-                text, pair = a, pair or b
-                break
-    if text is None:
-        text = next((c for c in _TEXT_COLUMNS if c in columns), None)
-    if text is None:  # the first string column that is not the label
-        text = next((c for c in columns if c != label and getattr(features[c], "dtype", None) in ("string", "large_string")), None)
-    if text is None:
-        raise CompressionInputError(
-            f"Dataset {dataset_name!r} has no text column (columns: {', '.join(columns)}); pass `--text_column`."
-        )
-    return text, pair, label
-
-
 @dataclass
 class CompressionPlan:
-    """Everything [`prepare`] checked and resolved; [`run`] executes it."""
+    """Everything [`prepare`] checked and resolved; [`run`] executes it. `task` holds the resolved columns and labels."""
 
     model_args: ModelArguments
     data_args: DataArguments
@@ -301,45 +221,24 @@ class CompressionPlan:
     pruning_args: object
     quantization_args: object
     model_path: str
-    task: str
+    task: Task
     has_head: bool
     output_dir: str
     train_dataset: object
     eval_dataset: object
     eval_split_name: str
-    text_column: str
-    text_pair_column: str | None
-    label_column: str
-    label_names: list[str]
     recipe: dict = field(default_factory=dict)
     command: str = "hf-compress"
 
-
-def _labels_to_ids(dsd, label_column: str):
-    """Make the label column integer class ids (strings are mapped in sorted order); return the label names."""
-    import datasets
-
-    feat = dsd["train"].features[label_column]
-    if isinstance(feat, datasets.ClassLabel):
-        return dsd, list(feat.names)
-    values = sorted({v for split in dsd.values() for v in split[label_column] if v is not None}, key=lambda v: (str(type(v)), v))
-    if not values:
-        raise CompressionInputError(f"The label column {label_column!r} is empty; pass labelled data.")
-    if all(isinstance(v, (int, bool)) for v in values) and min(values) >= 0:
-        return dsd, [str(i) for i in range(int(max(values)) + 1)]
-    if all(isinstance(v, float) for v in values):
-        raise CompressionInputError(
-            f"The label column {label_column!r} holds floats; pass class labels (ints or strings) for classification."
-        )
-    index = {v: i for i, v in enumerate(values)}
-    dsd = dsd.map(lambda row: {label_column: index[row[label_column]]})
-    return dsd, [str(v) for v in values]
+    @property
+    def label_names(self) -> list[str] | None:
+        return self.task.label_names
 
 
 def prepare(model_args: ModelArguments, data_args: DataArguments, training_args, pruning_args, quantization_args,
             command: str = "hf-compress", recipe: dict | None = None) -> CompressionPlan:
     """
-    Check every input and resolve task, columns and splits, without training or loading weights.
+    Check every input and resolve task, columns, labels and splits, without training or loading weights.
 
     Raises:
         `CompressionInputError`: one line naming the bad value and the fix.
@@ -362,21 +261,14 @@ def prepare(model_args: ModelArguments, data_args: DataArguments, training_args,
     model_path = model_args.model or default_model_path()
     config = load_config(model_path)
     if model_args.task == "auto":
-        task, has_head = infer_task(config)
+        task_name, has_head = infer_task(config)
     else:
-        task = model_args.task
-        inferred = None
+        task_name = model_args.task
         try:
-            inferred = infer_task(config)
+            has_head = infer_task(config) == (task_name, True)
         except CompressionInputError:
-            pass
-        has_head = inferred is not None and inferred == (task, True)
-    _check_task_supported(config, task)
-    if task not in PIPELINE_TASKS:
-        raise CompressionInputError(
-            f"The model is a {task} model; the hf-compress pipeline runs {', '.join(PIPELINE_TASKS)} only. Use "
-            "`DistillationTrainer` / `GradualPruningCallback` / `quantize_and_save` from Python for it."
-        )
+            has_head = False
+    check_task_supported(config, task_name)
     try:
         from transformers import AutoTokenizer
 
@@ -398,49 +290,42 @@ def prepare(model_args: ModelArguments, data_args: DataArguments, training_args,
     datasets.disable_progress_bars()
     try:
         dsd = load_dataset_any(data_args.dataset)
+        if "train" not in dsd:
+            raise CompressionInputError(
+                f"Dataset {data_args.dataset!r} has no `train` split (splits: {', '.join(dsd)}); add one."
+            )
+        train = dsd["train"]
+        if data_args.eval_split is not None:
+            if data_args.eval_split not in dsd:
+                raise CompressionInputError(
+                    f"Dataset {data_args.dataset!r} has no split {data_args.eval_split!r} (splits: {', '.join(dsd)}); fix `--eval_split`."
+                )
+            split_name, evaluation = data_args.eval_split, dsd[data_args.eval_split]
+        elif "test" in dsd or "validation" in dsd:
+            split_name = "test" if "test" in dsd else "validation"
+            evaluation = dsd[split_name]
+        else:
+            if len(train) < 10:
+                raise CompressionInputError(f"Dataset {data_args.dataset!r} has {len(train)} rows; pass at least 10 to hold some out.")
+            parts = train.train_test_split(test_size=0.1, seed=training_args.seed)
+            train, evaluation, split_name = parts["train"], parts["test"], "train (seeded 10% held out)"
+        if len(train) == 0 or len(evaluation) == 0:
+            raise CompressionInputError(f"Dataset {data_args.dataset!r} has an empty train or held-out split; add rows.")
+        if data_args.max_train_samples is not None and data_args.max_train_samples < len(train):
+            train = train.shuffle(seed=training_args.seed).select(range(data_args.max_train_samples))
+        if data_args.max_eval_samples is not None and data_args.max_eval_samples < len(evaluation):
+            evaluation = evaluation.select(range(data_args.max_eval_samples))
+            split_name = f"{split_name}[:{data_args.max_eval_samples}]"
+        task = get_task(task_name)(data_args, data_args.dataset)
+        train, evaluation = task.resolve(train, evaluation, split_name)
     finally:
         if bars:
             datasets.enable_progress_bars()
-    if "train" not in dsd:
-        raise CompressionInputError(
-            f"Dataset {data_args.dataset!r} has no `train` split (splits: {', '.join(dsd)}); add one."
-        )
-    columns = dsd["train"].column_names
-    text, pair, label = detect_columns(columns, dsd["train"].features, data_args, data_args.dataset)
-    dsd, label_names = _labels_to_ids(dsd, label)
-    if has_head and config.num_labels != len(label_names):
-        raise CompressionInputError(
-            f"The model's head has {config.num_labels} labels but column {label!r} has {len(label_names)}; "
-            "use a model with a matching head or a headless one."
-        )
-
-    train = dsd["train"]
-    if data_args.eval_split is not None:
-        if data_args.eval_split not in dsd:
-            raise CompressionInputError(
-                f"Dataset {data_args.dataset!r} has no split {data_args.eval_split!r} (splits: {', '.join(dsd)}); fix `--eval_split`."
-            )
-        split_name, evaluation = data_args.eval_split, dsd[data_args.eval_split]
-    elif "test" in dsd or "validation" in dsd:
-        split_name = "test" if "test" in dsd else "validation"
-        evaluation = dsd[split_name]
-    else:
-        if len(train) < 10:
-            raise CompressionInputError(f"Dataset {data_args.dataset!r} has {len(train)} rows; pass at least 10 to hold some out.")
-        parts = train.train_test_split(test_size=0.1, seed=training_args.seed)
-        train, evaluation, split_name = parts["train"], parts["test"], "train (seeded 10% held out)"
-    if len(train) == 0 or len(evaluation) == 0:
-        raise CompressionInputError(f"Dataset {data_args.dataset!r} has an empty train or held-out split; add rows.")
-    if data_args.max_train_samples is not None and data_args.max_train_samples < len(train):
-        train = train.shuffle(seed=training_args.seed).select(range(data_args.max_train_samples))
-    if data_args.max_eval_samples is not None and data_args.max_eval_samples < len(evaluation):
-        evaluation = evaluation.select(range(data_args.max_eval_samples))
-        split_name = f"{split_name}[:{data_args.max_eval_samples}]"
+    task.check_model(config, has_head)
     return CompressionPlan(
         model_args=model_args, data_args=data_args, training_args=training_args, pruning_args=pruning_args,
         quantization_args=quantization_args, model_path=model_path, task=task, has_head=has_head,
         output_dir=output_dir, train_dataset=train, eval_dataset=evaluation, eval_split_name=split_name,
-        text_column=text, text_pair_column=pair, label_column=label, label_names=label_names,
         recipe=dict(recipe or {}), command=command,
     )
 
@@ -448,48 +333,13 @@ def prepare(model_args: ModelArguments, data_args: DataArguments, training_args,
 # --- running ------------------------------------------------------------------------------------------------------
 
 
-def _tokenize(ds, tokenizer, plan: CompressionPlan):
-    text, pair, label = plan.text_column, plan.text_pair_column, plan.label_column
-
-    def fn(batch):
-        args = (batch[text], batch[pair]) if pair else (batch[text],)
-        out = tokenizer(*[[s if s is not None else "" for s in col] for col in args], truncation=True,
-                        max_length=plan.data_args.max_length)
-        out["labels"] = batch[label]
-        return out
-
-    return ds.map(fn, batched=True, remove_columns=ds.column_names, desc="Tokenizing")
-
-
-@torch.no_grad()
-def evaluate_model(model, dataset, tokenizer, metrics=("accuracy", "f1"), batch_size: int = 64, desc: str = "Evaluating") -> dict:
-    """Metrics (`hf_compress.metrics.load_metric`) of a sequence classifier on a tokenized dataset, with a progress bar."""
-    from torch.utils.data import DataLoader
-    from tqdm.auto import tqdm
-    from transformers import DataCollatorWithPadding
-
-    from .metrics import load_metric
-
-    cols = [c for c in dataset.column_names if c in ("input_ids", "attention_mask", "token_type_ids", "labels")]
-    loader = DataLoader(dataset.select_columns(cols), batch_size=batch_size, collate_fn=DataCollatorWithPadding(tokenizer))
-    model.eval()
-    device = next(model.parameters()).device
-    preds, refs = [], []
-    for batch in tqdm(loader, desc=desc, leave=False):
-        labels = batch.pop("labels")
-        logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
-        preds += logits.argmax(-1).tolist()
-        refs += labels.tolist()
-    out = {}
-    for name in metrics:
-        out.update(load_metric(name).compute(predictions=preds, references=refs))
-    return {k: round(float(v), 6) for k, v in out.items()}
-
-
 def _steps(training_args, n_rows: int) -> int:
+    """Optimizer steps of a training run: `max_steps`, else epochs over `n_rows` at the global batch size (every
+    process of a distributed launch takes its own per-device batch)."""
     if training_args.max_steps and training_args.max_steps > 0:
         return training_args.max_steps
     per_step = training_args.per_device_train_batch_size * max(1, training_args.gradient_accumulation_steps)
+    per_step *= max(1, getattr(training_args, "world_size", 1))
     return max(1, math.ceil(n_rows / per_step) * math.ceil(training_args.num_train_epochs))
 
 
@@ -502,10 +352,15 @@ def _trainer_args(training_args, output_dir: str, **overrides):
     )
 
 
-def _train(model, args, train_ds, tokenizer, teacher=None, callbacks=()):
-    from transformers import DataCollatorWithPadding, Trainer
+def _train(model, args, train_ds, tokenizer, collator, desc: str, teacher=None, callbacks=()) -> dict:
+    """Train with `Trainer` (or `DistillationTrainer`) under one progress bar; returns its metrics, the optimizer
+    steps really taken (`steps`, right under DDP) and the log history (per-step dicts stay off the console)."""
+    from transformers import Trainer
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    kwargs = dict(model=model, args=args, train_dataset=train_ds, data_collator=DataCollatorWithPadding(tokenizer),
+    from .progress import StageProgressCallback
+
+    kwargs = dict(model=model, args=args, train_dataset=train_ds, data_collator=collator,
                   processing_class=tokenizer, callbacks=list(callbacks))
     if teacher is not None:
         from .trainers import DistillationTrainer
@@ -513,8 +368,14 @@ def _train(model, args, train_ds, tokenizer, teacher=None, callbacks=()):
         trainer = DistillationTrainer(teacher_model=teacher, **kwargs)
     else:
         trainer = Trainer(**kwargs)
+    trainer.remove_callback(ProgressCallback)
+    trainer.remove_callback(PrinterCallback)
+    trainer.add_callback(StageProgressCallback(desc))
     result = trainer.train()
-    return result.metrics
+    metrics = dict(result.metrics)
+    metrics["steps"] = trainer.state.global_step
+    metrics["log_history"] = trainer.state.log_history
+    return metrics
 
 
 def _one_shot_prune(model, pruning_args) -> None:
@@ -530,7 +391,9 @@ def _one_shot_prune(model, pruning_args) -> None:
 
 
 def _log(msg: str) -> None:
-    print(f"[hf-compress] {msg}", flush=True)
+    from tqdm.auto import tqdm
+
+    tqdm.write(f"[hf-compress] {msg}")  # above any open progress bar, not through it
 
 
 def _shared_work_dir(parent: str, training_args) -> str:
@@ -552,13 +415,55 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _replace_output(new: str, dest: str, work: str) -> None:
+    """Put the finished folder `new` at `dest`. An old `dest` (`--overwrite`) is renamed aside into `work` first and
+    deleted with it afterwards, so at no moment is there a half-deleted old output or a half-written new one."""
+    if os.path.exists(dest):
+        os.rename(dest, os.path.join(work, "previous-output"))
+    os.rename(new, dest)
+
+
+def describe_plan(plan: CompressionPlan, train_rows: int, eval_rows: int, steps: int, base_steps: int) -> list[str]:
+    """The lines printed before any training: task, data, stages with their steps, and the held-out split."""
+    ma, pa, qa = plan.model_args, plan.pruning_args, plan.quantization_args
+    task = plan.task
+    head = "trained head" if plan.has_head else "new head"
+    lines = [f"Plan: {task.name} on {_model_id(plan.model_path)} ({head}); data {_dataset_id(plan.data_args.dataset)} "
+             f"({task.describe()}); train {len(plan.train_dataset)} rows -> {train_rows} examples, held-out "
+             f"{plan.eval_split_name} {len(plan.eval_dataset)} rows -> {eval_rows} examples."]
+    notes = "; ".join(f"{split}: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in n.items())
+                      for split, n in task.data_notes.items() if any(n.values()))
+    if notes:
+        lines.append(f"Data notes (max_length {plan.data_args.max_length}): {notes}.")
+    stages = []
+    if not plan.has_head and ma.train and base_steps > 0:
+        stages.append(f"dense base fine-tune {base_steps} steps")
+    if ma.evaluate:
+        stages.append("evaluate base")
+    pruning = ma.prune and pa.target_sparsity > 0
+    if ma.train:
+        what = ("distil" if ma.teacher else "fine-tune") + f" {steps} steps"
+        what += f" with gradual pruning to {pa.target_sparsity:.0%}" if pruning else ""
+        what += f" (last {qa.qat_fraction:.0%} fake-quantized)" if ma.quantize and ma.qat else ""
+        stages.append(what)
+    elif pruning:
+        stages.append(f"one-shot magnitude pruning to {pa.target_sparsity:.0%}")
+    stages.append(f"export {qa.bits}-bit" if ma.quantize else "export full precision")
+    if ma.evaluate:
+        stages.append("evaluate result (" + ", ".join(task.metric_names) + ")")
+    lines.append("Stages: " + " -> ".join(stages) + ".")
+    return lines
+
+
 def run(plan: CompressionPlan) -> dict | None:
     """
     Execute a checked [`CompressionPlan`]: returns the compression report (also in `output_dir`).
 
-    The output is written into a temporary folder beside `output_dir` and renamed at the end, so an interrupted run
-    leaves no half-written checkpoint. Under `torchrun` / `accelerate launch` every rank trains (DDP) and only the
-    main process evaluates, exports, writes and pushes; the other ranks return `None`.
+    The task object in the plan does everything task-specific (preprocessing, collator, evaluation, card metadata);
+    this function only sequences the stages. The output is written into a temporary folder beside `output_dir` and
+    renamed at the end, so an interrupted run leaves no half-written checkpoint. Under `torchrun` /
+    `accelerate launch` every rank trains (DDP) and only the main process evaluates, exports, writes and pushes; the
+    other ranks return `None`.
     """
     import transformers
     from transformers import AutoTokenizer
@@ -568,6 +473,7 @@ def run(plan: CompressionPlan) -> dict | None:
 
     t0 = time.time()
     ma, ta, pa, qa = plan.model_args, plan.training_args, plan.pruning_args, plan.quantization_args
+    task = plan.task
     transformers.set_seed(ta.seed)
     pruning = ma.prune and pa.target_sparsity > 0
     qat = ma.train and ma.quantize and ma.qat
@@ -580,22 +486,24 @@ def run(plan: CompressionPlan) -> dict | None:
     parent = os.path.dirname(plan.output_dir)
     os.makedirs(parent, exist_ok=True)
     work = _shared_work_dir(parent, ta)
+    # One bar per stage: transformers' own per-file bars (loading / writing shards) would add a dozen more.
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()
     try:
-        auto_class = getattr(transformers, _AUTO_CLASSES[plan.task])
-        tokenizer = AutoTokenizer.from_pretrained(plan.model_path)
-        train_ds = _tokenize(plan.train_dataset, tokenizer, plan)
-        eval_ds = _tokenize(plan.eval_dataset, tokenizer, plan)
-        id2label = dict(enumerate(plan.label_names))
-        kwargs = {} if plan.has_head else dict(num_labels=len(id2label), id2label=id2label, label2id={v: k for k, v in id2label.items()})
-        model = auto_class.from_pretrained(plan.model_path, **kwargs)
+        tokenizer = task.prepare_tokenizer(AutoTokenizer.from_pretrained(plan.model_path))
+        train_ds = task.preprocess(plan.train_dataset, tokenizer, train=True)
+        eval_ds = task.preprocess(plan.eval_dataset, tokenizer, train=False)
+        collator = task.collator(tokenizer)
+        model = getattr(transformers, task.auto_class).from_pretrained(plan.model_path, **task.model_kwargs(plan.has_head))
         steps = _steps(ta, len(train_ds))
+        base_steps = ma.base_finetune_steps if ma.base_finetune_steps is not None else steps
+        for line in describe_plan(plan, len(train_ds), len(eval_ds), steps, base_steps):
+            log(line)
         stages = {}
 
-        base_steps = ma.base_finetune_steps if ma.base_finetune_steps is not None else steps
         if not plan.has_head and ma.train and base_steps > 0:
-            log(f"Fine-tuning the dense base ({base_steps} steps): its task head is new.")
-            stages["base_finetune"] = _train(model, _trainer_args(ta, os.path.join(work, "base-run"), max_steps=base_steps), train_ds, tokenizer)
-            stages["base_finetune"]["steps"] = base_steps
+            stages["base_finetune"] = _train(model, _trainer_args(ta, os.path.join(work, "base-run"), max_steps=base_steps),
+                                             train_ds, tokenizer, collator, "Fine-tuning the dense base (new head)")
         base_dir = os.path.join(work, "base")
         base = copy.deepcopy(model).eval()
         base_metrics = None
@@ -603,8 +511,8 @@ def run(plan: CompressionPlan) -> dict | None:
             model.save_pretrained(base_dir)
             tokenizer.save_pretrained(base_dir)
             if ma.evaluate:
-                log(f"Evaluating the base on {plan.eval_split_name} ({len(eval_ds)} rows).")
-                base_metrics = evaluate_model(base, eval_ds, tokenizer, desc="Evaluating base")
+                base_metrics = task.evaluate(base, eval_ds, tokenizer, plan.eval_dataset, desc="Evaluating the base")
+                log(f"Base on {plan.eval_split_name}: {_fmt_metrics(base_metrics)}.")
 
         techniques = []
         if ma.train:
@@ -614,14 +522,14 @@ def run(plan: CompressionPlan) -> dict | None:
             elif ma.teacher is not None:
                 teacher = ma.teacher
             what = "Distilling" if teacher is not None else "Fine-tuning"
-            log(f"{what} {steps} steps" + (f" with gradual pruning to {pa.target_sparsity:.0%}." if pruning else "."))
+            what += f" with pruning to {pa.target_sparsity:.0%}" if pruning else ""
             callbacks = [GradualPruningCallback.from_args(pa)] if pruning else []
             if qat:
                 # After the pruning callback: its masks act on the stored weight under QAT's parametrization.
                 callbacks.append(QATCallback(qa))
-                log(f"Fake-quantizing ({qa.bits}-bit) over the last {qa.qat_fraction:.0%} of the steps (QAT).")
                 stages["qat"] = {"bits": qa.bits, "fraction": qa.qat_fraction}
-            stages["train"] = _train(model, _trainer_args(ta, os.path.join(work, "run")), train_ds, tokenizer, teacher, callbacks)
+            stages["train"] = _train(model, _trainer_args(ta, os.path.join(work, "run")), train_ds, tokenizer, collator,
+                                     what, teacher, callbacks)
             if teacher is not None:
                 techniques.append("distillation")
         elif pruning:
@@ -632,20 +540,26 @@ def run(plan: CompressionPlan) -> dict | None:
 
         report = None
         if main:
-            report = _export(plan, model, base, base_dir, tokenizer, eval_ds, base_metrics, techniques, stages, steps, work, log)
+            ckpt = os.path.join(work, "checkpoint")
+            result, stages["export"] = export_checkpoint(plan, model, tokenizer, ckpt, log)
+            if ma.quantize:
+                techniques.append("quantization")
+            report = _evaluate_and_report(plan, result, ckpt, base, base_dir, tokenizer, eval_ds, base_metrics,
+                                          techniques, stages, log)
             report["pipeline"]["wall_seconds"] = round(time.time() - t0, 1)
             from .model_cards import save_report
 
-            save_report(report, os.path.join(work, "checkpoint"))
+            save_report(report, ckpt)
+            meta = task.card_metadata()
             card = build_model_card(report, plan.recipe, plan.command, repo_id=ta.hub_model_id if ta.push_to_hub else None,
-                                    output_dir=os.path.join(work, "checkpoint"))
-            card.save(os.path.join(work, "checkpoint", "README.md"))
-            if os.path.exists(plan.output_dir):
-                shutil.rmtree(plan.output_dir)  # checked empty, or --overwrite, in `prepare`
-            os.rename(os.path.join(work, "checkpoint"), plan.output_dir)
+                                    output_dir=ckpt, pipeline_tag=meta["pipeline_tag"])
+            card.save(os.path.join(ckpt, "README.md"))
+            _replace_output(ckpt, plan.output_dir, work)
             log(f"Wrote {plan.output_dir}")
         _barrier()  # the other ranks leave once the output is in place
     finally:
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
         if main:
             shutil.rmtree(work, ignore_errors=True)
 
@@ -655,54 +569,65 @@ def run(plan: CompressionPlan) -> dict | None:
         log(f"Pushing to {ta.hub_model_id}.")
         pushed = push_to_hub(plan.output_dir, ta.hub_model_id, endpoint=ma.hub_endpoint, token=ta.hub_token,
                              private=bool(ta.hub_private_repo), verify=ma.verify_push)
-        report["push"] = {"repo_id": ta.hub_model_id, "commit": getattr(pushed, "commit_id", None),
-                          "url": getattr(pushed, "commit_url", None) or getattr(pushed, "url", None)}
+        report["push"] = {"repo_id": pushed.repo_id, "commit": pushed.commit_oid, "url": pushed.commit_url,
+                          "verified": _jsonable(pushed.verified)}
     return report
 
 
-def _export(plan, model, base, base_dir, tokenizer, eval_ds, base_metrics, techniques, stages, steps, work, log) -> dict:
-    """Main process: quantize or save the trained model, evaluate what was written, and build the report."""
+def export_checkpoint(plan: CompressionPlan, model, tokenizer, ckpt: str, log) -> tuple[object, dict]:
+    """
+    The export stage: write the trained `model` (and tokenizer) into `ckpt` and return the model as a user reloads
+    it, with what the stage did. Every on-disk format goes through here.
+    """
     from tqdm.auto import tqdm
 
-    from .model_cards import build_report
-
     ma, qa = plan.model_args, plan.quantization_args
-    ckpt = os.path.join(work, "checkpoint")
     if ma.quantize:
         from .quantization import load_quantized, quantize_and_save
 
-        log(f"Quantizing to {qa.bits} bits and saving.")
-        with tqdm(total=2, desc="Exporting", leave=False) as bar:
-            bar.set_postfix_str(f"quantize {qa.bits}-bit and save")
-            stages["quantization"] = quantize_and_save(model, ckpt, qa, tokenizer=tokenizer)
+        with tqdm(total=2, desc=f"Exporting {qa.bits}-bit", leave=False) as bar:
+            info = quantize_and_save(model, ckpt, qa, tokenizer=tokenizer)
             bar.update()
             # Evaluate what was written, reloaded the way a user loads it (low-bit embeddings need `load_quantized`).
-            bar.set_postfix_str("reload")
             result = load_quantized(ckpt)
             bar.update()
-        techniques.append("quantization")
-    else:
-        log("Saving the full-precision checkpoint.")
-        with tqdm(total=1, desc="Exporting", leave=False) as bar:
-            model.save_pretrained(ckpt)
-            tokenizer.save_pretrained(ckpt)
-            bar.update()
-        result = model
-    result.eval()
+        log(f"Exported {qa.bits}-bit weights.")
+        return result.eval(), info
+    with tqdm(total=1, desc="Exporting", leave=False) as bar:
+        model.save_pretrained(ckpt)
+        tokenizer.save_pretrained(ckpt)
+        bar.update()
+    return model.eval(), {"format": "safetensors"}
+
+
+def _fmt_metrics(metrics: dict) -> str:
+    return ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
+
+
+def _evaluate_and_report(plan, result, ckpt, base, base_dir, tokenizer, eval_ds, base_metrics, techniques, stages, log) -> dict:
+    """Main process: evaluate the exported model on the held-out split and measure everything into the report."""
+    from .model_cards import build_report
+
+    ma, task = plan.model_args, plan.task
     result_metrics = None
     if ma.evaluate:
-        log(f"Evaluating the result on {plan.eval_split_name} ({len(eval_ds)} rows).")
-        result_metrics = evaluate_model(result, eval_ds, tokenizer, desc="Evaluating result")
-
+        result_metrics = task.evaluate(result, eval_ds, tokenizer, plan.eval_dataset, desc="Evaluating the result")
+        log(f"Result on {plan.eval_split_name}: {_fmt_metrics(result_metrics)}.")
+    meta = task.card_metadata()
+    # Examples recorded for `--verify_push` (the task's logits on a few rows), where the task supports it.
+    verify_rows = ma.evaluate and task.records_verification
     report = build_report(
         result, ckpt, base_model=base, base_dir=base_dir, base_model_id=_model_id(plan.model_path),
         techniques=techniques, base_metrics=base_metrics, compressed_metrics=result_metrics,
-        eval_dataset=eval_ds if ma.evaluate else None, tokenizer=tokenizer, metrics=("accuracy", "f1"),
+        eval_dataset=eval_ds if verify_rows else None, tokenizer=tokenizer, metrics=task.metric_names,
         eval_info={"dataset": _dataset_id(plan.data_args.dataset), "dataset_name": _dataset_id(plan.data_args.dataset),
-                   "split": plan.eval_split_name, "task": "text-classification"},
-        verification_examples=8 if ma.evaluate else 0, save=False,
+                   "split": plan.eval_split_name, "task": meta["task"], "num_examples": len(plan.eval_dataset)},
+        verification_examples=8 if verify_rows else 0, save=False,
     )
-    report["pipeline"] = {"stages": _jsonable(stages), "train_steps": steps if ma.train else 0,
+    report["task"] = {"name": task.name, **meta, "columns": task.columns, "data_notes": task.data_notes,
+                      "lower_is_better": list(task.lower_is_better)}
+    train_steps = stages.get("train", {}).get("steps", 0)
+    report["pipeline"] = {"stages": _jsonable(stages), "train_steps": train_steps if ma.train else 0,
                           "base_finetune_steps": stages.get("base_finetune", {}).get("steps", 0),
                           "wall_seconds": None}
     return report

@@ -195,13 +195,14 @@ def _bad_cases(tmp):
         "output not empty": (["--model", model, "--dataset", data, "--output_dir", str(tmp / "full")],
                              r"exists and is not empty; pass `--overwrite`"),
         "unknown option": (base + ["--frobnicate", "1"], r"unknown options --frobnicate 1; see `hf-compress --help`"),
-        "causal lm": (base + ["--task", "causal-lm"], r"causal-lm .*sequence-classification only"),
+        "qa task on classification data": (base + ["--task", "question-answering"],
+                                           r"has no question column \(columns: text, label\); pass `--text_column`"),
         "unknown teacher": (base + ["--teacher", str(tmp / "noteacher")], r"--teacher: Unknown model '.*noteacher'"),
     }
 
 
 BAD = ["unknown model", "unknown dataset", "no matching task", "missing label column", "given label column absent",
-       "sparsity 1.0", "sparsity negative", "bits 3", "output not empty", "unknown option", "causal lm", "unknown teacher"]
+       "sparsity 1.0", "sparsity negative", "bits 3", "output not empty", "unknown option", "qa task on classification data", "unknown teacher"]
 
 
 @pytest.mark.parametrize("case", BAD)
@@ -303,7 +304,7 @@ def test_qat_without_pruning(tiny_setup, capsys):
     out = tmp / "qat"
     rc = main(["--model", model, "--dataset", data, "--output_dir", str(out), "--no_prune", "--bits", "8", "--qat_fraction", "0.5", *FAST])
     assert rc == 0
-    assert "Fake-quantizing (8-bit) over the last 50% of the steps" in capsys.readouterr().out
+    assert "fine-tune 6 steps (last 50% fake-quantized) -> export 8-bit" in capsys.readouterr().out
     report, _ = _read(out)
     assert report["pipeline"]["stages"]["qat"] == {"bits": 8, "fraction": 0.5}
     assert report["techniques"] == ["quantization"]
@@ -322,8 +323,13 @@ def test_distillation_from_teacher(tiny_setup, capsys):
     rc = main(["--model", model, "--teacher", teacher, "--dataset", data, "--output_dir", str(out), "--no_quantize",
                "--sparsity", "0.5", "--logging_steps", "2", *[a for a in FAST if a not in ("--logging_steps", "50")]])
     assert rc == 0
-    assert "Distilling 6 steps with gradual pruning to 50%" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "distil 6 steps with gradual pruning to 50%" in printed
     report, card = _read(out)
+    # The per-step dicts go to the report's log history (and trainer_state / report_to), not to the console.
+    logged = [h for h in report["pipeline"]["stages"]["train"]["log_history"] if "loss" in h]
+    assert [h["step"] for h in logged] == [2, 4, 6]
+    assert "'loss'" not in printed and "sparsity/" not in printed
     assert report["techniques"] == ["distillation", "pruning"]
     assert "distillation" in card
 

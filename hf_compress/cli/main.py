@@ -26,6 +26,9 @@ DEMO_DEFAULTS = dict(
     per_device_train_batch_size=16, learning_rate=1e-4, warmup_steps=15, target_sparsity=0.5, pruning_frequency=10,
     pruning_end_fraction=0.7, bits=8, quantize_embeddings=True,
 )
+# A training budget the user can set; when none is set on the embedded default model, the demo's budget applies
+# (`hf-compress --sparsity 0.8 --bits 4` would otherwise run 3 epochs of base fine-tune and 3 of compression).
+BUDGET_OPTIONS = ("max_steps", "num_train_epochs", "base_finetune_steps")
 # CLI defaults that differ from `TrainingArguments`: no checkpoints, no trackers, a log line every 25 steps.
 CLI_DEFAULTS = dict(output_dir="hf-compress-output", save_strategy="no", report_to="none", logging_steps=25)
 
@@ -105,8 +108,8 @@ def _dest_names(parser) -> set[str]:
 
 def parse(argv: list[str]):
     """Parse `argv` into the five dataclasses, the recipe (options that differ from the defaults) and the command."""
-    demo = not argv or argv[0] == "demo"
-    if argv and argv[0] == "demo":
+    explicit_demo = bool(argv) and argv[0] == "demo"
+    if explicit_demo:
         argv = argv[1:]
     config_path, argv = _pop_config(_rewrite_aliases(list(argv)))
     parser = build_parser()
@@ -116,9 +119,12 @@ def parse(argv: list[str]):
 
     if not torch.cuda.is_available():
         defaults["dataloader_pin_memory"] = False  # pinning needs an accelerator; avoids a warning per run
+    recipe_file = _read_recipe(config_path, known) if config_path else {}
+    given = set(recipe_file) | {a[2:].split("=", 1)[0] for a in argv if a.startswith("--")}
+    # The demo budget: bare `hf-compress`, `hf-compress demo`, or the embedded default model with no budget given.
+    demo = explicit_demo or ("model" not in given and not given & set(BUDGET_OPTIONS))
     if demo:
         defaults.update(DEMO_DEFAULTS)
-    recipe_file = _read_recipe(config_path, known) if config_path else {}
     defaults.update(recipe_file)
     parser.set_defaults(**defaults)
     # argparse converts string defaults with the option's type only; YAML already gives typed values.
@@ -176,18 +182,27 @@ def _print_summary(report: dict, output_dir: str, seconds: float) -> None:
     def pct(x):
         return f"{100 * x:.1f}%" if isinstance(x, (int, float)) else "-"
 
-    bits_result = "/".join(str(b) for b in quant.get("bits", [])) or "32"
+    bpw = report.get("bits_per_weight") or {}
+
+    def bits(x):
+        return f"{x:g}" if isinstance(x, (int, float)) else "-"
+
+    bits_result = "/".join(str(b) for b in quant.get("bits", [])) or bits(bpw.get("in_memory"))
     rows = [
         ("size (weights on disk)", mb(size.get("base_weights_bytes")), mb(size.get("compressed_weights_bytes"))),
         ("size ratio", "1.00x", f"{size['ratio']:.2f}x smaller" if size.get("ratio") else "-"),
-        ("linear-weight sparsity", pct(0.0 if sparsity.get("base_global") is not None else None), pct(sparsity.get("linear_weights"))),
-        ("bits (quantized layers)", "32", bits_result),
-        ("bits per weight on disk", f"{size.get('base_bits_per_weight_on_disk', '-')}", f"{size.get('bits_per_weight_on_disk', '-')}"),
+        ("linear-weight sparsity", pct(sparsity.get("base_linear_weights")), pct(sparsity.get("linear_weights"))),
+        ("bits (quantized layers)", bits(bpw.get("base_in_memory")), bits_result),
+        ("bits per weight in memory", bits(bpw.get("base_in_memory")), bits(bpw.get("in_memory"))),
+        ("bits per weight on disk", bits(size.get("base_bits_per_weight_on_disk")), bits(size.get("bits_per_weight_on_disk"))),
     ]
-    for name in sorted(set(base_m) | set(comp_m)):
-        if name == "num_examples":
-            continue
-        rows.append((f"{name} ({report.get('eval', {}).get('split', 'held-out')})", pct(base_m.get(name)), pct(comp_m.get(name))))
+    task = report.get("task") or {}
+    ordered = [m for m in task.get("metric_names") or [] if m in base_m or m in comp_m]
+    ordered += sorted((set(base_m) | set(comp_m)) - set(ordered) - {"num_examples"})
+    fraction = (lambda name: name not in (task.get("lower_is_better") or []))
+    for name in ordered:
+        fmt = pct if fraction(name) else (lambda x: f"{x:.2f}" if isinstance(x, (int, float)) else "-")
+        rows.append((f"{name} ({report.get('eval', {}).get('split', 'held-out')})", fmt(base_m.get(name)), fmt(comp_m.get(name))))
     w0 = max(len(r[0]) for r in rows)
     w1 = max(len(r[1]) for r in rows + [("", "base", "")])
     w2 = max(len(r[2]) for r in rows + [("", "", "compressed")])
@@ -200,7 +215,7 @@ def _print_summary(report: dict, output_dir: str, seconds: float) -> None:
     print(line)
     print(f"Techniques: {', '.join(report.get('techniques', [])) or 'none'}. Output: {output_dir}. Took {seconds:.0f} s.")
     if report.get("push"):
-        print(f"Pushed to {report['push']['repo_id']}: {report['push'].get('url') or report['push'].get('commit')}")
+        print(f"Pushed to {report['push']['repo_id']} at commit {report['push'].get('commit')}: {report['push'].get('url')}")
 
 
 def main(argv: list[str] | None = None) -> int:

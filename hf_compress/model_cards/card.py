@@ -232,8 +232,9 @@ def build_model_card(
                  f"model = load_quantized(snapshot_download({repo_id or name!r}))  # restores the 8/4-bit embeddings\n"
                  f"tokenizer = AutoTokenizer.from_pretrained({repo_id or name!r})")
     else:
-        usage = (f"from transformers import AutoModelForSequenceClassification, AutoTokenizer\n\n"
-                 f"model = AutoModelForSequenceClassification.from_pretrained({repo_id or name!r})\n"
+        auto = (report.get("task") or {}).get("auto_class") or "AutoModelForSequenceClassification"
+        usage = (f"from transformers import {auto}, AutoTokenizer\n\n"
+                 f"model = {auto}.from_pretrained({repo_id or name!r})\n"
                  f"tokenizer = AutoTokenizer.from_pretrained({repo_id or name!r})")
     n_eval = comp_m.get("num_examples") or base_m.get("num_examples")
     split = ev.get("split")

@@ -59,8 +59,25 @@ def _logical_weight(p: torch.Tensor) -> tuple[int, int, int]:
             nnz = int((bnbf.dequantize_4bit(p.data, quant_state) != 0).sum())
         except Exception:  # dequantizing needs a working bitsandbytes backend; the count is then unknown
             nnz = -1
-        return numel, nnz, p.numel() * p.element_size() * 8
-    return p.numel(), int(torch.count_nonzero(p.detach())), p.numel() * p.element_size() * 8
+        return numel, nnz, p.numel() * p.element_size() * 8 + _scale_bits(quant_state)
+    bits = p.numel() * p.element_size() * 8
+    scb = getattr(p, "SCB", None)  # bitsandbytes Int8Params: one float scale per row
+    if isinstance(scb, torch.Tensor):
+        bits += scb.numel() * scb.element_size() * 8
+    return p.numel(), int(torch.count_nonzero(p.detach())), bits
+
+
+def _scale_bits(quant_state) -> int:
+    """Bits of a 4-bit weight's block scales: `absmax` (one per 64 values), and with double quantization its own
+    8-bit code's `absmax` and `offset`; without them 4-bit would read as exactly 4 bits per weight."""
+    total = 0
+    for t in (getattr(quant_state, "absmax", None), getattr(quant_state, "offset", None)):
+        if isinstance(t, torch.Tensor):
+            total += t.numel() * t.element_size() * 8
+    nested = getattr(quant_state, "state2", None)
+    if nested is not None:
+        total += _scale_bits(nested)
+    return total
 
 
 def weight_stats(model: torch.nn.Module) -> dict:
@@ -166,19 +183,25 @@ def _batches(dataset, tokenizer, batch_size: int):
 
 
 @torch.no_grad()
-def predict_classifier(model, dataset, tokenizer=None, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(logits, labels)` of a sequence classifier over a tokenized dataset, in eval mode, without grad."""
+def predict_classifier(model, dataset, tokenizer=None, batch_size: int = 64, desc: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(logits, labels)` of a sequence classifier over a tokenized dataset, in eval mode, without grad (with a
+    progress bar when `desc` is given)."""
     model.eval()
     device = next(model.parameters()).device
     all_logits, all_labels = [], []
-    for batch, labels in _batches(dataset, tokenizer, batch_size):
+    batches = _batches(dataset, tokenizer, batch_size)
+    if desc is not None:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, desc=desc, total=-(-len(dataset) // batch_size), leave=False)
+    for batch, labels in batches:
         logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
         all_logits.append(logits.float().cpu())
         all_labels.append(labels)
     return torch.cat(all_logits), torch.cat(all_labels)
 
 
-def evaluate_classifier(model, dataset, tokenizer=None, metrics=("accuracy",), batch_size: int = 64) -> dict:
+def evaluate_classifier(model, dataset, tokenizer=None, metrics=("accuracy",), batch_size: int = 64, desc: str | None = None) -> dict:
     """
     Evaluate a sequence classifier with `evaluate` metrics (`hf_compress.metrics.load_metric`).
 
@@ -195,7 +218,7 @@ def evaluate_classifier(model, dataset, tokenizer=None, metrics=("accuracy",), b
 
     if len(dataset) == 0:
         raise ValueError("evaluate_classifier got an empty dataset; pass at least one labelled row.")
-    logits, labels = predict_classifier(model, dataset, tokenizer, batch_size)
+    logits, labels = predict_classifier(model, dataset, tokenizer, batch_size, desc)
     preds = logits.argmax(-1).tolist()
     out = {}
     for name in metrics:
@@ -321,9 +344,11 @@ def build_report(
             "global": stats["sparsity"],
             "linear_weights": stats["linear_sparsity"],
             "base_global": base_stats["sparsity"] if base_stats else None,
+            "base_linear_weights": base_stats["linear_sparsity"] if base_stats else None,
             "per_layer": {k: v["sparsity"] for k, v in stats["per_layer"].items()},
         },
-        "bits_per_weight": {"in_memory": stats["bits_per_weight_in_memory"], "on_disk": size["bits_per_weight_on_disk"]},
+        "bits_per_weight": {"in_memory": stats["bits_per_weight_in_memory"], "on_disk": size["bits_per_weight_on_disk"],
+                            "base_in_memory": base_stats["bits_per_weight_in_memory"] if base_stats else None},
         "layers": stats["per_layer"],
         "quantization": quant,
         "eval": {"task": "text-classification", **(eval_info or {})},
