@@ -24,6 +24,7 @@ from .tasks import TASKS, CompressionInputError, Task, check_task_supported, get
 
 _FILE_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
 _COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
+_CONLL = (".conll", ".bio", ".iob")  # `word<TAB>tag` lines, a blank line between sentences
 DEFAULT_OUTPUT_DIR = "hf-compress-output"
 
 
@@ -162,7 +163,8 @@ def load_dataset_any(name: str):
     """
     A `DatasetDict` from a shipped set (`rotten_tomatoes`, `hamlet`), a local file (`.csv`, `.tsv`, `.json`, `.jsonl`,
     `.parquet`, `.txt`, optionally `.gz`/`.bz2`/`.xz`/`.zst`-compressed; a `.json` in the official SQuAD layout is
-    flattened; a `.txt` gives one row per blank-line-separated paragraph), a directory (`save_to_disk` output or data
+    flattened; a `.txt` gives one row per blank-line-separated paragraph; `.conll`/`.bio`/`.iob` give `tokens` and
+    `tags` rows), a directory (`save_to_disk` output or data
     files), or a Hub id.
     """
     import datasets
@@ -179,18 +181,22 @@ def load_dataset_any(name: str):
             for comp in _COMPRESSIONS:
                 base = base[: -len(comp)] if base.endswith(comp) else base
             ext = os.path.splitext(base)[1].lower()
-            if ext not in _FILE_BUILDERS:
+            if ext not in _FILE_BUILDERS and ext not in _CONLL:
                 raise CompressionInputError(
-                    f"Cannot read dataset file {name!r}: use .csv, .tsv, .json, .jsonl, .parquet or .txt (optionally "
-                    ".gz/.bz2/.xz/.zst), a save_to_disk folder or a Hub id."
+                    f"Cannot read dataset file {name!r}: use .csv, .tsv, .json, .jsonl, .parquet, .txt (optionally "
+                    ".gz/.bz2/.xz/.zst) or .conll, a save_to_disk folder or a Hub id."
                 )
-            squad = None
-            if ext == ".json":
+            rows = None
+            if ext in _CONLL:
+                from .tasks.token_classification import read_conll
+
+                rows = read_conll(name)  # rows of `tokens` and `tags`
+            elif ext == ".json":
                 from .tasks.question_answering import read_squad_json
 
-                squad = read_squad_json(name)
-            if squad is not None:
-                ds = datasets.Dataset.from_dict(squad)
+                rows = read_squad_json(name)
+            if rows is not None:
+                ds = datasets.Dataset.from_dict(rows)
             else:
                 kwargs = {"delimiter": "\t"} if ext == ".tsv" else {"sample_by": "paragraph"} if ext == ".txt" else {}
                 ds = datasets.load_dataset(_FILE_BUILDERS[ext], data_files=name, **kwargs)
@@ -272,7 +278,7 @@ def prepare(model_args: ModelArguments, data_args: DataArguments, training_args,
     try:
         from transformers import AutoTokenizer
 
-        AutoTokenizer.from_pretrained(model_path)
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
     except Exception as err:
         raise CompressionInputError(
             f"The model {model_path!r} has no loadable tokenizer ({type(err).__name__}); save one next to it."
@@ -322,6 +328,7 @@ def prepare(model_args: ModelArguments, data_args: DataArguments, training_args,
         if bars:
             datasets.enable_progress_bars()
     task.check_model(config, has_head)
+    task.check_tokenizer(tokenizer)
     return CompressionPlan(
         model_args=model_args, data_args=data_args, training_args=training_args, pruning_args=pruning_args,
         quantization_args=quantization_args, model_path=model_path, task=task, has_head=has_head,
@@ -431,7 +438,7 @@ def describe_plan(plan: CompressionPlan, train_rows: int, eval_rows: int, steps:
     lines = [f"Plan: {task.name} on {_model_id(plan.model_path)} ({head}); data {_dataset_id(plan.data_args.dataset)} "
              f"({task.describe()}); train {len(plan.train_dataset)} rows -> {train_rows} examples, held-out "
              f"{plan.eval_split_name} {len(plan.eval_dataset)} rows -> {eval_rows} examples."]
-    notes = "; ".join(f"{split}: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in n.items())
+    notes = "; ".join(f"{split}: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in n.items() if v)
                       for split, n in task.data_notes.items() if any(n.values()))
     if notes:
         lines.append(f"Data notes (max_length {plan.data_args.max_length}): {notes}.")

@@ -226,11 +226,17 @@ def main(argv: list[str] | None = None) -> int:
     # transformers imports peft, which imports bitsandbytes; on AVX512-BF16 CPUs bitsandbytes then warns on stderr
     # that an optional Hub-downloaded kernel is missing. It changes nothing for the user: keep the console clean.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # Its 8-bit matmul also warns, once per forward pass, that it casts float32 inputs to float16 (as designed).
+    logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in ("-h", "--help"):
         build_parser().print_help()
         return 0
     start = time.time()
+    import transformers
+
+    # Loading reports (e.g. the newly initialised task head, which the plan line states) stay off the console.
+    transformers.utils.logging.set_verbosity_error()
     from ..compression import CompressionInputError, prepare, run
 
     try:
@@ -243,7 +249,11 @@ def main(argv: list[str] | None = None) -> int:
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         print(f"hf-compress: error: {message}", file=sys.stderr)
         return 2
-    report = run(plan)
+    try:
+        report = run(plan)
+    except CompressionInputError as err:  # found while preprocessing (e.g. no token left to predict)
+        print(f"hf-compress: error: {str(err).strip().splitlines()[0]}", file=sys.stderr)
+        return 2
     if report is not None:  # None on the non-main ranks of a distributed launch
         _print_summary(report, plan.output_dir, time.time() - start)
     return 0

@@ -131,6 +131,9 @@ class Task:
         """Detect and check columns (and labels) on the raw splits; return the cleaned `(train, evaluation)`."""
         raise NotImplementedError
 
+    def check_tokenizer(self, tokenizer) -> None:
+        """Raise a one-line error, before any work, when the tokenizer cannot preprocess this data."""
+
     def prepare_tokenizer(self, tokenizer):
         """Adjust the tokenizer the task needs (e.g. a pad token for causal LMs); returns it."""
         return tokenizer

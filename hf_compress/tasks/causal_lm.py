@@ -54,6 +54,12 @@ class CausalLMTask(Task):
             raise CompressionInputError(f"Every row of the {split} split has an empty `{col}`; pass some text.")
         return ds.select_columns([col])
 
+    def check_tokenizer(self, tokenizer):
+        if "messages" in self.columns and not getattr(tokenizer, "chat_template", None):
+            raise CompressionInputError(
+                "The data has chat `messages` but the tokenizer has no chat template; use a chat model or plain text."
+            )
+
     def prepare_tokenizer(self, tokenizer):
         if tokenizer.pad_token is None:  # only used to pad a last short block; those positions carry no loss
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token

@@ -67,9 +67,12 @@ class QuestionAnsweringTask(Task):
         return tokenizer(batch["question"], batch["context"], truncation="only_second", max_length=max_length,
                          stride=stride, return_overflowing_tokens=True, return_offsets_mapping=True, padding="max_length")
 
-    def preprocess(self, dataset, tokenizer, train):
+    def check_tokenizer(self, tokenizer):
         if not tokenizer.is_fast:
             raise CompressionInputError("Question answering needs a fast tokenizer (offsets); save `tokenizer.json` with the model.")
+
+    def preprocess(self, dataset, tokenizer, train):
+        self.check_tokenizer(tokenizer)
 
         def fn(batch):
             enc = self._windows(batch, tokenizer)

@@ -28,7 +28,7 @@ class TokenClassificationTask(Task):
         for col in (tokens, tags):
             if not isinstance(train.features[col], (datasets.Sequence, datasets.List)):
                 raise CompressionInputError(
-                    f"Column {col!r} holds {train.features[col]}, not one list per sentence; token classification "
+                    f"Column {col!r} holds one value per row, not a list per sentence; token classification "
                     "needs a list of words and a list of tags per row (JSONL: {\"tokens\": [...], \"tags\": [...]})."
                 )
         if tags not in evaluation.column_names:
