@@ -17,19 +17,10 @@ from benchmarks.common import print_table, real_data
 
 
 def accuracy(model, dataset, tok) -> float:
-    import torch
-    from torch.utils.data import DataLoader
-    from transformers import DataCollatorWithPadding
+    """Held-out accuracy through the sequence-classification task's one evaluation loop."""
+    from hf_compress.model_cards import evaluate_classifier
 
-    loader = DataLoader(dataset.select_columns(["input_ids", "attention_mask", "token_type_ids", "label"]), batch_size=64,
-                        collate_fn=DataCollatorWithPadding(tok))
-    model.eval()
-    correct = 0
-    with torch.no_grad():
-        for batch in loader:
-            labels = batch.pop("labels")
-            correct += (model(**batch).logits.argmax(-1) == labels).sum().item()
-    return correct / len(dataset)
+    return evaluate_classifier(model, dataset, tok, ("accuracy",))["accuracy"]
 
 
 def run(base_steps=200, steps=100, eval_rows=1000, batch_size=16, targets=(0.5, 0.8), base_model=None) -> list[dict]:

@@ -67,20 +67,10 @@ def train(model, tok, train_set, steps, out, callbacks=(), teacher=None, lr=1e-4
 
 
 def accuracy(model, tok, test_set) -> float:
-    import torch
-    from torch.utils.data import DataLoader
-    from transformers import DataCollatorWithPadding
+    """Held-out accuracy through the sequence-classification task's one evaluation loop."""
+    from hf_compress.model_cards import evaluate_classifier
 
-    cols = [c for c in test_set.column_names if c in ("input_ids", "attention_mask", "token_type_ids", "label")]
-    loader = DataLoader(test_set.select_columns(cols), batch_size=64, collate_fn=DataCollatorWithPadding(tok))
-    model.eval()
-    correct = total = 0
-    with torch.no_grad():
-        for batch in loader:
-            labels = batch.pop("labels")
-            correct += (model(**batch).logits.argmax(-1) == labels).sum().item()
-            total += labels.numel()
-    return correct / total
+    return evaluate_classifier(model, test_set, tok, ("accuracy",))["accuracy"]
 
 
 def latency(model, tok, texts, batch_size: int, reps: int) -> float:

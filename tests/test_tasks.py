@@ -429,3 +429,19 @@ def test_odd_dataset_table(case, odd_models, tmp_path, capsys):
     if "dropped" in expected:
         dropped = sum(v for split in notes.values() for k, v in split.items() if k.startswith("dropped"))
         assert dropped == expected["dropped"]
+
+
+# --- budget -------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv, max_steps, base_steps", [
+    (["--sparsity", "0.8", "--bits", "4"], 150, 150),  # the default model, no budget: the demo's
+    (["--sparsity", "0.8", "--max_steps", "40"], 40, None),  # a budget given: the user's, nothing else of the demo
+    (["--model", "some/model", "--sparsity", "0.8"], -1, None),  # a user's model: the Trainer defaults (3 epochs)
+])
+def test_demo_budget_applies_to_the_default_model_without_a_budget(argv, max_steps, base_steps):
+    from hf_compress.cli.main import parse
+
+    (model_args, data_args, training_args, pruning_args, quant_args), recipe, _ = parse(argv)
+    assert training_args.max_steps == max_steps
+    assert model_args.base_finetune_steps == base_steps
+    assert pruning_args.target_sparsity == 0.8

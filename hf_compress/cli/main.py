@@ -233,10 +233,6 @@ def main(argv: list[str] | None = None) -> int:
         build_parser().print_help()
         return 0
     start = time.time()
-    import transformers
-
-    # Loading reports (e.g. the newly initialised task head, which the plan line states) stay off the console.
-    transformers.utils.logging.set_verbosity_error()
     from ..compression import CompressionInputError, prepare, run
 
     try:
@@ -244,6 +240,11 @@ def main(argv: list[str] | None = None) -> int:
         model_args, data_args, training_args, pruning_args, quantization_args = groups
         if training_args.push_to_hub and not training_args.hub_model_id:
             raise UsageError("--push_to_hub needs --hub_model_id namespace/name.")
+        import transformers
+
+        # Loading reports (e.g. the newly initialised task head, which the plan line states) stay off the console.
+        # Set after parsing: `TrainingArguments` turns its bars off when transformers' logging is quieter than warn.
+        transformers.utils.logging.set_verbosity_error()
         plan = prepare(model_args, data_args, training_args, pruning_args, quantization_args, command=command, recipe=recipe)
     except (UsageError, CompressionInputError, ValueError, TypeError, ImportError) as err:
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
