@@ -46,6 +46,8 @@ _PAIR_COLUMNS = (("sentence1", "sentence2"), ("premise", "hypothesis"), ("questi
 _LABEL_COLUMNS = ("label", "labels", "class", "target", "sentiment", "category")
 _FILE_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
 DEFAULT_OUTPUT_DIR = "hf-compress-output"
+# `--format`: the quantized formats set `QuantizationArguments.backend`; bitmask and dense save unquantized weights.
+EXPORT_FORMATS = ("compressed-tensors", "bitsandbytes", "bitmask", "dense")
 
 
 class CompressionInputError(ValueError):
@@ -95,7 +97,7 @@ class ModelArguments:
     overwrite: bool = field(default=False, metadata={"help": "Replace output_dir when it exists and is not empty."})
     train: bool = field(default=True, metadata={"help": "Fine-tune/distil while pruning (--no_train: one-shot magnitude pruning)."})
     prune: bool = field(default=True, metadata={"help": "Prune to target_sparsity (--no_prune turns pruning off)."})
-    quantize: bool = field(default=True, metadata={"help": "Export in `bits` bits with bitsandbytes (--no_quantize: full precision)."})
+    quantize: bool = field(default=True, metadata={"help": "Export in `bits` bits in the --format chosen (--no_quantize: full precision)."})
     evaluate: bool = field(default=True, metadata={"help": "Evaluate base and result on the held-out split (--no_evaluate skips it)."})
     qat: bool = field(
         default=True,
@@ -106,6 +108,10 @@ class ModelArguments:
         metadata={"help": "Steps to fine-tune the dense base first when its task head is new (default: as many as the compression training; 0: skip)."},
     )
     hub_endpoint: str | None = field(default=None, metadata={"help": "Hub URL for --push_to_hub (default: HF_ENDPOINT, then huggingface.co)."})
+    format: str | None = field(
+        default=None,
+        metadata={"help": f"Checkpoint format: {', '.join(EXPORT_FORMATS)} (default: compressed-tensors when quantizing, which plain from_pretrained, pipeline() and vLLM load; else dense). bitmask and dense do not quantize."},
+    )
     verify_push: bool = field(default=False, metadata={"help": "After pushing, download and check files, logits and metric."})
 
     def __post_init__(self):
@@ -113,6 +119,14 @@ class ModelArguments:
             raise CompressionInputError(f"task must be auto or one of {', '.join(TASKS)}, got {self.task!r}.")
         if self.base_finetune_steps is not None and self.base_finetune_steps < 0:
             raise CompressionInputError(f"base_finetune_steps must be >= 0, got {self.base_finetune_steps}.")
+        if self.format is not None and self.format not in EXPORT_FORMATS:
+            raise CompressionInputError(f"format must be one of {', '.join(EXPORT_FORMATS)}, got {self.format!r}.")
+        if self.format in ("bitmask", "dense"):
+            self.quantize = False
+        elif self.format is None:
+            self.format = "compressed-tensors" if self.quantize else "dense"
+        elif not self.quantize:
+            raise CompressionInputError(f"--format {self.format} quantizes, but --no_quantize was given; drop one of them.")
 
 
 @dataclass
@@ -568,6 +582,8 @@ def run(plan: CompressionPlan) -> dict | None:
 
     t0 = time.time()
     ma, ta, pa, qa = plan.model_args, plan.training_args, plan.pruning_args, plan.quantization_args
+    if ma.quantize and qa.backend != ma.format:  # `--format` picks the quantized format (QAT replays that one)
+        qa = plan.quantization_args = dataclasses.replace(qa, backend=ma.format)
     transformers.set_seed(ta.seed)
     pruning = ma.prune and pa.target_sparsity > 0
     qat = ma.train and ma.quantize and ma.qat
@@ -681,6 +697,12 @@ def _export(plan, model, base, base_dir, tokenizer, eval_ds, base_metrics, techn
             result = load_quantized(ckpt)
             bar.update()
         techniques.append("quantization")
+    elif ma.format == "bitmask":
+        from .pruning import load_compressed, save_compressed
+
+        log("Saving in the bitmask format (from_pretrained reads it once hf_compress is imported).")
+        save_compressed(model, ckpt, tokenizer=tokenizer)
+        result = load_compressed(ckpt)
     else:
         log("Saving the full-precision checkpoint.")
         with tqdm(total=1, desc="Exporting", leave=False) as bar:
@@ -702,10 +724,26 @@ def _export(plan, model, base, base_dir, tokenizer, eval_ds, base_metrics, techn
                    "split": plan.eval_split_name, "task": "text-classification"},
         verification_examples=8 if ma.evaluate else 0, save=False,
     )
+    report["format"] = ma.format
+    report["loaders"] = _check_loaders(plan, result, tokenizer, ckpt, log)
     report["pipeline"] = {"stages": _jsonable(stages), "train_steps": steps if ma.train else 0,
                           "base_finetune_steps": stages.get("base_finetune", {}).get("steps", 0),
                           "wall_seconds": None}
     return report
+
+
+def _check_loaders(plan, result, tokenizer, ckpt, log) -> dict:
+    """Which loaders read the written folder, checked by loading it (see `model_cards.loading.check_loaders`)."""
+    from .model_cards.loading import check_loaders
+
+    texts = list(plan.eval_dataset[plan.text_column][:4])
+    with torch.no_grad():
+        reference = result(**tokenizer(texts, padding=True, truncation=True, return_tensors="pt")).logits
+    atol = 2e-2 if plan.quantization_args.backend == "bitsandbytes" and plan.quantization_args.bits == 4 else 1e-4
+    loaders = check_loaders(ckpt, texts, reference, atol=atol)
+    log("Loads with: " + ", ".join(k for k, v in loaders.items() if v["ok"]) +
+        "; fails loudly with: " + (", ".join(k for k, v in loaders.items() if not v["ok"]) or "none") + ".")
+    return loaders
 
 
 # The embedded default is the Hub's all-MiniLM-L6-v2 shipped in a wheel: name it by its Hub id in the card.

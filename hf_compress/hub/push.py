@@ -166,7 +166,9 @@ def _sha256(path: str) -> str:
 def load_checkpoint(folder: str):
     """Load a classifier checkpoint saved densely (`from_pretrained`), with `save_compressed`, or by
     `quantize_and_save` (`load_quantized`: low-bit embeddings, and the float32 path the report was measured on)."""
-    if os.path.isfile(os.path.join(folder, "model.compressed.safetensors")):
+    from hf_compress.pruning.compressed import is_bitmask_checkpoint
+
+    if is_bitmask_checkpoint(folder):
         from hf_compress.pruning import load_compressed
 
         return load_compressed(folder)
