@@ -26,6 +26,8 @@ _FILE_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json
 _COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
 _CONLL = (".conll", ".bio", ".iob")  # `word<TAB>tag` lines, a blank line between sentences
 DEFAULT_OUTPUT_DIR = "hf-compress-output"
+# `--format`: the quantized formats set `QuantizationArguments.backend`; bitmask and dense save unquantized weights.
+EXPORT_FORMATS = ("compressed-tensors", "bitsandbytes", "bitmask", "dense")
 
 
 @dataclass
@@ -72,7 +74,7 @@ class ModelArguments:
     overwrite: bool = field(default=False, metadata={"help": "Replace output_dir when it exists and is not empty."})
     train: bool = field(default=True, metadata={"help": "Fine-tune/distil while pruning (--no_train: one-shot magnitude pruning)."})
     prune: bool = field(default=True, metadata={"help": "Prune to target_sparsity (--no_prune turns pruning off)."})
-    quantize: bool = field(default=True, metadata={"help": "Export in `bits` bits with bitsandbytes (--no_quantize: full precision)."})
+    quantize: bool = field(default=True, metadata={"help": "Export in `bits` bits in the --format chosen (--no_quantize: full precision)."})
     evaluate: bool = field(default=True, metadata={"help": "Evaluate base and result on the held-out split (--no_evaluate skips it)."})
     qat: bool = field(
         default=True,
@@ -83,6 +85,10 @@ class ModelArguments:
         metadata={"help": "Steps to fine-tune the dense base first when its task head is new (default: as many as the compression training; 0: skip)."},
     )
     hub_endpoint: str | None = field(default=None, metadata={"help": "Hub URL for --push_to_hub (default: HF_ENDPOINT, then huggingface.co)."})
+    format: str | None = field(
+        default=None,
+        metadata={"help": f"Checkpoint format: {', '.join(EXPORT_FORMATS)} (default: compressed-tensors when quantizing, which plain from_pretrained, pipeline() and vLLM load; else dense). bitmask and dense do not quantize."},
+    )
     verify_push: bool = field(default=False, metadata={"help": "After pushing, download and check files, logits and metric."})
 
     def __post_init__(self):
@@ -90,6 +96,14 @@ class ModelArguments:
             raise CompressionInputError(f"task must be auto or one of {', '.join(TASKS)}, got {self.task!r}.")
         if self.base_finetune_steps is not None and self.base_finetune_steps < 0:
             raise CompressionInputError(f"base_finetune_steps must be >= 0, got {self.base_finetune_steps}.")
+        if self.format is not None and self.format not in EXPORT_FORMATS:
+            raise CompressionInputError(f"format must be one of {', '.join(EXPORT_FORMATS)}, got {self.format!r}.")
+        if self.format in ("bitmask", "dense"):
+            self.quantize = False
+        elif self.format is None:
+            self.format = "compressed-tensors" if self.quantize else "dense"
+        elif not self.quantize:
+            raise CompressionInputError(f"--format {self.format} quantizes, but --no_quantize was given; drop one of them.")
 
 
 @dataclass
@@ -481,6 +495,8 @@ def run(plan: CompressionPlan) -> dict | None:
     t0 = time.time()
     ma, ta, pa, qa = plan.model_args, plan.training_args, plan.pruning_args, plan.quantization_args
     task = plan.task
+    if ma.quantize and qa.backend != ma.format:  # `--format` picks the quantized format (QAT replays that one)
+        qa = plan.quantization_args = dataclasses.replace(qa, backend=ma.format)
     transformers.set_seed(ta.seed)
     pruning = ma.prune and pa.target_sparsity > 0
     qat = ma.train and ma.quantize and ma.qat
@@ -598,8 +614,18 @@ def export_checkpoint(plan: CompressionPlan, model, tokenizer, ckpt: str, log) -
             # Evaluate what was written, reloaded the way a user loads it (low-bit embeddings need `load_quantized`).
             result = load_quantized(ckpt)
             bar.update()
-        log(f"Exported {qa.bits}-bit weights.")
+        log(f"Exported {qa.bits}-bit weights ({qa.backend}).")
         return result.eval(), info
+    if ma.format == "bitmask":
+        from .pruning import load_compressed, save_compressed
+
+        with tqdm(total=2, desc="Exporting bitmask", leave=False) as bar:
+            info = save_compressed(model, ckpt, tokenizer=tokenizer)
+            bar.update()
+            result = load_compressed(ckpt)
+            bar.update()
+        log("Saved in the bitmask format (from_pretrained reads it once hf_compress is imported).")
+        return result.eval(), {"format": "bitmask", **{k: v for k, v in info.items() if isinstance(v, (int, float, str))}}
     with tqdm(total=1, desc="Exporting", leave=False) as bar:
         model.save_pretrained(ckpt)
         tokenizer.save_pretrained(ckpt)
@@ -633,11 +659,43 @@ def _evaluate_and_report(plan, result, ckpt, base, base_dir, tokenizer, eval_ds,
     )
     report["task"] = {"name": task.name, **meta, "columns": task.columns, "data_notes": task.data_notes,
                       "lower_is_better": list(task.lower_is_better)}
+    report["format"] = ma.format
+    report["loaders"] = _check_loaders(plan, result, tokenizer, ckpt, log)
     train_steps = stages.get("train", {}).get("steps", 0)
     report["pipeline"] = {"stages": _jsonable(stages), "train_steps": train_steps if ma.train else 0,
                           "base_finetune_steps": stages.get("base_finetune", {}).get("steps", 0),
                           "wall_seconds": None}
     return report
+
+
+def _probe_texts(plan, n: int = 4) -> list[str]:
+    """A few held-out texts to feed every loader: the task's first text column (word lists joined by spaces)."""
+    rows = plan.eval_dataset.select(range(min(n, len(plan.eval_dataset))))
+    for column in plan.task.columns.values():
+        if column in rows.column_names:
+            values = rows[column]
+            if all(isinstance(v, str) for v in values):
+                return [v or " " for v in values]
+            if all(isinstance(v, list) and all(isinstance(w, str) for w in v) for v in values):
+                return [" ".join(v) or " " for v in values]
+    return []
+
+
+def _check_loaders(plan, result, tokenizer, ckpt, log) -> dict:
+    """Which loaders read the written folder, checked by loading it (see `model_cards.loading.check_loaders`)."""
+    from .model_cards.loading import check_loaders, main_logits
+
+    texts = _probe_texts(plan)
+    if not texts:
+        log("Loaders not checked: the held-out split has no plain text column to feed them.")
+        return {}
+    with torch.no_grad():
+        reference = main_logits(result(**tokenizer(texts, padding=True, truncation=True, return_tensors="pt")))
+    atol = 2e-2 if plan.quantization_args.backend == "bitsandbytes" and plan.quantization_args.bits == 4 else 1e-4
+    loaders = check_loaders(ckpt, texts, reference, atol=atol)
+    log("Loads with: " + ", ".join(k for k, v in loaders.items() if v["ok"]) +
+        "; fails loudly with: " + (", ".join(k for k, v in loaders.items() if not v["ok"]) or "none") + ".")
+    return loaders
 
 
 # The embedded default is the Hub's all-MiniLM-L6-v2 shipped in a wheel: name it by its Hub id in the card.

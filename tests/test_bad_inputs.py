@@ -282,7 +282,7 @@ def test_trainer_resume_from_truncated_checkpoint_names_the_file(tmp_path):
 def test_compressed_checkpoint_missing_is_one_line(tmp_path):
     from hf_compress.pruning import load_compressed
 
-    with pytest.raises(FileNotFoundError, match=r"^No model\.compressed\.safetensors in .*; write one with `save_compressed"):
+    with pytest.raises(FileNotFoundError, match=r"^No bitmask checkpoint in .*; write one with `save_compressed"):
         load_compressed(str(tmp_path / "nothing"))
 
 
@@ -290,8 +290,8 @@ def test_compressed_checkpoint_truncated_is_one_line(tmp_path):
     from hf_compress.pruning import load_compressed, save_compressed
 
     save_compressed(_student(), str(tmp_path / "c"))
-    _truncate(tmp_path / "c" / "model.compressed.safetensors")
-    with pytest.raises(ValueError, match=r"model\.compressed\.safetensors is truncated or corrupt"):
+    _truncate(tmp_path / "c" / "model.safetensors")
+    with pytest.raises(ValueError, match=r"model\.safetensors is truncated or corrupt"):
         load_compressed(str(tmp_path / "c"))
 
 

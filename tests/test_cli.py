@@ -241,7 +241,8 @@ def test_console_script_subprocess(tmp_path):
 def test_prune_and_quantize(tiny_setup, bits):
     model, data, tmp = tiny_setup
     out = tmp / f"out{bits}"
-    rc = main(["--model", model, "--dataset", data, "--output_dir", str(out), "--sparsity", "0.5", "--bits", str(bits), *FAST])
+    rc = main(["--model", model, "--dataset", data, "--output_dir", str(out), "--sparsity", "0.5", "--bits", str(bits),
+               "--format", "bitsandbytes", *FAST])
     assert rc == 0
     report, card = _read(out)
     assert report["techniques"] == ["pruning", "quantization"]
@@ -344,10 +345,14 @@ def test_quantized_embeddings_card_loads_with_load_quantized(tiny_setup):
     model, data, tmp = tiny_setup
     out = tmp / "out-emb"
     rc = main(["--model", model, "--dataset", data, "--output_dir", str(out), "--sparsity", "0.5", "--bits", "8",
-               "--quantize_embeddings", "true", *FAST])
+               "--quantize_embeddings", "true", "--format", "bitsandbytes", *FAST])
     assert rc == 0
     report, card = _read(out)
-    assert "load_quantized(snapshot_download(" in card and "AutoModelForSequenceClassification.from_pretrained" not in card
+    assert "load_quantized(" in card and "AutoModelForSequenceClassification.from_pretrained" not in card
+    # Checked by loading: plain from_pretrained fails loudly (never silently wrong), load_quantized reproduces.
+    assert report["loaders"]["from_pretrained (without hf_compress)"]["ok"] is False
+    assert "RuntimeError" in report["loaders"]["from_pretrained (without hf_compress)"]["error"]
+    assert report["loaders"]["load_quantized"] == {"ok": True, "max_abs_logit_diff": 0.0}
     # A local dataset is named by its file name in the metadata, not by a path on this machine.
     from huggingface_hub import ModelCard
 
@@ -356,6 +361,34 @@ def test_quantized_embeddings_card_loads_with_load_quantized(tiny_setup):
     inputs = {k: torch.tensor(x) for k, x in v["inputs"].items()}
     with torch.no_grad():
         right = load_quantized(str(out))(**inputs).logits
-        plain = AutoModelForSequenceClassification.from_pretrained(str(out)).eval()(**inputs).logits
     torch.testing.assert_close(right, torch.tensor(v["logits"]), atol=1e-5, rtol=0)
-    assert (plain - torch.tensor(v["logits"])).abs().max().item() > 1e-3  # the trap the card steers around
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):  # no silent re-initialisation
+        AutoModelForSequenceClassification.from_pretrained(str(out))
+
+
+@pytest.mark.parametrize("fmt", ["compressed-tensors", "bitmask"])
+def test_format_loads_with_plain_from_pretrained(tiny_setup, fmt):
+    """The default quantized format (compressed-tensors) loads without hf_compress; bitmask only with it, loudly
+    refused without. The report says so, checked by loading, and pipeline() reproduces the recorded logits."""
+    from transformers import pipeline
+
+    model, data, tmp = tiny_setup
+    out = tmp / f"out-{fmt}"
+    args = ["--model", model, "--dataset", data, "--output_dir", str(out), "--sparsity", "0.5", *FAST]
+    rc = main(args + (["--quantize_embeddings", "true"] if fmt == "compressed-tensors" else ["--format", fmt]))
+    assert rc == 0
+    report, card = _read(out)
+    assert report["format"] == fmt
+    plain = report["loaders"]["from_pretrained (without hf_compress)"]
+    if fmt == "compressed-tensors":
+        assert plain == {"ok": True, "max_abs_logit_diff": 0.0}
+        assert json.load(open(out / "config.json"))["quantization_config"]["quant_method"] == "compressed-tensors"
+    else:
+        assert plain["ok"] is False and "RuntimeError" in plain["error"]
+        assert report["loaders"]["load_compressed"] == {"ok": True, "max_abs_logit_diff": 0.0}
+    assert report["loaders"]["pipeline()"] == {"ok": True, "max_abs_logit_diff": 0.0}
+    v = report["verification"]
+    pipe = pipeline("text-classification", model=str(out))
+    with torch.no_grad():
+        logits = pipe.model(**{k: torch.tensor(x) for k, x in v["inputs"].items()}).logits
+    torch.testing.assert_close(logits, torch.tensor(v["logits"]), atol=1e-5, rtol=0)

@@ -321,17 +321,18 @@ def test_compressed_save_reloads_bit_identical_and_is_smaller(tmp_path, tiny_ber
     for n in sd_a:
         assert sd_a[n].dtype == sd_b[n].dtype and torch.equal(_bits(sd_a[n]), _bits(sd_b[n])), n
     dense_file = os.path.getsize(tmp_path / "dense" / "model.safetensors")
-    comp_file = os.path.getsize(tmp_path / "c" / "model.compressed.safetensors")
+    comp_file = os.path.getsize(tmp_path / "c" / "model.safetensors")
     assert report["compressed_bytes"] == comp_file < dense_file
     # the file is the information limit plus the safetensors header and at most one padding byte per bitmask
-    with open(tmp_path / "c" / "model.compressed.safetensors", "rb") as f:
+    with open(tmp_path / "c" / "model.safetensors", "rb") as f:
         header = struct.unpack("<Q", f.read(8))[0]
     overhead = comp_file - 8 - header - report["information_limit_bytes"]
     assert 0 <= overhead <= report["sparse_tensors"]
     # pruned weights: (numel - round(s * numel)) fp32 values (the -0.0 among them) + one mask bit per entry
     nonzero_bits = sum((p.numel() - round(sparsity * p.numel())) * 32 + p.numel() for p in weights.values())
-    # the rest: dense fp32, except all-zero tensors (BERT's freshly initialised biases) that cost their mask bits
-    rest_bits = sum(t.numel() if not t.any() else t.numel() * 32 for n, t in sd_a.items() if n not in weights)
+    # the rest: dense fp32, except all-zero `*.weight` tensors that cost their mask bits (biases stay dense: the
+    # transformers loader pairs only `weight` with `weight_bitmask`)
+    rest_bits = sum(t.numel() if not t.any() and n.endswith(".weight") else t.numel() * 32 for n, t in sd_a.items() if n not in weights)
     assert report["information_limit_bytes"] == pytest.approx((nonzero_bits + rest_bits) / 8, abs=report["sparse_tensors"] + 1)
     logits = lambda m: m(input_ids=torch.arange(5, 17)[None]).logits  # noqa: E731
     tiny_bert.eval()
@@ -348,12 +349,12 @@ def test_compressed_save_with_tied_weights(tmp_path):
     assert reloaded.lm_head.weight.data_ptr() == reloaded.model.embed_tokens.weight.data_ptr()
     for n, t in model.state_dict().items():
         assert torch.equal(t, reloaded.state_dict()[n]), n
-    meta = json.loads(__import__("safetensors").safe_open(str(tmp_path / "c" / "model.compressed.safetensors"), "pt").metadata()["sparse"])
+    meta = json.loads(__import__("safetensors").safe_open(str(tmp_path / "c" / "model.safetensors"), "pt").metadata()["sparse"])
     assert "model.embed_tokens.weight" in meta
 
 
 def test_compressed_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="No model.compressed.safetensors in"):
+    with pytest.raises(FileNotFoundError, match="No bitmask checkpoint in"):
         load_compressed(str(tmp_path))
     with pytest.raises(ValueError, match="save_compressed needs a transformers PreTrainedModel"):
         save_compressed(torch.nn.Linear(2, 2), tmp_path / "x")

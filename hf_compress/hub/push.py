@@ -164,9 +164,12 @@ def _sha256(path: str) -> str:
 
 
 def load_checkpoint(folder: str):
-    """Load a classifier checkpoint saved densely (`from_pretrained`), with `save_compressed`, or by
-    `quantize_and_save` (`load_quantized`: low-bit embeddings, and the float32 path the report was measured on)."""
-    if os.path.isfile(os.path.join(folder, "model.compressed.safetensors")):
+    """Load a checkpoint (any task: the class comes from `config.architectures`) saved densely (`from_pretrained`), with
+    `save_compressed`, or by `quantize_and_save` (`load_quantized`: low-bit embeddings, and the float32 path the
+    report was measured on)."""
+    from hf_compress.pruning.compressed import is_bitmask_checkpoint
+
+    if is_bitmask_checkpoint(folder):
         from hf_compress.pruning import load_compressed
 
         return load_compressed(folder)
@@ -175,9 +178,12 @@ def load_checkpoint(folder: str):
             from hf_compress.quantization import load_quantized
 
             return load_quantized(folder)
-    from transformers import AutoModelForSequenceClassification
+    import transformers
 
-    return AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    from hf_compress.model_cards.loading import _config, auto_class_name
+
+    auto = auto_class_name((_config(folder).get("architectures") or [None])[0])
+    return getattr(transformers, auto).from_pretrained(folder).eval()
 
 
 def verify_pushed(folder: str, repo_id: str, revision: str, endpoint: str | None = None, token: str | None = None,

@@ -222,20 +222,9 @@ def build_model_card(
     ranked = sorted(per_layer.items(), key=lambda kv: -kv[1])
     shown = ranked if len(ranked) <= 10 else ranked[:5] + ranked[-5:]
     weight_files = size.get("compressed_weight_files") or []
-    if any(f.endswith("model.compressed.safetensors") for f in weight_files):
-        usage = (f"from hf_compress.pruning import load_compressed\nfrom huggingface_hub import snapshot_download\n\n"
-                 f"model = load_compressed(snapshot_download({repo_id or name!r}))")
-    elif any(f.endswith(EMBEDDINGS_FILE) for f in weight_files):
-        # Low-bit embedding tables are not read by `from_pretrained` (it would initialise them afresh).
-        usage = (f"from hf_compress.quantization import load_quantized\nfrom huggingface_hub import snapshot_download\n"
-                 f"from transformers import AutoTokenizer\n\n"
-                 f"model = load_quantized(snapshot_download({repo_id or name!r}))  # restores the 8/4-bit embeddings\n"
-                 f"tokenizer = AutoTokenizer.from_pretrained({repo_id or name!r})")
-    else:
-        auto = (report.get("task") or {}).get("auto_class") or "AutoModelForSequenceClassification"
-        usage = (f"from transformers import {auto}, AutoTokenizer\n\n"
-                 f"model = {auto}.from_pretrained({repo_id or name!r})\n"
-                 f"tokenizer = AutoTokenizer.from_pretrained({repo_id or name!r})")
+    from .loading import usage_snippet
+
+    usage = usage_snippet(report, repo_id or name, weight_files, folder=output_dir)
     n_eval = comp_m.get("num_examples") or base_m.get("num_examples")
     split = ev.get("split")
     eval_text = "`{}`".format(ev.get("dataset_name", dataset_id or "the evaluation data"))

@@ -144,6 +144,8 @@ def quantization_summary(model: torch.nn.Module, folder: str | None = None) -> d
     if folder and os.path.isfile(os.path.join(folder, "config.json")):
         with open(os.path.join(folder, "config.json")) as f:
             qconfig = json.load(f).get("quantization_config")
+    if (qconfig or {}).get("quant_method") == "hf_compress_bitmask":
+        qconfig = None  # a storage format for pruned weights, loaded dense: nothing is quantized
     if qconfig is None:
         cfg = getattr(getattr(model, "config", None), "quantization_config", None)
         if cfg is not None:
@@ -152,6 +154,8 @@ def quantization_summary(model: torch.nn.Module, folder: str | None = None) -> d
     if qconfig is None and not modules:
         return None
     bits = sorted({_BNB_BITS[c] for c in modules.values()})
+    if not bits and qconfig and qconfig.get("quant_method") == "compressed-tensors":
+        bits = sorted({g["weights"]["num_bits"] for g in (qconfig.get("config_groups") or {}).values() if g.get("weights")})
     if not bits and qconfig:
         bits = [4] if qconfig.get("load_in_4bit") else [8] if qconfig.get("load_in_8bit") else []
     skipped = (qconfig or {}).get("llm_int8_skip_modules") or []

@@ -18,8 +18,12 @@ import torch
 
 from .masks import pack_bool, unpack_bool
 
+# v2 (current): `model.safetensors` + a `quantization_config` that `from_pretrained` reads once hf_compress is imported
+# (see `hf_quantizer.py`); v1: `model.compressed.safetensors`, read by `load_compressed` only.
+SAFE_WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_NAME = "model.compressed.safetensors"
 FORMAT = "hf_compress.bitmask.v1"
+FORMAT_V2 = "hf_compress.bitmask.v2"
 _INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
@@ -44,15 +48,15 @@ def _unique_state(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict
 def size_report(model: torch.nn.Module) -> dict:
     """
     Sizes of `model` in bytes: `dense_bytes` (every unique tensor at its dtype) and `information_limit_bytes`
-    (sparse-stored tensors at `nonzeros x bits + numel mask bits`, the others dense), plus the global count of
+    (sparse-stored `*.weight` tensors at `nonzeros x bits + numel mask bits`, the others dense), plus the global count of
     zeros among floating-point weights.
     """
     tensors, _ = _unique_state(model)
     dense = limit = 0
-    for t in tensors.values():
+    for name, t in tensors.items():
         bits = t.element_size() * 8
         dense_bits = t.numel() * bits
-        if t.is_floating_point() and t.numel():
+        if name.endswith(".weight") and t.is_floating_point() and t.numel():
             nnz = int(_nonzero_bits(t).sum())
             limit += min(dense_bits, nnz * bits + t.numel())
         else:
@@ -77,15 +81,22 @@ def _write_atomic(output_dir: str, write) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def save_compressed(model: torch.nn.Module, output_dir: str) -> dict:
+def save_compressed(model: torch.nn.Module, output_dir: str, tokenizer=None) -> dict:
     """
     Save `model` (its config and weights) in the bitmask + nonzero-values format. Written to a temporary
     folder first and moved into place, so a failure never leaves half a checkpoint. The dense
-    `save_pretrained` stays available and is unaffected.
+    `save_pretrained` stays available and is unaffected (and is the one to share where size is not the point: it
+    loads without hf_compress).
+
+    The folder loads with `AutoModelFor*.from_pretrained(output_dir)` and `pipeline()` once `hf_compress` is
+    imported (it registers the `hf_compress_bitmask` quantization method with transformers), or with
+    [`load_compressed`]; without hf_compress, `from_pretrained` stops with a size-mismatch error rather than
+    loading random weights.
 
     Args:
         model (`torch.nn.Module`): a `PreTrainedModel` (masks made permanent or not: only the weights count).
-        output_dir (`str`): folder to write `config.json` and `model.compressed.safetensors` to.
+        output_dir (`str`): folder to write `config.json` and `model.safetensors` to.
+        tokenizer (*optional*): saved alongside when given, so `pipeline(task, model=output_dir)` works.
 
     Returns:
         `dict`: `dense_bytes`, `compressed_bytes` (the weights file on disk), `information_limit_bytes`,
@@ -93,39 +104,59 @@ def save_compressed(model: torch.nn.Module, output_dir: str) -> dict:
     """
     from safetensors.torch import save_file
 
+    from .hf_quantizer import BITMASK_SUFFIX, BitmaskConfig
+
     if not hasattr(model, "config"):
         raise ValueError(f"save_compressed needs a transformers PreTrainedModel with a `config`, got {type(model).__name__}.")
     tensors, aliases = _unique_state(model)
     out, layout = {}, {}
     for name, t in tensors.items():
         sparse = False
-        if t.is_floating_point() and t.numel():
+        # Only `*.weight` tensors: transformers' loader pairs `weight` with `weight_bitmask`.
+        if name.endswith(".weight") and t.is_floating_point() and t.numel():
             nz = _nonzero_bits(t)
             nnz = int(nz.sum())
             sparse = nnz * t.element_size() * 8 + t.numel() < t.numel() * t.element_size() * 8
         if sparse:
-            out[f"{name}.__bits"] = pack_bool(nz)
-            out[f"{name}.__values"] = t.contiguous().reshape(-1)[nz.reshape(-1)].clone()
+            # The values under the weight's own name: 1-D and shorter, so a loader that does not know the format
+            # fails on the shape instead of loading something else.
+            out[name] = t.contiguous().reshape(-1)[nz.reshape(-1)].clone()
+            out[name + BITMASK_SUFFIX] = pack_bool(nz)
             layout[name] = {"shape": list(t.shape)}
         else:
             out[name] = t.contiguous().clone()
-    metadata = {"format": FORMAT, "sparse": json.dumps(layout), "aliases": json.dumps(aliases)}
+    metadata = {"format": "pt", "hf_compress_format": FORMAT_V2, "sparse": json.dumps(layout), "aliases": json.dumps(aliases)}
 
     config = copy.deepcopy(model.config)
     config.architectures = [type(model).__name__]  # as save_pretrained does, so load_compressed finds the class
+    config.quantization_config = BitmaskConfig().to_dict()
 
     def write(folder):
         config.save_pretrained(folder)
-        save_file(out, os.path.join(folder, WEIGHTS_NAME), metadata=metadata)
+        save_file(out, os.path.join(folder, SAFE_WEIGHTS_NAME), metadata=metadata)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
 
     _write_atomic(output_dir, write)
     report = size_report(model)
     report.update(
-        compressed_bytes=os.path.getsize(os.path.join(output_dir, WEIGHTS_NAME)),
+        compressed_bytes=os.path.getsize(os.path.join(output_dir, SAFE_WEIGHTS_NAME)),
         sparse_tensors=len(layout),
         path=str(output_dir),
     )
     return report
+
+
+def is_bitmask_checkpoint(folder: str) -> bool:
+    """Whether `folder` holds a bitmask checkpoint ([`save_compressed`], either layout)."""
+    if os.path.isfile(os.path.join(folder, WEIGHTS_NAME)):
+        return True
+    try:
+        with open(os.path.join(folder, "config.json")) as f:
+            qc = json.load(f).get("quantization_config") or {}
+    except (OSError, ValueError):
+        return False
+    return qc.get("quant_method") == "hf_compress_bitmask"
 
 
 def load_compressed_state_dict(path: str) -> dict[str, torch.Tensor]:
@@ -137,15 +168,18 @@ def load_compressed_state_dict(path: str) -> dict[str, torch.Tensor]:
     check_safetensors_file(path)  # one line naming the file if it is truncated or corrupt
     with safe_open(path, framework="pt") as f:
         meta = f.metadata() or {}
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"{path} is not a {FORMAT} file (format={meta.get('format')!r}); save it with `save_compressed`.")
+        version = meta.get("hf_compress_format", meta.get("format"))
+        if version not in (FORMAT, FORMAT_V2):
+            raise ValueError(f"{path} is not a {FORMAT_V2} file (format={version!r}); save it with `save_compressed`.")
         layout, aliases = json.loads(meta["sparse"]), json.loads(meta["aliases"])
         raw = {k: f.get_tensor(k) for k in f.keys()}
+    values_key, bits_key = ("{}.__values", "{}.__bits") if version == FORMAT else ("{}", "{}_bitmask")
+    packed = {values_key.format(n) for n in layout} | {bits_key.format(n) for n in layout}
     # clone: fresh, aligned memory, as from_pretrained gives (kernels may take another path on unaligned data)
-    state = {k: v.clone() for k, v in raw.items() if not k.endswith((".__bits", ".__values"))}
+    state = {k: v.clone() for k, v in raw.items() if k not in packed}
     for name, info in layout.items():
-        values = raw[f"{name}.__values"]
-        nz = unpack_bool(raw[f"{name}.__bits"], info["shape"])
+        values = raw[values_key.format(name)]
+        nz = unpack_bool(raw[bits_key.format(name)], info["shape"])
         dense = torch.zeros(info["shape"], dtype=values.dtype)
         dense[nz] = values
         state[name] = dense
@@ -171,8 +205,12 @@ def load_compressed(model_dir: str, model_class=None):
 
     path = os.path.join(model_dir, WEIGHTS_NAME)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"No {WEIGHTS_NAME} in {model_dir}; write one with `save_compressed(model, dir)`.")
+        path = os.path.join(model_dir, SAFE_WEIGHTS_NAME)
+    if not is_bitmask_checkpoint(model_dir) or not os.path.isfile(path):
+        raise FileNotFoundError(f"No bitmask checkpoint in {model_dir}; write one with `save_compressed(model, dir)`.")
     config = AutoConfig.from_pretrained(model_dir)
+    if getattr(config, "quantization_config", None) is not None:
+        del config.quantization_config  # the model is rebuilt dense
     if model_class is None:
         arch = (config.architectures or [None])[0]
         model_class = getattr(transformers, arch, None) if arch else None

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 BITS = (4, 8)
 QUANT_TYPES = ("nf4", "fp4")
+# `compressed-tensors` (pack-quantized int8/int4, loads with plain `from_pretrained` and vLLM) or `bitsandbytes`.
+BACKENDS = ("bitsandbytes", "compressed-tensors")
 # Task heads kept in full precision by default: a bnb-quantized head that was newly initialised breaks the
 # forward pass on CPU, and the head is a tiny share of the parameters anyway.
 DEFAULT_HEAD_MODULES = ("classifier", "qa_outputs", "lm_head", "score")
@@ -18,10 +20,17 @@ class QuantizationArguments:
     [`TrainingArguments`], so both parse with one `HfArgumentParser`.
 
     Parameters:
+        backend (`str`, *optional*, defaults to `"bitsandbytes"`):
+            `bitsandbytes` (LLM.int8 / NF4 / FP4, the format QLoRA fine-tunes on) or `compressed-tensors`
+            (symmetric int8 / int4 in the `pack-quantized` format: plain `from_pretrained`, `pipeline()` and vLLM load
+            it with only `compressed-tensors` installed).
         bits (`int`, *optional*, defaults to `8`):
             `8` for LLM.int8 (row-wise absmax int8 weights) or `4` for block-wise NF4 / FP4 (QLoRA).
         quant_type (`str`, *optional*, defaults to `"nf4"`):
             4-bit data type, `nf4` or `fp4`. Ignored with `bits=8`.
+        group_size (`int`, *optional*):
+            `compressed-tensors` only: one scale per `group_size` consecutive input weights of a row; `None` is one
+            scale per output channel (row). Layers whose input width is not a multiple stay in full precision.
         double_quant (`bool`, *optional*, defaults to `False`):
             4-bit only: also quantize the per-block absmax values (8-bit, blocks of 256).
         quantize_embeddings (`bool`, *optional*, defaults to `False`):
@@ -36,7 +45,14 @@ class QuantizationArguments:
             [`QATCallback`]: fake-quantize during the last `qat_fraction` of the optimizer steps (in (0, 1]).
     """
 
-    bits: int = field(default=8, metadata={"help": "Bits per weight: 8 (LLM.int8) or 4 (NF4/FP4)."})
+    backend: str = field(
+        default="bitsandbytes",
+        metadata={"help": "Quantized format: bitsandbytes (LLM.int8/NF4/FP4) or compressed-tensors (int8/int4 pack-quantized)."},
+    )
+    bits: int = field(default=8, metadata={"help": "Bits per weight: 8 (LLM.int8 / int8) or 4 (NF4/FP4 / int4)."})
+    group_size: int | None = field(
+        default=None, metadata={"help": "compressed-tensors: weights per scale along a row (default: one scale per row)."}
+    )
     quant_type: str = field(default="nf4", metadata={"help": "4-bit data type: nf4 or fp4."})
     double_quant: bool = field(
         default=False, metadata={"help": "4-bit only: also quantize the per-block absmax values."}
@@ -61,6 +77,15 @@ class QuantizationArguments:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__}).")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}.")
+        if self.group_size is not None:
+            if self.backend != "compressed-tensors":
+                raise ValueError(f"group_size applies to backend='compressed-tensors', got backend={self.backend!r}; drop it or set `backend='compressed-tensors'`.")
+            if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1:
+                raise ValueError(f"group_size must be a positive integer (e.g. 32, 64, 128) or None for per-channel, got {self.group_size!r}.")
+        if self.backend == "compressed-tensors" and self.double_quant:
+            raise ValueError("double_quant is a bitsandbytes option, got backend='compressed-tensors'; drop it.")
         if isinstance(self.bits, bool) or self.bits not in BITS:
             raise ValueError(f"bits must be 4 or 8, got {self.bits!r}; use 8 for LLM.int8 or 4 for NF4/FP4.")
         if self.quant_type not in QUANT_TYPES:

@@ -19,6 +19,9 @@ from .config import DEFAULT_HEAD_MODULES, QuantizationArguments
 EMBEDDINGS_FILE = "quantized_embeddings.safetensors"
 EMBEDDINGS_CONFIG_KEY = "hf_compress_quantized_embeddings"
 REPORT_FILE = "quantization_report.json"
+# Stands in `model.safetensors` for each embedding stored in low bits: its shape differs from the model's, so a plain
+# `from_pretrained` / `pipeline()` stops with a size-mismatch error instead of silently re-initialising the table.
+EMBEDDING_SENTINEL_SHAPE = (0,)
 SUPPORTED_DEVICES = ("cpu", "cuda", "xpu")
 # bitsandbytes' 4-bit blocks (64 values) and the row tiles of its AVX512-BF16 CPU inference kernel (32 rows).
 BLOCKSIZE_4BIT = 64
@@ -125,7 +128,12 @@ def use_reference_cpu_kernel(model, enabled: bool = True):
 
 
 def quantization_targets(model, args: QuantizationArguments) -> tuple[list[str], list[str]]:
-    """(Linear layers bitsandbytes will quantize, embedding tables stored in low bits) for `model`, by name."""
+    """(Linear layers bitsandbytes will quantize, embedding tables stored in low bits) for `model`, by name; with
+    `backend="compressed-tensors"` the weights its QAT fake-quantizes ([`compressed_tensors.targets_for_qat`])."""
+    if args.backend == "compressed-tensors":
+        from .compressed_tensors import targets_for_qat
+
+        return targets_for_qat(model, args)
     skip = resolve_skip_modules(model, args)
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and should_quantize(n, skip)]
     embeddings = []
@@ -150,7 +158,7 @@ def _plain_copy(model):
     """
     from torch.nn.utils import parametrize
 
-    from .qat import BnbFakeQuantize
+    from .qat import FakeQuantize
 
     state = model.state_dict()
     with torch.no_grad():
@@ -161,7 +169,7 @@ def _plain_copy(model):
             for name, plist in module.parametrizations.items():
                 value = plist.original
                 for p in plist:
-                    if not isinstance(p, BnbFakeQuantize):
+                    if not isinstance(p, FakeQuantize):
                         value = p(value)
                 inner = f"{prefix}parametrizations.{name}."
                 state = {k: v for k, v in state.items() if not k.startswith(inner)}
@@ -225,6 +233,11 @@ def quantize_model(model, args: QuantizationArguments):
     Returns:
         `(quantized_model, info)`: the bitsandbytes model in eval mode and a dict saying what was quantized.
     """
+    if getattr(args, "backend", None) == "compressed-tensors":
+        from . import compressed_tensors
+
+        qmodel, _, info = compressed_tensors.quantize_model(model, args)
+        return qmodel, info
     device = _check(model, args)
     qmodel, info, embedding_tensors = _quantize_linears(model, args, device)
     return _swap_embeddings(qmodel, embedding_tensors, args.bits, args.quant_type), info
@@ -244,6 +257,22 @@ def _strip_keys(folder: Path, keys: set[str]) -> None:
         data = json.loads(index.read_text())
         data["weight_map"] = {k: v for k, v in data["weight_map"].items() if k not in keys}
         index.write_text(json.dumps(data, indent=2))
+
+
+def _add_sentinels(folder: Path, keys: list[str]) -> None:
+    """Write an empty tensor under each of `keys` in the (first) weights file: see `EMBEDDING_SENTINEL_SHAPE`."""
+    from safetensors.torch import load_file, save_file
+
+    index = folder / "model.safetensors.index.json"
+    shard = folder / "model.safetensors"
+    if index.exists():
+        data = json.loads(index.read_text())
+        shard = folder / sorted(set(data["weight_map"].values()))[0]
+        data["weight_map"].update({k: shard.name for k in keys})
+        index.write_text(json.dumps(data, indent=2))
+    tensors = load_file(shard)
+    tensors.update({k: torch.zeros(EMBEDDING_SENTINEL_SHAPE, dtype=torch.uint8) for k in keys})
+    save_file(tensors, shard, metadata={"format": "pt"})
 
 
 def folder_bytes(folder) -> dict[str, int]:
@@ -279,6 +308,10 @@ def quantize_and_save(model, output_dir, args: QuantizationArguments, tokenizer=
         `bytes_on_disk` (whole folder), `weight_bytes_on_disk` (safetensors files), `source_weight_bytes`
         (the full-precision state dict), `output_dir` and `reload` (how to load it back).
     """
+    if getattr(args, "backend", None) == "compressed-tensors":  # pack-quantized int8/int4: see `compressed_tensors.py`
+        from . import compressed_tensors
+
+        return compressed_tensors.save(model, output_dir, args, tokenizer=tokenizer)
     device = _check(model, args)
     output_dir = Path(output_dir)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -313,6 +346,7 @@ def _save_embeddings(folder: Path, embedding_tensors, args: QuantizationArgument
     flat = {f"{name}.{k}": v.contiguous().cpu() for name, tensors in embedding_tensors.items() for k, v in tensors.items()}
     save_file(flat, folder / EMBEDDINGS_FILE, metadata={"format": "pt"})
     _strip_keys(folder, {f"{name}.weight" for name in embedding_tensors})
+    _add_sentinels(folder, [f"{name}.weight" for name in embedding_tensors])
     config_path = folder / "config.json"
     config = json.loads(config_path.read_text())
     config[EMBEDDINGS_CONFIG_KEY] = {"bits": args.bits, "quant_type": args.quant_type, "modules": list(embedding_tensors)}
@@ -346,13 +380,20 @@ def load_quantized(path, model_class=None, device=None, cpu_bf16_kernel: bool = 
     verbosity = transformers.logging.get_verbosity()
     if stored:
         require_bitsandbytes(stored["bits"])
-        # The embedding weights are not in model.safetensors: silence the expected MISSING report.
+        # The embedding weights in model.safetensors are empty sentinels (or absent in older exports): silence the
+        # expected MISMATCH report, then check that nothing else mismatched.
         transformers.logging.set_verbosity_error()
+        kwargs = {**kwargs, "ignore_mismatched_sizes": True, "output_loading_info": True}
     try:
         model = model_class.from_pretrained(path, device_map={"": device}, **kwargs)
     finally:
         transformers.logging.set_verbosity(verbosity)
     if stored:
+        model, loading_info = model
+        expected = {f"{name}.weight" for name in stored["modules"]}
+        other = sorted({k if isinstance(k, str) else k[0] for k in loading_info.get("mismatched_keys", ())} - expected)
+        if other:
+            raise ValueError(f"{path}: weights {other} do not match the model's shapes; re-export the checkpoint.")
         flat = load_file(path / EMBEDDINGS_FILE)
         tensors = {
             name: {k.removeprefix(name + "."): v for k, v in flat.items() if k.startswith(name + ".")}

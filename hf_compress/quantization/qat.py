@@ -1,4 +1,5 @@
-"""Quantization-aware fine-tuning: bnb's exact numerics as `torch.nn.utils.parametrize` fake quantizers."""
+"""Quantization-aware fine-tuning: the export's exact numerics (bitsandbytes or compressed-tensors) as
+`torch.nn.utils.parametrize` fake quantizers."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ _ORIGINAL = "parametrizations.weight.original"
 
 
 def _only_fake_quant(module: nn.Module) -> bool:
-    return all(isinstance(p, BnbFakeQuantize) for p in module.parametrizations.weight)
+    return all(isinstance(p, FakeQuantize) for p in module.parametrizations.weight)
 
 
 def _save_plain_names(module, state_dict, prefix, local_metadata):
@@ -30,7 +31,11 @@ def _load_plain_names(module, state_dict, prefix, *args):
         state_dict[prefix + _ORIGINAL] = state_dict.pop(prefix + "weight")
 
 
-class BnbFakeQuantize(nn.Module):
+class FakeQuantize(nn.Module):
+    """Base class of the fake quantizers: what [`remove_fake_quant`] and the export recognise."""
+
+
+class BnbFakeQuantize(FakeQuantize):
     r"""
     Parametrization of a `weight`: in the forward pass the value bitsandbytes would multiply by after export,
     in the backward pass the gradient of the full-precision weight (straight-through estimator). The optimizer
@@ -55,6 +60,30 @@ class BnbFakeQuantize(nn.Module):
         return f"bits={self.bits}, quant_type={self.quant_type}, double_quant={self.double_quant}"
 
 
+class IntFakeQuantize(FakeQuantize):
+    r"""
+    Parametrization of a `weight`: in the forward pass the weight a compressed-tensors `pack-quantized` checkpoint
+    reloads to (symmetric int8 / int4, per channel or per group, [`fake_quantize_int`]), in the backward pass the
+    gradient of the full-precision weight (straight-through estimator).
+
+    Args:
+        bits (`int`): 8 or 4.
+        group_size (`int`, *optional*): Weights per scale along a row; `None` is one scale per row.
+    """
+
+    def __init__(self, bits: int, group_size: int | None = None):
+        super().__init__()
+        self.bits, self.group_size = bits, group_size
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        from .compressed_tensors import fake_quantize_int
+
+        return straight_through(weight, fake_quantize_int(weight, self.bits, self.group_size))
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, group_size={self.group_size}"
+
+
 def _int8_activation_hook(threshold: float):
     """Forward hook replaying LLM.int8 inference (int8 activations, outliers in full precision) on a
     fake-quantized Linear; the gradient still flows through the plain product."""
@@ -72,13 +101,15 @@ def _int8_activation_hook(threshold: float):
 
 def is_fake_quantized(module: nn.Module) -> bool:
     return parametrize.is_parametrized(module, "weight") and any(
-        isinstance(p, BnbFakeQuantize) for p in module.parametrizations.weight
+        isinstance(p, FakeQuantize) for p in module.parametrizations.weight
     )
 
 
 def attach_fake_quant(model: nn.Module, args: QuantizationArguments, linear_names: list[str], embedding_names=()) -> int:
-    """Register [`BnbFakeQuantize`] on the weights of `linear_names` (and `embedding_names`); in 8-bit also
-    replay the int8 activation quantization. Returns the number of modules now fake-quantized."""
+    """Register the export's fake quantizer on the weights of `linear_names` (and `embedding_names`):
+    [`BnbFakeQuantize`] (in 8-bit also replaying LLM.int8's activation quantization) or, with
+    `args.backend="compressed-tensors"`, [`IntFakeQuantize`]. Returns the number of modules now fake-quantized."""
+    bnb = getattr(args, "backend", "bitsandbytes") == "bitsandbytes"
     count = 0
     modules = dict(model.named_modules())
     for name in list(linear_names) + list(embedding_names):
@@ -86,10 +117,12 @@ def attach_fake_quant(model: nn.Module, args: QuantizationArguments, linear_name
         if is_fake_quantized(module):
             continue
         embedding = name in embedding_names
-        parametrize.register_parametrization(
-            module, "weight", BnbFakeQuantize(args.bits, args.quant_type, args.double_quant and not embedding, embedding)
-        )
-        if args.bits == 8 and not embedding:
+        if bnb:
+            fake = BnbFakeQuantize(args.bits, args.quant_type, args.double_quant and not embedding, embedding)
+        else:
+            fake = IntFakeQuantize(args.bits, args.group_size)
+        parametrize.register_parametrization(module, "weight", fake)
+        if bnb and args.bits == 8 and not embedding:
             setattr(module, _HOOK_ATTR, module.register_forward_hook(_int8_activation_hook(args.llm_int8_threshold)))
         setattr(module, _STATE_HOOKS_ATTR, [
             module._register_state_dict_hook(_save_plain_names),
@@ -100,7 +133,7 @@ def attach_fake_quant(model: nn.Module, args: QuantizationArguments, linear_name
 
 
 def remove_fake_quant(model: nn.Module) -> int:
-    """Remove every [`BnbFakeQuantize`] (and int8 hook), keeping the full-precision weights and any other
+    """Remove every fake quantizer (and int8 hook), keeping the full-precision weights and any other
     parametrization (e.g. pruning masks) in place. Returns the number of modules restored."""
     count = 0
     for module in model.modules():
@@ -115,7 +148,7 @@ def remove_fake_quant(model: nn.Module) -> int:
         if not is_fake_quantized(module):
             continue
         plist = module.parametrizations.weight
-        others = [p for p in plist if not isinstance(p, BnbFakeQuantize)]
+        others = [p for p in plist if not isinstance(p, FakeQuantize)]
         original = plist.original
         parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
         module.weight = original
