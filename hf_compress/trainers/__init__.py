@@ -1,5 +1,5 @@
 """Trainer subclasses: only distillation changes the loss; everything else is a callback."""
 
-from .distillation import DistillationTrainer
+from .distillation import DistillationMixin, DistillationTrainer
 
-__all__ = ["DistillationTrainer"]
+__all__ = ["DistillationMixin", "DistillationTrainer"]
