@@ -148,6 +148,13 @@ def example_spans(input_ids: torch.Tensor, examples: list, padding_side: str = "
     )
 
 
+def _span_mask(input_ids: torch.Tensor, spans) -> torch.Tensor:
+    mask = torch.zeros(input_ids.shape if input_ids.dim() == 2 else (1, input_ids.numel()), dtype=torch.long)
+    for r, s, n in spans:
+        mask[r, s : s + n] = 1
+    return mask.reshape(input_ids.shape)
+
+
 def _features(task: str, dtype: str, top_k: int | None):
     import datasets
 
@@ -208,8 +215,11 @@ def compute_teacher_cache(
         for start in range(0, len(dataset), batch_size):
             examples = [dict(r) for r in dataset.select_columns(cols).select(range(start, min(start + batch_size, len(dataset))))]
             batch = collator(examples)
-            out = teacher_forward(teacher, batch, task, width)
             spans = example_spans(batch["input_ids"], [e["input_ids"] for e in examples], padding_side) if per_position else None
+            if per_position and "attention_mask" not in batch and "position_ids" not in batch:
+                # The collator dropped the mask: give the teacher one, so padding never leaks into cached logits.
+                batch = dict(batch, attention_mask=_span_mask(batch["input_ids"], spans))
+            out = teacher_forward(teacher, batch, task, width)
             rows = {name: [] for name in features}
             for i in range(len(examples)):
                 parts = {}
