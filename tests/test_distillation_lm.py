@@ -285,3 +285,18 @@ def test_collator_that_changes_input_ids_is_refused_in_one_line(tmp_path):
             model=student, teacher_model=teacher, args=args(tmp_path, cache_teacher_logits=True),
             train_dataset=mixed_length_lm_dataset(), data_collator=truncating,
         )
+
+
+def test_cached_training_evaluates_with_the_live_teacher(tmp_path):
+    student, teacher = pair()
+    ds = mixed_length_lm_dataset()
+    trainer = DistillationTrainer(
+        model=student, teacher_model=teacher, args=args(tmp_path, cache_teacher_logits=True, eval_strategy="steps", eval_steps=2),
+        train_dataset=ds, eval_dataset=ds.select(range(5)), data_collator=PadCollator("left"),
+    )
+    trainer.train()
+    student.eval()
+    hard, soft = unpadded_reference(student, teacher, ds.select(range(5))["input_ids"])
+    metrics = trainer.evaluate()
+    assert metrics["eval_hard_loss"] == pytest.approx(hard, rel=1e-4)
+    assert metrics["eval_soft_loss"] == pytest.approx(soft, rel=1e-4)

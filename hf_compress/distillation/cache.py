@@ -320,6 +320,8 @@ class TeacherCacheCollator:
         return [values[offsets[i] : offsets[i + 1]] for i in range(len(column))]
 
     def __call__(self, features):
+        if ROW not in features[0]:  # evaluation / prediction sets: the live teacher scores them
+            return self.collator(features)
         rows = [int(f[ROW]) for f in features]
         batch = self.collator([{k: v for k, v in f.items() if k != ROW} for f in features])
         table = self.cache[rows]
