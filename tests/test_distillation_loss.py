@@ -194,3 +194,10 @@ def test_gradient_flows_to_student_only():
 def test_bad_hyperparameters(kwargs, message):
     with pytest.raises(ValueError, match=message):
         distillation_loss(torch.randn(2, 3), torch.randn(2, 3), torch.tensor([0, 1]), **kwargs)
+
+
+def test_raw_topk_logits_are_refused_in_one_line():
+    t = torch.randn(2, 10) * 3
+    values, idx = t.topk(4, dim=-1)
+    with pytest.raises(ValueError, match=r"^With `teacher_indices`, `teacher_logits` must be the top-k log-probabilities"):
+        soft_target_kl(torch.randn(2, 10), values + 5, teacher_indices=idx)

@@ -184,6 +184,11 @@ def _run(student_logits, teacher_logits, labels, mask, temperature, teacher_indi
         )
     t = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1])
     idx = None if teacher_indices is None else teacher_indices.reshape(-1, teacher_indices.shape[-1])
+    if idx is not None and t.numel() and float(t.float().exp().sum(-1).max()) > 1.001:
+        raise ValueError(
+            "With `teacher_indices`, `teacher_logits` must be the top-k log-probabilities from `teacher_top_k` (their "
+            "probabilities sum to at most 1), not raw logits; call `teacher_top_k(logits, k, temperature)`."
+        )
     y = labels.reshape(-1) if labels is not None else mask.reshape(-1).long()  # placeholder when there are none
     m = mask.reshape(-1).to(z.device)
     rows = chunk_size or max(1, _CHUNK_ELEMENTS // width)

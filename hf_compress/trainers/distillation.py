@@ -55,7 +55,7 @@ class DistillationMixin:
         teacher = load_teacher(teacher_model, task, args.teacher_dtype)
         if teacher_tokenizer is None and isinstance(teacher_model, str):
             teacher_tokenizer = _try_load_tokenizer(teacher_model)
-        processing_class = kwargs.get("processing_class")
+        processing_class = _tokenizer_of(kwargs.get("processing_class"))
         # Checked before the Trainer sets anything up: a mismatch is a one-line error, not a crash mid-epoch. A
         # trainer that loads its own tokenizer (SFTTrainer) is checked once it has it.
         if isinstance(model, torch.nn.Module) and (processing_class is not None or self.default_task is None):
@@ -64,10 +64,8 @@ class DistillationMixin:
             _check_tokenized(kwargs.get("train_dataset"), "train_dataset")
         super().__init__(model=model, args=args, **kwargs)
         self.task = task
-        tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
         self.teacher_width = check_compatible(
-            self.accelerator.unwrap_model(self.model), teacher, task, tokenizer if hasattr(tokenizer, "get_vocab") else None,
-            teacher_tokenizer,
+            self.accelerator.unwrap_model(self.model), teacher, task, _tokenizer_of(self.processing_class), teacher_tokenizer
         )
         self.teacher = prepare_teacher(
             teacher, args.teacher_device or self.args.device, args.teacher_dtype,
@@ -247,6 +245,12 @@ def _check_tokenized(dataset, name: str) -> None:
             f"{name} has no `input_ids` column (columns: {cols}); tokenize it first, "
             "e.g. `dataset.map(lambda b: tokenizer(b['text']), batched=True)`."
         )
+
+
+def _tokenizer_of(processing_class):
+    """The tokenizer of a tokenizer or a processor (`processor.tokenizer`); `None` for anything else."""
+    tokenizer = getattr(processing_class, "tokenizer", processing_class)
+    return tokenizer if hasattr(tokenizer, "get_vocab") else None
 
 
 def _padding_side(processing_class, collator) -> str:
