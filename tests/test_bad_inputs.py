@@ -130,7 +130,9 @@ TRAINER_TABLE = [
                  r"^The student has num_labels 2 but the teacher has 3; use a teacher trained on the same labels\.$",
                  id="teacher-num_labels"),
     pytest.param(lambda p: _trainer(p, _llama(vocab_size=50), model=_llama()), ValueError,
-                 r"^The student has vocab_size 97 but the teacher has 50; use a teacher with the same tokenizer\.$",
+                 r"^The student has vocab_size 97 but the teacher has 50; use a teacher with the same tokenizer \(if one "
+                 r"embedding is only padded, pass the tokenizer as `processing_class` so the shared vocabulary can be "
+                 r"checked\)\.$",
                  id="teacher-vocab"),
     pytest.param(lambda p: _trainer(p, _bert(id2label={0: "neg", 1: "pos"}),
                                     model=_bert(id2label={0: "pos", 1: "neg"})), ValueError,

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from hf_compress.distillation import distillation_loss, soft_target_kl
+from hf_compress.distillation import distillation_loss, soft_target_kl, teacher_top_k
 
 
 def hand_kl(s, t, T):
@@ -95,14 +95,89 @@ def test_without_labels_the_loss_is_the_soft_part_over_attended_positions():
     assert out.loss.item() == pytest.approx(soft_target_kl(s[mask.bool()], t[mask.bool()]).item(), rel=1e-6)
 
 
-def test_topk_with_full_k_equals_dense_and_smaller_k_is_close():
+def test_topk_with_full_k_equals_dense():
     torch.manual_seed(7)
     s, t = torch.randn(3, 4, 50), torch.randn(3, 4, 50) * 3
     dense = soft_target_kl(s, t, 2.0)
-    vals, idx = t.topk(50, dim=-1)
-    assert soft_target_kl(s, vals, 2.0, teacher_indices=idx).item() == pytest.approx(dense.item(), rel=1e-5)
-    vals, idx = t.topk(40, dim=-1)
-    assert soft_target_kl(s, vals, 2.0, teacher_indices=idx).item() == pytest.approx(dense.item(), rel=0.1)
+    logp, idx = teacher_top_k(t, 50, 2.0)
+    assert soft_target_kl(s, logp, 2.0, teacher_indices=idx).item() == pytest.approx(dense.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("k", [1, 5, 20])
+def test_topk_student_equal_to_teacher_has_zero_soft_loss(k):
+    """The tail bucket keeps the rest of the mass: renormalising over the top k would give log(1 / mass) > 0."""
+    torch.manual_seed(8)
+    t = torch.randn(2, 6, 50) * 2
+    logp, idx = teacher_top_k(t, k, 3.0)
+    assert soft_target_kl(t.clone(), logp, 3.0, teacher_indices=idx).item() == pytest.approx(0.0, abs=1e-5)
+    out = distillation_loss(t.clone(), logp, torch.randint(0, 50, (2, 6)), 3.0, 1.0, teacher_indices=idx)
+    assert out.soft_loss.item() == pytest.approx(0.0, abs=1e-5)
+
+
+def test_topk_applies_temperature_before_truncation_and_matches_hand_kl():
+    torch.manual_seed(9)
+    s, t, T, k = torch.randn(4, 12), torch.randn(4, 12) * 2, 2.5, 3
+    logp, idx = teacher_top_k(t, k, T)
+    expected = 0.0
+    for r in range(4):
+        pt = torch.softmax(t[r] / T, -1).tolist()  # softened over all 12 classes, then truncated
+        ps = torch.softmax(s[r] / T, -1).tolist()
+        top = sorted(range(12), key=lambda j: -pt[j])[:k]
+        assert idx[r].tolist() == top
+        assert logp[r].tolist() == pytest.approx([math.log(pt[j]) for j in top], rel=1e-5)
+        p_tail, q_tail = 1 - sum(pt[j] for j in top), 1 - sum(ps[j] for j in top)
+        kl = sum(pt[j] * math.log(pt[j] / ps[j]) for j in top) + p_tail * math.log(p_tail / q_tail)
+        expected += T * T * kl / 4
+    assert soft_target_kl(s, logp, T, teacher_indices=idx).item() == pytest.approx(expected, rel=1e-5)
+
+
+def _reference(s, t, y, T, alpha, idx=None):
+    """The loss written with plain autograd ops on full float32 tensors (no chunks, no custom backward)."""
+    logq = torch.log_softmax(s.float() / T, -1)
+    if idx is None:
+        logp = torch.log_softmax(t.float() / T, -1)
+        kl = (logp.exp() * (logp - logq)).sum(-1)
+    else:
+        p_k = t.exp()
+        p_tail = 1 - p_k.sum(-1)
+        q_tail = 1 - logq.exp().gather(-1, idx).sum(-1)
+        kl = (p_k * (t - logq.gather(-1, idx))).sum(-1) + p_tail * (p_tail.log() - q_tail.log())
+    keep = y.ne(-100)
+    ce = torch.nn.functional.cross_entropy(s.float()[keep], y[keep])
+    return (1 - alpha) * ce + alpha * T * T * kl[keep].mean()
+
+
+@pytest.mark.parametrize("top_k", [None, 7])
+@pytest.mark.parametrize("chunk_size", [1, 4, None])
+def test_chunked_loss_and_gradient_equal_plain_autograd(top_k, chunk_size):
+    torch.manual_seed(10)
+    s = torch.randn(3, 5, 40, requires_grad=True)
+    t = torch.randn(3, 5, 40) * 2
+    y = torch.randint(0, 40, (3, 5))
+    y[0, :2] = y[2, 4] = -100
+    idx = None
+    if top_k:
+        t, idx = teacher_top_k(t, top_k, 2.0)
+    out = distillation_loss(s, t, y, 2.0, 0.3, teacher_indices=idx, chunk_size=chunk_size)
+    (grad,) = torch.autograd.grad(out.loss * 1.7, s)
+    s2 = s.detach().clone().requires_grad_(True)
+    ref = _reference(s2, t, y, 2.0, 0.3, idx)
+    (ref_grad,) = torch.autograd.grad(ref * 1.7, s2)
+    assert out.loss.item() == pytest.approx(ref.item(), rel=1e-5)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-6)
+    assert grad[0, :2].abs().sum() == 0 and grad[2, 4].abs().sum() == 0  # ignored positions get no gradient
+
+
+def test_bf16_logits_get_a_bf16_gradient_close_to_float32():
+    torch.manual_seed(11)
+    s = torch.randn(2, 6, 64)
+    t, y = torch.randn(2, 6, 64), torch.randint(0, 64, (2, 6))
+    s16 = s.bfloat16().requires_grad_(True)
+    s32 = s.bfloat16().float().requires_grad_(True)
+    distillation_loss(s16, t, y).loss.backward()
+    distillation_loss(s32, t, y).loss.backward()
+    assert s16.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(s16.grad.float(), s32.grad, rtol=2e-2, atol=1e-3)
 
 
 def test_gradient_flows_to_student_only():
@@ -119,3 +194,10 @@ def test_gradient_flows_to_student_only():
 def test_bad_hyperparameters(kwargs, message):
     with pytest.raises(ValueError, match=message):
         distillation_loss(torch.randn(2, 3), torch.randn(2, 3), torch.tensor([0, 1]), **kwargs)
+
+
+def test_raw_topk_logits_are_refused_in_one_line():
+    t = torch.randn(2, 10) * 3
+    values, idx = t.topk(4, dim=-1)
+    with pytest.raises(ValueError, match=r"^With `teacher_indices`, `teacher_logits` must be the top-k log-probabilities"):
+        soft_target_kl(torch.randn(2, 10), values + 5, teacher_indices=idx)

@@ -120,7 +120,8 @@ def test_cached_teacher_logits_train_exactly_like_the_live_teacher(tmp_path):
         a = args(tmp_path / str(cached), cache_teacher_logits=cached, max_steps=6)
         t = DistillationTrainer(model=student, teacher_model=teacher, args=a, train_dataset=random_classification_dataset())
         if cached:
-            assert "teacher_logits" in t.train_dataset.column_names
+            assert "teacher_logits" in t.teacher_cache.column_names
+            assert "teacher_cache_row" in t.train_dataset.column_names
             t.teacher.forward = None  # the cached run must not call the teacher during training
         t.train()
         runs[cached] = student.state_dict()
@@ -150,13 +151,20 @@ def test_topk_cache_and_cache_dir_reuse(tmp_path):
     cache_dir = str(tmp_path / "teacher-cache")
     a = args(tmp_path, cache_teacher_logits=True, teacher_logits_top_k=5, teacher_cache_dir=cache_dir)
     t1 = DistillationTrainer(model=student, teacher_model=teacher, args=a, train_dataset=random_lm_dataset())
-    row = t1.train_dataset[0]
-    assert len(row["teacher_logits"][0]) == 5 and len(row["teacher_indices"][0]) == 5
+    row = t1.teacher_cache[0]
+    assert row["length"] == 16 and len(row["teacher_logits"]) == 16 * 5 and len(row["teacher_indices"]) == 16 * 5
     t1.train()
     # A second trainer reuses the saved cache instead of running the teacher.
+    forward = teacher.forward
     teacher.forward = None
     t2 = DistillationTrainer(model=student, teacher_model=teacher, args=a, train_dataset=random_lm_dataset())
-    assert t2.train_dataset[0]["teacher_indices"] == row["teacher_indices"]
+    assert t2.teacher_cache[0]["teacher_indices"] == row["teacher_indices"]
+    # Another teacher (changed weights) or another top_k never reuses it.
+    teacher.forward = forward
+    with torch.no_grad():
+        teacher.lm_head.weight.mul_(2)
+    t3 = DistillationTrainer(model=student, teacher_model=teacher, args=a, train_dataset=random_lm_dataset())
+    assert t3.teacher_cache[0]["teacher_logits"] != row["teacher_logits"]
 
 
 def test_gradient_accumulation_matches_one_big_batch(tmp_path):

@@ -1,7 +1,7 @@
 """Knowledge distillation: pure loss functions, teacher handling and the teacher-logit cache."""
 
 from .config import DistillationArguments
-from .loss import DistillationLoss, distillation_loss, soft_target_kl
+from .loss import DistillationLoss, distillation_loss, loss_mask, soft_target_kl, teacher_top_k
 from .student import layer_dropped_student
 from .teacher import check_compatible, infer_task
 
@@ -12,5 +12,7 @@ __all__ = [
     "distillation_loss",
     "infer_task",
     "layer_dropped_student",
+    "loss_mask",
     "soft_target_kl",
+    "teacher_top_k",
 ]

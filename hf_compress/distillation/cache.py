@@ -1,109 +1,356 @@
-"""Teacher-logit cache: run the teacher once over the training set and store its logits with `datasets`."""
+"""Teacher-logit cache: run the teacher once over the training set and keep its logits on disk (Arrow).
+
+Layout: one Arrow file (`teacher_logits.arrow`, memory-mapped by `datasets`) with one row per training example, in
+dataset order. Per-position tasks store only the example's own positions (no padding), flattened: `length * width`
+values per row. The file is written batch by batch as the teacher runs, in float32, float16 or bfloat16 (kept as
+its 16-bit pattern: Arrow has no bfloat16), so a large cache never passes through Python lists of floats. With
+`top_k`, only the k most probable classes per position are kept, as log-probabilities at the distillation
+temperature plus their ids ([`~hf_compress.distillation.teacher_top_k`]); the loss adds the tail bucket.
+
+The training set only gains an integer column (`teacher_cache_row`); [`TeacherCacheCollator`] reads those rows from
+the cache and places them where the collator put each example's tokens (found by matching the token ids, so right
+or left padding, a collator that drops `attention_mask`, and padding-free packing all line up).
+
+The cache is keyed on the teacher (name or path, revision, class, dtype and a digest of sampled weights), the task,
+`top_k`, the temperature (top-k only), the stored dtype and width, and the dataset's fingerprint and size: switching
+teachers or data never reuses stale logits.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
+import shutil
 
+import numpy as np
 import torch
+
+logger = logging.getLogger(__name__)
 
 LOGITS, INDICES, START, END = "teacher_logits", "teacher_indices", "teacher_start_logits", "teacher_end_logits"
 CACHE_COLUMNS = (LOGITS, INDICES, START, END)
+ROW = "teacher_cache_row"  # the training set's pointer into the cache
+LENGTH = "length"
+COVERED = "teacher_cache_mask"  # the batch positions that hold cached logits
+KEY_FILE = "hf_compress_teacher_cache.json"
+DATA_FILE = "teacher_logits.arrow"
+CACHE_DTYPES = ("float32", "float16", "bfloat16")
+# A full-vocabulary cache larger than this gets a one-line warning suggesting `teacher_logits_top_k`.
+FULL_CACHE_WARN_BYTES = 2 << 30
 _PAD_LOGIT = -1e4  # QA positions added by padding get no teacher probability
+_MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 
 
 @torch.no_grad()
-def teacher_forward(teacher, batch: dict, task: str) -> dict[str, torch.Tensor]:
-    """The teacher's logits for a batch, on the teacher's device; labels are never passed to it."""
-    device = next(teacher.parameters()).device
-    inputs = {
-        k: v.to(device) for k, v in batch.items()
-        if k in ("input_ids", "attention_mask", "token_type_ids", "position_ids") and torch.is_tensor(v)
-    }
+def teacher_forward(teacher, batch: dict, task: str, width: int | None = None) -> dict[str, torch.Tensor]:
+    """The teacher's logits for a batch (labels are never passed to it), sliced to `width` classes if given.
+
+    The inputs go to the device of the teacher's input embedding, so a teacher spread with `device_map` stays
+    where it was loaded.
+    """
+    device = _input_device(teacher)
+    inputs = {k: v.to(device) for k, v in batch.items() if k in _MODEL_INPUTS and torch.is_tensor(v)}
     out = teacher(**inputs)
     if task == "question-answering":
         return {START: out.start_logits, END: out.end_logits}
-    return {LOGITS: out.logits}
+    logits = out.logits
+    if width is not None and logits.shape[-1] > width:
+        logits = logits[..., :width]
+    return {LOGITS: logits}
 
 
-def compute_teacher_cache(teacher, dataset, collator, task: str, top_k: int | None = None, batch_size: int = 32):
-    """`dataset` with the teacher's logits added as columns, one row per example, in dataset order.
+def _input_device(model) -> torch.device:
+    try:
+        return model.get_input_embeddings().weight.device
+    except (AttributeError, NotImplementedError):
+        return next(model.parameters()).device
 
-    Per-position logits are stored without padding (only the positions where `attention_mask` is 1); with
-    `top_k`, only the k largest logits and their ids (`teacher_indices`) are kept per position.
+
+def teacher_fingerprint(teacher) -> str:
+    """A digest of the teacher: name or path, revision, class, dtype, shapes and a strided sample of every weight.
+
+    Sampling keeps it cheap for a large teacher (about 256 values per tensor) while a fine-tuned or swapped teacher
+    still changes it.
     """
-    model_cols = [c for c in dataset.column_names if c in ("input_ids", "attention_mask", "token_type_ids")]
-    columns: dict[str, list] = {}
-    for start in range(0, len(dataset), batch_size):
-        rows = dataset.select_columns(model_cols).select(range(start, min(start + batch_size, len(dataset))))
-        batch = collator([dict(r) for r in rows])
-        out = teacher_forward(teacher, batch, task)
-        mask = batch.get("attention_mask")
-        for key, logits in out.items():
-            logits = logits.float().cpu()
-            if top_k is not None and key == LOGITS:
-                values, indices = logits.topk(min(top_k, logits.shape[-1]), dim=-1)
-                parts = {LOGITS: values, INDICES: indices}
+    h = hashlib.sha256()
+    cfg = getattr(teacher, "config", None)
+    for part in (
+        type(teacher).__name__, getattr(cfg, "_name_or_path", ""), getattr(cfg, "_commit_hash", None) or "",
+        str(getattr(cfg, "vocab_size", "")),
+    ):
+        h.update(str(part).encode() + b"\0")
+    for name, tensor in teacher.state_dict().items():
+        h.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        if tensor.device.type == "meta" or tensor.numel() == 0:
+            continue
+        flat = tensor.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 256)][:256]
+        h.update(sample.float().cpu().numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+def cache_key(teacher, dataset, task, top_k, temperature, dtype, width) -> dict:
+    """Everything the cached values depend on; a cache is reused only when its key is equal."""
+    return {
+        "format": 2,
+        "teacher": teacher_fingerprint(teacher),
+        "task": task,
+        "top_k": top_k,
+        # Without top_k the raw logits are stored and the temperature is applied in the loss.
+        "temperature": float(temperature) if top_k is not None else None,
+        "dtype": dtype,
+        "width": width,
+        "dataset_fingerprint": getattr(dataset, "_fingerprint", None),
+        "num_rows": len(dataset),
+    }
+
+
+def example_spans(input_ids: torch.Tensor, examples: list, padding_side: str = "right") -> list[tuple[int, int, int]]:
+    """Where each example's tokens sit in a collated batch: `(row, start, length)` per example.
+
+    Found by matching token ids, so it holds for right and left padding with or without an `attention_mask`,
+    and for padding-free collators that concatenate a batch into one row. `padding_side` only breaks ties (a row
+    whose pad token equals its own tokens).
+    """
+    if input_ids.dim() == 1:
+        input_ids = input_ids[None]
+    rows, width = input_ids.shape
+    ids = [torch.as_tensor(e).reshape(-1).to(input_ids.device) for e in examples]
+    spans = []
+    if rows == len(ids):
+        for i, e in enumerate(ids):
+            n = e.numel()
+            right = n <= width and torch.equal(input_ids[i, :n], e)
+            left = n <= width and torch.equal(input_ids[i, width - n :], e)
+            if right and (not left or padding_side != "left"):
+                spans.append((i, 0, n))
+            elif left:
+                spans.append((i, width - n, n))
             else:
-                parts = {key: logits}
-            for name, tensor in parts.items():
-                for i in range(tensor.shape[0]):
-                    row = tensor[i]
-                    if task != "sequence-classification" and mask is not None:
-                        row = row[mask[i].bool()]
-                    columns.setdefault(name, []).append(row.tolist())
-    for name, values in columns.items():
-        dataset = dataset.add_column(name, values)
-    return dataset
+                break
+        else:
+            return spans
+    elif rows == 1:  # padding-free: the examples concatenated into one row
+        start = 0
+        for e in ids:
+            n = e.numel()
+            if start + n > width or not torch.equal(input_ids[0, start : start + n], e):
+                break
+            spans.append((0, start, n))
+            start += n
+        else:
+            return spans
+    raise ValueError(
+        "The data collator changed the examples' `input_ids` (truncation, masking or reordering), so the cached "
+        "teacher logits cannot be placed; use a collator that only pads, or train with `cache_teacher_logits=False`."
+    )
 
 
-def load_or_compute_teacher_cache(teacher, dataset, collator, task, top_k=None, batch_size=32, cache_dir=None):
-    """[`compute_teacher_cache`], saved to / reused from `cache_dir` when given (keyed on the data and `top_k`)."""
+def _span_mask(input_ids: torch.Tensor, spans) -> torch.Tensor:
+    mask = torch.zeros(input_ids.shape if input_ids.dim() == 2 else (1, input_ids.numel()), dtype=torch.long)
+    for r, s, n in spans:
+        mask[r, s : s + n] = 1
+    return mask.reshape(input_ids.shape)
+
+
+def _features(task: str, dtype: str, top_k: int | None):
     import datasets
 
-    key = {"fingerprint": getattr(dataset, "_fingerprint", None), "num_rows": len(dataset), "top_k": top_k, "task": task}
-    meta = os.path.join(cache_dir, "hf_compress_teacher_cache.json") if cache_dir else None
-    if meta and os.path.exists(meta):
+    store = "int16" if dtype == "bfloat16" else dtype
+    feats = {LENGTH: datasets.Value("int32")}
+    if task == "question-answering":
+        feats[START] = feats[END] = datasets.Sequence(datasets.Value("float32"))
+    else:
+        feats[LOGITS] = datasets.Sequence(datasets.Value("float32" if top_k is not None else store))
+        if top_k is not None:
+            feats[INDICES] = datasets.Sequence(datasets.Value("int32"))
+    return datasets.Features(feats)
+
+
+def _to_numpy(tensor: torch.Tensor, dtype: str) -> np.ndarray:
+    if dtype == "bfloat16":
+        return tensor.to(torch.bfloat16).contiguous().view(torch.int16).numpy()
+    return tensor.to(getattr(torch, dtype)).contiguous().numpy()
+
+
+def _from_numpy(array: np.ndarray, dtype: str) -> torch.Tensor:
+    tensor = torch.from_numpy(np.array(array, copy=True))  # Arrow buffers are read-only
+    return tensor.view(torch.bfloat16) if dtype == "bfloat16" else tensor
+
+
+def estimated_cache_bytes(dataset, width: int, dtype: str, top_k: int | None) -> int:
+    """Bytes the per-position cache will take: tokens x (width, or 2 k) x bytes per value."""
+    tokens = sum(len(x) for batch in dataset.select_columns(["input_ids"]).iter(batch_size=4096) for x in batch["input_ids"])
+    per_value = 4 if dtype == "float32" else 2
+    return tokens * (8 * top_k if top_k is not None else width * per_value)
+
+
+def compute_teacher_cache(
+    teacher, dataset, collator, task: str, top_k: int | None = None, batch_size: int = 32, path: str | None = None,
+    temperature: float = 1.0, dtype: str = "float32", width: int | None = None, padding_side: str = "right",
+    columns: list[str] | None = None,
+):
+    """Run the teacher over `dataset` and write its logits, batch by batch, to the Arrow file `path`.
+
+    Returns the cache as a `datasets.Dataset` (memory-mapped, one row per example, in dataset order).
+    """
+    import datasets
+    from datasets.arrow_writer import ArrowWriter
+
+    from .loss import teacher_top_k
+
+    if dtype not in CACHE_DTYPES:
+        raise ValueError(f"teacher cache dtype must be one of {', '.join(CACHE_DTYPES)}, got {dtype!r}.")
+    if path is None:
+        import tempfile
+
+        path = os.path.join(tempfile.mkdtemp(prefix="hf_compress_teacher_"), DATA_FILE)
+    cols = [c for c in (columns or dataset.column_names) if c in dataset.column_names and c != ROW]
+    per_position = task != "sequence-classification"
+    features = _features(task, dtype, top_k)
+    writer = ArrowWriter(features=features, path=path, writer_batch_size=max(1, batch_size))
+    try:
+        for start in range(0, len(dataset), batch_size):
+            examples = [dict(r) for r in dataset.select_columns(cols).select(range(start, min(start + batch_size, len(dataset))))]
+            batch = collator(examples)
+            spans = example_spans(batch["input_ids"], [e["input_ids"] for e in examples], padding_side) if per_position else None
+            if per_position and "attention_mask" not in batch and "position_ids" not in batch:
+                # The collator dropped the mask: give the teacher one, so padding never leaks into cached logits.
+                batch = dict(batch, attention_mask=_span_mask(batch["input_ids"], spans))
+            out = teacher_forward(teacher, batch, task, width)
+            rows = {name: [] for name in features}
+            for i in range(len(examples)):
+                parts = {}
+                for key, logits in out.items():
+                    if per_position:
+                        r, s, n = spans[i]
+                        value = logits[r, s : s + n]
+                    else:
+                        value = logits[i]
+                    parts[key] = value
+                length = parts[next(iter(parts))].shape[0] if per_position else 1
+                if top_k is not None and LOGITS in parts:
+                    logp, idx = teacher_top_k(parts[LOGITS], top_k, temperature)
+                    rows[LOGITS].append(logp.cpu().reshape(-1).numpy())
+                    rows[INDICES].append(idx.to(torch.int32).cpu().reshape(-1).numpy())
+                else:
+                    for key, value in parts.items():
+                        rows[key].append(_to_numpy(value.cpu().reshape(-1), "float32" if key in (START, END) else dtype))
+                rows[LENGTH].append(length)
+            writer.write_batch(rows)
+        writer.finalize()
+    finally:
+        writer.close()
+    return datasets.Dataset.from_file(path)
+
+
+def load_or_compute_teacher_cache(
+    teacher, dataset, collator, task, top_k=None, batch_size=32, cache_dir=None, *, temperature: float = 1.0,
+    dtype: str = "float32", width: int | None = None, padding_side: str = "right", columns: list[str] | None = None,
+):
+    """The teacher cache for `dataset`: read from `cache_dir` when its key matches, else computed and saved there.
+
+    Without `cache_dir` it goes to `$HF_DATASETS_CACHE/hf_compress_teacher_logits/<key digest>`. The write is
+    atomic (a temporary folder renamed into place), so a reader never sees half a cache. Call it on the main
+    process first (`TrainingArguments.main_process_first`): the other processes then find and read the file.
+
+    Returns `(cache, key)`: the cache `datasets.Dataset` (memory-mapped) and its key.
+    """
+    import datasets
+
+    from ..distributed import atomic_output_dir
+
+    key = cache_key(teacher, dataset, task, top_k, temperature, dtype, width)
+    if cache_dir is None:
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+        cache_dir = os.path.join(datasets.config.HF_DATASETS_CACHE, "hf_compress_teacher_logits", digest)
+    meta = os.path.join(cache_dir, KEY_FILE)
+    if os.path.exists(meta):
         with open(meta) as f:
             if json.load(f) == key:
-                return datasets.load_from_disk(cache_dir)
-    cached = compute_teacher_cache(teacher, dataset, collator, task, top_k, batch_size)
-    if cache_dir:
-        tmp = cache_dir.rstrip("/") + ".tmp"
-        cached.save_to_disk(tmp)
-        with open(os.path.join(tmp, "hf_compress_teacher_cache.json"), "w") as f:
+                return datasets.Dataset.from_file(os.path.join(cache_dir, DATA_FILE)), key
+        logger.info("The teacher cache in %s was made for another teacher or data set: recomputing it.", cache_dir)
+    if top_k is None and task != "sequence-classification":
+        size = estimated_cache_bytes(dataset, width or 0, dtype, None)
+        parent = os.path.dirname(os.path.abspath(cache_dir))
+        os.makedirs(parent, exist_ok=True)
+        free = shutil.disk_usage(parent).free
+        if size > min(FULL_CACHE_WARN_BYTES, free):
+            top = estimated_cache_bytes(dataset, width or 0, dtype, 64)
+            logger.warning(
+                f"The full-vocabulary teacher cache will take {size / 1e9:.2f} GB ({free / 1e9:.1f} GB free at "
+                f"{parent}); set `teacher_logits_top_k=64` to store {top / 1e9:.3f} GB instead."
+            )
+    with atomic_output_dir(cache_dir) as tmp:
+        compute_teacher_cache(
+            teacher, dataset, collator, task, top_k, batch_size, os.path.join(tmp, DATA_FILE), temperature, dtype,
+            width, padding_side, columns,
+        )
+        with open(os.path.join(tmp, KEY_FILE), "w") as f:
             json.dump(key, f)
-        if os.path.exists(cache_dir):
-            import shutil
-
-            shutil.rmtree(cache_dir)
-        os.replace(tmp, cache_dir)
-        cached = datasets.load_from_disk(cache_dir)
-    return cached
+    return datasets.Dataset.from_file(os.path.join(cache_dir, DATA_FILE)), key
 
 
 class TeacherCacheCollator:
-    """Wraps a data collator: collates the inputs as usual, then pads and stacks the cached teacher logits."""
+    """Wraps a data collator: collates the inputs as usual, then places each example's cached teacher logits.
 
-    def __init__(self, collator, task: str, padding_side: str = "right"):
+    Args:
+        collator: the data collator of the run.
+        task (`str`): the distillation task.
+        cache (`datasets.Dataset`): the cache from [`load_or_compute_teacher_cache`].
+        padding_side (`str`, *optional*, defaults to `"right"`): breaks ties in [`example_spans`].
+        dtype (`str`, *optional*, defaults to `"float32"`): the cache's stored dtype.
+        width (`int`, *optional*): the number of classes (vocabulary) per position.
+    """
+
+    def __init__(self, collator, task: str, cache=None, padding_side: str = "right", dtype: str = "float32", width=None):
         self.collator = collator
         self.task = task
+        self.cache = cache.with_format("arrow") if cache is not None else None
         self.padding_side = padding_side
+        self.dtype = dtype
+        self.width = width
+
+    def _column(self, table, name: str, dtype: str) -> list[torch.Tensor]:
+        column = table.column(name).combine_chunks()
+        values = _from_numpy(column.flatten().to_numpy(zero_copy_only=False), dtype)
+        offsets = column.offsets.to_numpy()
+        return [values[offsets[i] : offsets[i + 1]] for i in range(len(column))]
 
     def __call__(self, features):
-        cached = {k: [torch.as_tensor(f[k]) for f in features] for k in CACHE_COLUMNS if k in features[0]}
-        batch = self.collator([{k: v for k, v in f.items() if k not in CACHE_COLUMNS} for f in features])
-        for key, rows in cached.items():
-            if self.task == "sequence-classification":
-                batch[key] = torch.stack(rows)
+        if ROW not in features[0]:  # evaluation / prediction sets: the live teacher scores them
+            return self.collator(features)
+        rows = [int(f[ROW]) for f in features]
+        batch = self.collator([{k: v for k, v in f.items() if k != ROW} for f in features])
+        table = self.cache[rows]
+        lengths = table.column(LENGTH).to_pylist()
+        if self.task == "sequence-classification":
+            batch[LOGITS] = torch.stack(self._column(table, LOGITS, self.dtype))
+            return batch
+        spans = example_spans(batch["input_ids"], [f["input_ids"] for f in features], self.padding_side)
+        ids = batch["input_ids"] if batch["input_ids"].dim() == 2 else batch["input_ids"][None]
+        shape = ids.shape
+        covered = torch.zeros(shape, dtype=torch.bool)
+        for key in (LOGITS, INDICES, START, END):
+            if key not in table.column_names:
                 continue
-            length = batch["input_ids"].shape[1]
-            pad_value = _PAD_LOGIT if key in (START, END) else 0
-            out = torch.full((len(rows), length, *rows[0].shape[1:]), pad_value, dtype=rows[0].dtype)
-            for i, row in enumerate(rows):
-                if self.padding_side == "left":
-                    out[i, length - row.shape[0]:] = row
-                else:
-                    out[i, : row.shape[0]] = row
-            batch[key] = out
+            dtype = "int32" if key == INDICES else "float32" if key in (START, END) or INDICES in table.column_names else self.dtype
+            values = self._column(table, key, dtype)
+            per_pos = next((v.numel() // n for v, n in zip(values, lengths) if n), 1) if key not in (START, END) else 1
+            pad = _PAD_LOGIT if key in (START, END) else 0
+            out = torch.full((*shape, per_pos), pad, dtype=values[0].dtype)
+            for (r, s, n), value, length in zip(spans, values, lengths):
+                if length != n:
+                    raise ValueError(
+                        f"A cached teacher row has {length} positions but its example has {n} tokens; the training set "
+                        "changed after the cache was made: delete `teacher_cache_dir` or recompute the cache."
+                    )
+                out[r, s : s + n] = value.reshape(n, per_pos)
+                covered[r, s : s + n] = True
+            batch[key] = out[..., 0] if key in (START, END) else out
+        if INDICES in batch:
+            batch[INDICES] = batch[INDICES].long()
+        batch[COVERED] = covered
         return batch

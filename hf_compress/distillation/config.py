@@ -23,9 +23,14 @@ class DistillationArguments(TrainingArguments):
         cache_teacher_logits (`bool`, *optional*, defaults to `False`):
             Run the teacher once over the training set before training and reuse its logits every epoch.
         teacher_logits_top_k (`int`, *optional*):
-            With the cache, keep only the teacher's top-k logits per position (for large vocabularies).
+            With the cache, keep only the teacher's k most probable classes per position (for large vocabularies), as
+            log-probabilities at `temperature`; the loss adds a tail bucket with the rest of the mass.
         teacher_cache_dir (`str`, *optional*):
-            Save the cached teacher logits there with `datasets` (`save_to_disk`), and reuse them if present.
+            Save the cached teacher logits there (an Arrow file and its key) and reuse them when the key matches;
+            default: a folder keyed on the teacher, data and options under `$HF_DATASETS_CACHE`.
+        teacher_cache_dtype (`str`, *optional*):
+            Dtype of the stored full-vocabulary logits: `float32`, `float16` or `bfloat16`; defaults to the teacher's
+            dtype when it is 16-bit, else `float32`. Top-k log-probabilities are always stored in float32.
         teacher_dtype (`str`, *optional*):
             Cast the teacher to `float32`, `bfloat16` or `float16` (a bitsandbytes-quantized teacher is left as is).
         teacher_device (`str`, *optional*):
@@ -45,6 +50,9 @@ class DistillationArguments(TrainingArguments):
     )
     teacher_cache_dir: str | None = field(
         default=None, metadata={"help": "Directory where the cached teacher logits are saved and reused."}
+    )
+    teacher_cache_dtype: str | None = field(
+        default=None, metadata={"help": "Stored dtype of cached logits: float32, float16 or bfloat16 (default: the teacher's 16-bit dtype, else float32)."}
     )
     teacher_dtype: str | None = field(
         default=None, metadata={"help": "Teacher dtype: float32, bfloat16 or float16 (default: as loaded)."}
@@ -82,6 +90,10 @@ class DistillationArguments(TrainingArguments):
                 )
         if self.teacher_dtype is not None and self.teacher_dtype not in TEACHER_DTYPES:
             raise ValueError(f"teacher_dtype must be one of {', '.join(TEACHER_DTYPES)}, got {self.teacher_dtype!r}.")
+        if self.teacher_cache_dtype is not None and self.teacher_cache_dtype not in TEACHER_DTYPES:
+            raise ValueError(
+                f"teacher_cache_dtype must be one of {', '.join(TEACHER_DTYPES)}, got {self.teacher_cache_dtype!r}."
+            )
         if self.distillation_task not in TASKS:
             raise ValueError(f"distillation_task must be one of {', '.join(TASKS)}, got {self.distillation_task!r}.")
         super().__post_init__()

@@ -3,6 +3,16 @@
 Hinton, Vinyals & Dean (2015), "Distilling the Knowledge in a Neural Network", https://arxiv.org/abs/1503.02531:
 the student matches the teacher's distribution softened at a temperature `T`; the KL term is multiplied by
 `T**2` so that its gradients keep the same scale as the hard-label loss when `T` changes.
+
+Large vocabularies: the logits of a causal LM are `[batch, length, vocab]` (4 x 128 x 49,152 fp32 = 100 MB). The
+loss below never makes a full-size float32 copy of them: it walks over the positions in chunks, keeps only the two
+summed parts from the forward pass, and recomputes each chunk's softmax in the backward pass, writing the gradient
+straight into one tensor the size of the logits (the gradient autograd needs anyway).
+
+Cached top-k teachers: [`teacher_top_k`] keeps the k most probable classes of `softmax(teacher / T)` (the
+temperature is applied over the whole vocabulary first) and the loss adds one tail bucket holding the rest of the
+probability mass, for the teacher and for the student alike, as TRL's server-side distillation does. The KL over
+these k + 1 buckets is zero when the student equals the teacher, whatever k.
 """
 
 from __future__ import annotations
@@ -11,6 +21,10 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+
+# Logits per chunk: 8 MB of float32 per temporary (42 positions at vocabulary 49,152); small next to the logits.
+_CHUNK_ELEMENTS = 1 << 21
+_TINY = 1e-30
 
 
 class DistillationLoss(NamedTuple):
@@ -21,18 +35,164 @@ class DistillationLoss(NamedTuple):
     soft_loss: torch.Tensor
 
 
-def _reduce(per_item: torch.Tensor, mask: torch.Tensor | None, denominator) -> torch.Tensor:
-    if mask is not None:
-        per_item = per_item * mask
-        count = mask.sum()
+def teacher_top_k(
+    teacher_logits: torch.Tensor, k: int, temperature: float = 1.0, chunk_size: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k most probable classes of `softmax(teacher_logits / temperature)`: `(log_probs, indices)`.
+
+    The temperature is applied to the full vocabulary *before* truncation, so `log_probs` are the true
+    log-probabilities of those classes at `temperature` (they sum to less than 1; the rest of the mass is the tail
+    bucket that [`soft_target_kl`] adds back). Both outputs have shape `(..., k)`; `log_probs` are float32.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}.")
+    width = teacher_logits.shape[-1]
+    k = min(k, width)
+    flat = teacher_logits.reshape(-1, width)
+    rows = chunk_size or max(1, _CHUNK_ELEMENTS // width)
+    values, indices = [], []
+    for start in range(0, flat.shape[0], rows):
+        logp = F.log_softmax(flat[start : start + rows].float() / temperature, dim=-1)
+        v, i = logp.topk(k, dim=-1)
+        values.append(v)
+        indices.append(i)
+    shape = (*teacher_logits.shape[:-1], k)
+    if not values:
+        return torch.empty(shape), torch.empty(shape, dtype=torch.long)
+    return torch.cat(values).reshape(shape), torch.cat(indices).reshape(shape)
+
+
+def _soft_parts(z, t, idx, temperature):
+    """Per-row `KL(p || q)` at `temperature` (without the T**2) and the row's `p` used by the gradient."""
+    logq = F.log_softmax(z / temperature, dim=-1)
+    if idx is None:
+        logp = F.log_softmax(t / temperature, dim=-1)
+        p = logp.exp()
+        kl = (p * (logp - logq)).sum(-1)
+        return kl, logq, p, None
+    # Top-k plus tail bucket: the teacher's k log-probabilities come from the cache, its tail mass is the rest.
+    logp_k = t
+    p_k = logp_k.exp()
+    p_tail = (1 - p_k.sum(-1)).clamp(min=0)
+    logq_k = logq.gather(-1, idx)
+    # The student's tail, summed over the classes outside the teacher's top k (no `1 - sum` cancellation).
+    q_tail = logq.exp().scatter(-1, idx, 0.0).sum(-1).clamp(min=_TINY)
+    kl = (p_k * (logp_k - logq_k)).sum(-1) + torch.xlogy(p_tail, p_tail) - p_tail * q_tail.log()
+    return kl, logq, p_k, (p_tail, q_tail)
+
+
+class _ChunkedDistillation(torch.autograd.Function):
+    """Sums of the hard (CE) and soft (KL) losses over the rows where `mask` is set, chunk by chunk."""
+
+    @staticmethod
+    def forward(ctx, z, t, idx, labels, mask, temperature, rows, want_hard):
+        hard = torch.zeros((), dtype=torch.float32, device=z.device)
+        soft = torch.zeros((), dtype=torch.float32, device=z.device)
+        for start in range(0, z.shape[0], rows):
+            sel = mask[start : start + rows]
+            if not bool(sel.any()):
+                continue
+            zc = z[start : start + rows][sel].float()
+            tc = t[start : start + rows][sel].to(zc.device).float()
+            ic = None if idx is None else idx[start : start + rows][sel].to(zc.device).long()
+            kl, _, _, _ = _soft_parts(zc, tc, ic, temperature)
+            soft = soft + kl.sum()
+            if want_hard:
+                yc = labels[start : start + rows][sel].long()
+                hard = hard - F.log_softmax(zc, dim=-1).gather(-1, yc[:, None]).sum()
+        ctx.save_for_backward(z, t, idx, labels, mask)
+        ctx.temperature, ctx.rows, ctx.want_hard = temperature, rows, want_hard
+        return hard, soft * temperature**2
+
+    @staticmethod
+    def backward(ctx, grad_hard, grad_soft):
+        z, t, idx, labels, mask = ctx.saved_tensors
+        temperature, rows = ctx.temperature, ctx.rows
+        grad = torch.zeros_like(z)
+        for start in range(0, z.shape[0], rows):
+            sel = mask[start : start + rows]
+            if not bool(sel.any()):
+                continue
+            zc = z[start : start + rows][sel].float()
+            tc = t[start : start + rows][sel].to(zc.device).float()
+            ic = None if idx is None else idx[start : start + rows][sel].to(zc.device).long()
+            _, logq, p, tails = _soft_parts(zc, tc, ic, temperature)
+            q = logq.exp()
+            # d(T^2 KL)/dz = T (q - p~): p~ is the teacher's distribution; with a tail bucket, the classes outside
+            # the top k get the student's own shape scaled to the teacher's tail mass (q_j * p_tail / q_tail).
+            if ic is None:
+                g = q - p
+            else:
+                p_tail, q_tail = tails
+                g = q * (1 - p_tail / q_tail)[:, None]
+                g.scatter_(-1, ic, q.gather(-1, ic) - p)
+            g = g * (grad_soft * temperature)
+            if ctx.want_hard:
+                yc = labels[start : start + rows][sel].long()
+                h = F.softmax(zc, dim=-1)
+                h.scatter_add_(-1, yc[:, None], torch.full_like(yc[:, None], -1, dtype=h.dtype))
+                g = g + h * grad_hard
+            grad[start : start + rows][sel] = g.to(grad.dtype)
+        return grad, None, None, None, None, None, None, None
+
+
+def loss_mask(
+    shape: torch.Size,
+    labels: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    shift_labels: bool = False,
+    device=None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The positions that count, and the labels aligned with the logits: `(mask, labels)`, both of shape `shape`.
+
+    A position counts when its label is not `ignore_index` (with labels) and it is attended (with an
+    `attention_mask`). With `shift_labels` (causal LM) position `i` is scored against label `i + 1` and the last
+    position has no label; the logits are never sliced, so no copy of them is made.
+    """
+    if labels is not None:
+        if shift_labels:
+            labels = F.pad(labels[..., 1:], (0, 1), value=ignore_index)
+        mask = labels.ne(ignore_index)
+    elif attention_mask is not None:
+        mask = attention_mask.bool()
+        if shift_labels:
+            mask = mask & F.pad(attention_mask[..., 1:], (0, 1), value=0).bool()
     else:
-        count = per_item.numel()
-    total = per_item.sum()
+        mask = torch.ones(shape, dtype=torch.bool, device=device)
+        if shift_labels:
+            mask[..., -1] = False
+    if attention_mask is not None and labels is not None:
+        # A padding position's prediction depends on how much padding its row got: it never counts.
+        mask = mask & attention_mask.bool()
+    return mask.to(device) if device is not None else mask, labels
+
+
+def _divide(total: torch.Tensor, count: torch.Tensor, denominator) -> torch.Tensor:
     if denominator is None:
         denominator = count
-    if torch.is_tensor(denominator):
-        denominator = denominator.to(total.device, total.dtype)
-    return total / torch.clamp(torch.as_tensor(denominator, dtype=total.dtype, device=total.device), min=1)
+    return total / torch.as_tensor(denominator, dtype=total.dtype, device=total.device).clamp(min=1)
+
+
+def _run(student_logits, teacher_logits, labels, mask, temperature, teacher_indices, want_hard, chunk_size):
+    width = student_logits.shape[-1]
+    z = student_logits.reshape(-1, width)
+    if teacher_indices is None and teacher_logits.shape[-1] != width:
+        raise ValueError(
+            f"The student's logits have {width} classes but the teacher's have {teacher_logits.shape[-1]}; "
+            "slice both to the shared vocabulary."
+        )
+    t = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1])
+    idx = None if teacher_indices is None else teacher_indices.reshape(-1, teacher_indices.shape[-1])
+    if idx is not None and t.numel() and float(t.float().exp().sum(-1).max()) > 1.001:
+        raise ValueError(
+            "With `teacher_indices`, `teacher_logits` must be the top-k log-probabilities from `teacher_top_k` (their "
+            "probabilities sum to at most 1), not raw logits; call `teacher_top_k(logits, k, temperature)`."
+        )
+    y = labels.reshape(-1) if labels is not None else mask.reshape(-1).long()  # placeholder when there are none
+    m = mask.reshape(-1).to(z.device)
+    rows = chunk_size or max(1, _CHUNK_ELEMENTS // width)
+    return _ChunkedDistillation.apply(z, t, idx, y.to(z.device), m, float(temperature), rows, want_hard)
 
 
 def soft_target_kl(
@@ -42,29 +202,34 @@ def soft_target_kl(
     mask: torch.Tensor | None = None,
     num_items: int | torch.Tensor | None = None,
     teacher_indices: torch.Tensor | None = None,
+    chunk_size: int | None = None,
 ) -> torch.Tensor:
     """`T**2 * KL(softmax(teacher / T) || softmax(student / T))`, averaged over the unmasked positions.
 
+    The teacher is a constant (no gradient flows to it).
+
     Args:
         student_logits (`torch.Tensor` of shape `(..., num_classes)`): student logits.
-        teacher_logits (`torch.Tensor` of shape `(..., num_classes)` or `(..., k)`): teacher logits, or the
-            teacher's top-k logits when `teacher_indices` is given.
+        teacher_logits (`torch.Tensor` of shape `(..., num_classes)` or `(..., k)`): teacher logits, or, with
+            `teacher_indices`, the teacher's top-k log-probabilities at `temperature` from [`teacher_top_k`].
         temperature (`float`, *optional*, defaults to `2.0`): softening temperature, > 0.
         mask (`torch.Tensor` of shape `(...)`, *optional*): 1 where a position counts, 0 where it is ignored.
         num_items (`int` or `torch.Tensor`, *optional*): divide the summed KL by this instead of the number of
             unmasked positions (the whole accumulated batch's count, so gradient accumulation averages correctly).
-        teacher_indices (`torch.Tensor` of shape `(..., k)`, *optional*): the class ids of cached top-k teacher
-            logits. The teacher distribution is renormalised over its top k, and the student's full-vocabulary
-            log-probabilities are gathered at those ids; with `k == num_classes` this equals the dense loss.
+        teacher_indices (`torch.Tensor` of shape `(..., k)`, *optional*): the class ids of the top-k
+            log-probabilities. The KL is then taken over k + 1 buckets: the k classes and one tail holding the rest
+            of each distribution's mass. It is 0 when the student equals the teacher, and with `k == num_classes`
+            it equals the dense loss.
+        chunk_size (`int`, *optional*): positions per chunk (default: about 2 M logits per chunk).
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}.")
-    student_logp = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    if teacher_indices is not None:
-        student_logp = student_logp.gather(-1, teacher_indices.long())
-    teacher_logp = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    kl = (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1)
-    return _reduce(kl, None if mask is None else mask.to(kl.dtype), num_items) * temperature**2
+    mask = (
+        torch.ones(student_logits.shape[:-1], dtype=torch.bool, device=student_logits.device)
+        if mask is None else mask.bool()
+    )
+    _, soft = _run(student_logits, teacher_logits, None, mask, temperature, teacher_indices, False, chunk_size)
+    return _divide(soft, mask.sum(), num_items)
 
 
 def distillation_loss(
@@ -78,11 +243,13 @@ def distillation_loss(
     attention_mask: torch.Tensor | None = None,
     num_items_in_batch: int | torch.Tensor | None = None,
     teacher_indices: torch.Tensor | None = None,
+    chunk_size: int | None = None,
 ) -> DistillationLoss:
     """`(1 - alpha) * CE(student, labels) + alpha * T**2 * KL(teacher_T || student_T)`.
 
-    Both parts are averaged over the same positions: those whose label is not `ignore_index` (with labels),
-    or those with `attention_mask == 1` (without labels, when the loss is the soft part alone).
+    Both parts are averaged over the same positions ([`loss_mask`]): those whose label is not `ignore_index` (with
+    labels) and that are attended (with an `attention_mask`). Computed in chunks of positions, without a full-size
+    float32 copy of the logits (see the module's docstring).
 
     Args:
         student_logits (`torch.Tensor` of shape `(batch, [seq,] num_classes)`): student logits.
@@ -94,34 +261,25 @@ def distillation_loss(
         ignore_index (`int`, *optional*, defaults to `-100`): label value that is ignored.
         shift_labels (`bool`, *optional*, defaults to `False`): causal LM: logits at position `i` predict
             label `i + 1`, so the last logit and the first label are dropped.
-        attention_mask (`torch.Tensor`, *optional*): the positions that count when there are no labels.
+        attention_mask (`torch.Tensor`, *optional*): padding positions (0) count in neither part.
         num_items_in_batch (`int` or `torch.Tensor`, *optional*): the number of counted positions over the whole
             accumulated batch; both sums are divided by it (the Trainer's gradient-accumulation convention).
         teacher_indices (`torch.Tensor`, *optional*): see [`soft_target_kl`].
+        chunk_size (`int`, *optional*): positions per chunk.
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}.")
-    if shift_labels:
-        student_logits = student_logits[..., :-1, :]
-        teacher_logits = teacher_logits[..., :-1, :]
-        teacher_indices = None if teacher_indices is None else teacher_indices[..., :-1, :]
-        if labels is not None:
-            labels = labels[..., 1:]
-        elif attention_mask is not None:
-            attention_mask = attention_mask[..., 1:]
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}.")
+    mask, labels = loss_mask(
+        student_logits.shape[:-1], labels, attention_mask, ignore_index, shift_labels, student_logits.device
+    )
+    hard_sum, soft_sum = _run(
+        student_logits, teacher_logits, labels, mask, temperature, teacher_indices, labels is not None, chunk_size
+    )
+    count = mask.sum()
+    soft = _divide(soft_sum, count, num_items_in_batch)
     if labels is None:
-        soft = soft_target_kl(
-            student_logits, teacher_logits, temperature, attention_mask, num_items_in_batch, teacher_indices
-        )
         return DistillationLoss(soft, None, soft)
-
-    mask = labels.ne(ignore_index)
-    soft = soft_target_kl(student_logits, teacher_logits, temperature, mask, num_items_in_batch, teacher_indices)
-    ce = F.cross_entropy(
-        student_logits.float().reshape(-1, student_logits.shape[-1]),
-        labels.reshape(-1).long(),
-        ignore_index=ignore_index,
-        reduction="none",
-    ).reshape(labels.shape)
-    hard = _reduce(ce, mask.to(ce.dtype), num_items_in_batch)
+    hard = _divide(hard_sum, count, num_items_in_batch)
     return DistillationLoss((1 - alpha) * hard + alpha * soft, hard, soft)

@@ -47,20 +47,51 @@ def load_teacher(teacher, task: str, dtype: str | None = None):
         raise ValueError(f"Cannot load the teacher {teacher!r}: {err}; pass a local model directory or a Hub id.") from err
 
 
+_MAX_PADDING_ROWS = 1024
+
+
 def is_quantized(model) -> bool:
     return bool(getattr(model, "is_quantized", False) or getattr(model, "is_loaded_in_8bit", False)
                 or getattr(model, "is_loaded_in_4bit", False))
 
 
-def prepare_teacher(teacher, device=None, dtype: str | None = None):
-    """Freeze the teacher: eval mode, no gradients, on its own device and dtype (quantized models stay put)."""
+def is_dispatched(model) -> bool:
+    """Whether accelerate placed the model (`device_map=...`): its hooks move tensors between its devices."""
+    return bool(getattr(model, "hf_device_map", None))
+
+
+def prepare_teacher(teacher, device=None, dtype: str | None = None, accelerator=None, cached: bool = False):
+    """Freeze the teacher (eval mode, no gradients) and place it.
+
+    A bitsandbytes-quantized teacher, or one loaded with `device_map`, stays where it was loaded (moving it would
+    break its quantization state or its dispatch hooks). Under DeepSpeed ZeRO-3 the teacher is sharded as TRL
+    shards its reference models (`trl.models.utils.prepare_deepspeed`); otherwise it is moved to `device` and
+    cast to `dtype`.
+    """
     teacher.eval()
     teacher.requires_grad_(False)
-    if not is_quantized(teacher):
+    plugin = getattr(getattr(accelerator, "state", None), "deepspeed_plugin", None)
+    if plugin is not None and getattr(plugin, "zero_stage", 0) == 3:
+        if cached:
+            raise ValueError(
+                "cache_teacher_logits runs the teacher on the main process alone, which a ZeRO-3-sharded teacher "
+                "cannot do; train with the live teacher (`cache_teacher_logits=False`) or use ZeRO stage 2."
+            )
+        try:
+            from trl.models.utils import prepare_deepspeed
+        except ImportError as err:
+            raise ImportError(
+                "A teacher under DeepSpeed ZeRO-3 is sharded with TRL's `prepare_deepspeed`: `pip install trl`."
+            ) from err
         if dtype:
             teacher.to(getattr(torch, dtype))
-        if device is not None:
-            teacher.to(device)
+        return prepare_deepspeed(teacher, accelerator)
+    if is_quantized(teacher) or is_dispatched(teacher):
+        return teacher
+    if dtype:
+        teacher.to(getattr(torch, dtype))
+    if device is not None:
+        teacher.to(device)
     return teacher
 
 
@@ -74,15 +105,36 @@ def _num_outputs(model, task: str) -> tuple[str, int]:
     return "num_labels", model.config.num_labels
 
 
-def check_compatible(student, teacher, task: str, student_tokenizer=None, teacher_tokenizer=None) -> None:
-    """Raise a one-line error when the teacher's outputs or tokenizer do not match the student's."""
+def check_compatible(student, teacher, task: str, student_tokenizer=None, teacher_tokenizer=None) -> int | None:
+    """Raise a one-line error when the teacher's outputs or tokenizer do not match the student's.
+
+    Causal LMs are compared by what matters: the tokenizers' vocabularies and the usable logit width. Embedding
+    matrices padded to a multiple (Qwen2.5: 152,064 rows for a 151,665-token tokenizer, its 0.5B sibling 151,936)
+    differ in rows but not in vocabulary: with a tokenizer that fits in both, the pair is accepted and the logits
+    are sliced to the narrower width, which is returned. Returns `None` when the widths are equal.
+    """
     what, s = _num_outputs(student, task)
     _, t = _num_outputs(teacher, task)
+    width = None
     if s != t:
-        fix = (
-            "use a teacher with the same tokenizer" if what == "vocab_size" else "use a teacher trained on the same labels"
-        )
-        raise ValueError(f"The student has {what} {s} but the teacher has {t}; {fix}.")
+        tokenizer = student_tokenizer if student_tokenizer is not None else teacher_tokenizer
+        vocab = len(tokenizer) if what == "vocab_size" and tokenizer is not None else None
+        # With one tokenizer only, a few hundred padded rows are padding; a bigger gap needs both tokenizers.
+        both = student_tokenizer is not None and teacher_tokenizer is not None
+        if vocab is not None and vocab <= min(s, t) and (both or max(s, t) - vocab < _MAX_PADDING_ROWS):
+            width = min(s, t)
+        else:
+            if what != "vocab_size":
+                fix = "use a teacher trained on the same labels"
+            elif vocab is None:
+                fix = ("use a teacher with the same tokenizer (if one embedding is only padded, pass the tokenizer as "
+                       "`processing_class` so the shared vocabulary can be checked)")
+            elif vocab > min(s, t):
+                fix = f"the tokenizer has {vocab} tokens, more than the narrower head; use a teacher with the same tokenizer"
+            else:
+                fix = (f"{max(s, t) - vocab} rows past the tokenizer's {vocab} tokens is more than padding; pass "
+                       "`teacher_tokenizer` to show both share the vocabulary, or use a teacher with the same tokenizer")
+            raise ValueError(f"The student has {what} {s} but the teacher has {t}; {fix}.")
     if task in ("sequence-classification", "token-classification"):
         s_map, t_map = student.config.id2label, teacher.config.id2label
         generic = lambda m: all(v == f"LABEL_{k}" for k, v in m.items())  # noqa: E731
@@ -98,3 +150,4 @@ def check_compatible(student, teacher, task: str, student_tokenizer=None, teache
                 f"The student's tokenizer ({len(s_vocab)} tokens) and the teacher's ({len(t_vocab)} tokens) map "
                 f"{differ} tokens to different ids; use a teacher with the same tokenizer."
             )
+    return width

@@ -1,4 +1,9 @@
-"""`DistillationTrainer`: a drop-in `transformers.Trainer` whose loss mixes hard labels with a teacher's soft logits."""
+"""`DistillationTrainer`: a drop-in `transformers.Trainer` whose loss mixes hard labels with a teacher's soft logits.
+
+The distillation logic lives in [`DistillationMixin`], which composes with any `Trainer` subclass that keeps the
+`compute_loss` contract: `DistillationTrainer = DistillationMixin + Trainer`, and
+`hf_compress.trainers.trl.SFTDistillationTrainer = DistillationMixin + trl.SFTTrainer`.
+"""
 
 from __future__ import annotations
 
@@ -9,53 +14,67 @@ from transformers import Trainer
 
 from ..distillation import cache as teacher_cache
 from ..distillation.config import DistillationArguments
-from ..distillation.loss import distillation_loss
+from ..distillation.loss import distillation_loss, loss_mask
 from ..distillation.teacher import check_compatible, infer_task, load_teacher, prepare_teacher
 
 
-class DistillationTrainer(Trainer):
-    """[`~transformers.Trainer`] for knowledge distillation (Hinton et al. 2015, https://arxiv.org/abs/1503.02531).
+class DistillationMixin:
+    """Knowledge distillation (Hinton et al. 2015, https://arxiv.org/abs/1503.02531) for a `Trainer` subclass.
 
-    The loss is `(1 - alpha) * CE(student, labels) + alpha * T**2 * KL(softmax(teacher/T) || softmax(student/T))`
-    ([`~hf_compress.distillation.distillation_loss`]); without labels it is the soft part alone. The teacher is
-    frozen, in eval mode, runs without gradients on its own device and dtype, and is checked against the
-    student (logit sizes, labels, tokenizer) before anything runs. With `args.cache_teacher_logits` its logits
-    are computed once over the training set and reused every epoch. The hard and soft parts are logged as
-    `hard_loss` and `soft_loss` beside `loss`.
-
-    Args:
-        model (`PreTrainedModel`): the student.
-        teacher_model (`PreTrainedModel` or `str`): the teacher, or its path / Hub id (loaded with the auto
-            class of the student's task).
-        args (`DistillationArguments`): training and distillation options.
-        teacher_tokenizer (*optional*): the teacher's tokenizer, checked against `processing_class`; loaded from
-            `teacher_model` when that is a path.
-        **kwargs: everything else [`~transformers.Trainer`] takes.
+    Put it first in the bases: `class MyTrainer(DistillationMixin, SomeTrainer)`. It takes `teacher_model` and
+    `teacher_tokenizer` as keyword arguments, passes everything else to the trainer, and replaces `compute_loss`
+    with [`~hf_compress.distillation.distillation_loss`] on the student's and the teacher's logits, so whatever
+    the base trainer does to the data (chat templates, completion-only labels, packing) carries over.
     """
+
+    #: The task when the student is given as a path (the base trainer loads it): `None` infers it from the model.
+    default_task: str | None = None
+    #: Whether `train_dataset` must already be tokenized when the trainer is built.
+    needs_tokenized_dataset: bool = True
 
     def __init__(self, model=None, teacher_model=None, args: DistillationArguments | None = None, teacher_tokenizer=None, **kwargs):
         if args is None:
             args = DistillationArguments(output_dir="tmp_trainer")
         if not isinstance(args, DistillationArguments):
             raise TypeError(
-                f"DistillationTrainer needs `DistillationArguments`, got `{type(args).__name__}`; "
+                f"{type(self).__name__} needs `DistillationArguments`, got `{type(args).__name__}`; "
                 "build the arguments with `hf_compress.distillation.DistillationArguments(...)`."
             )
         if model is None:
-            raise ValueError("DistillationTrainer needs a student `model`.")
+            raise ValueError(f"{type(self).__name__} needs a student `model`.")
         if teacher_model is None:
-            raise ValueError("DistillationTrainer needs a `teacher_model` (a PreTrainedModel or a path).")
-        task = args.distillation_task if args.distillation_task != "auto" else infer_task(model)
+            raise ValueError(f"{type(self).__name__} needs a `teacher_model` (a PreTrainedModel or a path).")
+        if args.distillation_task != "auto":
+            task = args.distillation_task
+        elif isinstance(model, torch.nn.Module):
+            task = infer_task(model)
+        elif self.default_task is not None:
+            task = self.default_task
+        else:
+            raise ValueError(f"{type(self).__name__} needs the student as a model; got {type(model).__name__}.")
         teacher = load_teacher(teacher_model, task, args.teacher_dtype)
-        if teacher_tokenizer is None and isinstance(teacher_model, str) and kwargs.get("processing_class") is not None:
+        if teacher_tokenizer is None and isinstance(teacher_model, str):
             teacher_tokenizer = _try_load_tokenizer(teacher_model)
-        # Checked before the Trainer sets anything up: a mismatch is a one-line error, not a crash mid-epoch.
-        check_compatible(model, teacher, task, kwargs.get("processing_class"), teacher_tokenizer)
-        _check_tokenized(kwargs.get("train_dataset"), "train_dataset")
+        processing_class = _tokenizer_of(kwargs.get("processing_class"))
+        # Checked before the Trainer sets anything up: a mismatch is a one-line error, not a crash mid-epoch. A
+        # trainer that loads its own tokenizer (SFTTrainer) is checked once it has it.
+        if isinstance(model, torch.nn.Module) and (processing_class is not None or self.default_task is None):
+            check_compatible(model, teacher, task, processing_class, teacher_tokenizer)
+        if self.needs_tokenized_dataset:
+            _check_tokenized(kwargs.get("train_dataset"), "train_dataset")
         super().__init__(model=model, args=args, **kwargs)
         self.task = task
-        self.teacher = prepare_teacher(teacher, args.teacher_device or self.args.device, args.teacher_dtype)
-        self._distill_metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self.teacher_width = check_compatible(
+            self.accelerator.unwrap_model(self.model), teacher, task, _tokenizer_of(self.processing_class), teacher_tokenizer
+        )
+        self.teacher = prepare_teacher(
+            teacher, args.teacher_device or self.args.device, args.teacher_dtype,
+            accelerator=self.accelerator if getattr(self, "is_deepspeed_enabled", False) else None,
+            cached=args.cache_teacher_logits,
+        )
+        # Per mode: summed hard / soft losses over counted positions, and the count (see `log`).
+        self._distill_sums = {"train": defaultdict(float), "eval": defaultdict(float)}
+        self.teacher_cache = None
         if self.task == "question-answering" and "start_positions" not in self.label_names:
             self.label_names = ["start_positions", "end_positions"]
         if args.cache_teacher_logits and self.train_dataset is not None:
@@ -71,29 +90,47 @@ class DistillationTrainer(Trainer):
                 f"cache_teacher_logits needs a `datasets.Dataset` train set, got `{type(self.train_dataset).__name__}`; "
                 "convert it with `Dataset.from_dict` / `from_list`, or train with the live teacher."
             )
-        padding_side = getattr(self.processing_class, "padding_side", "right")
+        padding_side = _padding_side(self.processing_class, self.data_collator)
+        dtype = self.args.teacher_cache_dtype or _default_cache_dtype(self.teacher)
+        self._set_signature_columns_if_needed()
+        cols = self.train_dataset.column_names
+        if self.args.remove_unused_columns:
+            cols = [c for c in cols if c in self._signature_columns]
+        if self.task == "causal-lm":
+            width = self.teacher_width or self.teacher.get_output_embeddings().weight.shape[0]
+        else:
+            width = None
+        dataset = self.train_dataset.remove_columns([c for c in (teacher_cache.ROW,) if c in self.train_dataset.column_names])
+        # The main process computes and writes the cache; the others wait, then read the same file.
         with self.args.main_process_first(desc="teacher logits"):
-            self.train_dataset = teacher_cache.load_or_compute_teacher_cache(
-                self.teacher, self.train_dataset, self.data_collator, self.task, self.args.teacher_logits_top_k,
-                self.args.per_device_eval_batch_size, self.args.teacher_cache_dir,
+            self.teacher_cache, _ = teacher_cache.load_or_compute_teacher_cache(
+                self.teacher, dataset, self.data_collator, self.task, self.args.teacher_logits_top_k,
+                self.args.per_device_eval_batch_size, self.args.teacher_cache_dir, temperature=self.args.temperature,
+                dtype=dtype, width=width, padding_side=padding_side, columns=cols,
             )
-        self.data_collator = teacher_cache.TeacherCacheCollator(self.data_collator, self.task, padding_side)
+        self.train_dataset = dataset.add_column(teacher_cache.ROW, list(range(len(dataset))))
+        self.data_collator = teacher_cache.TeacherCacheCollator(
+            self.data_collator, self.task, self.teacher_cache, padding_side, dtype, width
+        )
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
-        # Keep the cached teacher columns through `remove_unused_columns`; the collator and loss consume them.
-        self._signature_columns += [c for c in teacher_cache.CACHE_COLUMNS if c not in self._signature_columns]
+        # Keep the cache pointer through `remove_unused_columns`; the cache collator consumes it.
+        if teacher_cache.ROW not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, teacher_cache.ROW]
 
     # ---- the loss ------------------------------------------------------------------------------------------
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)  # `prediction_step` reads the batch after this call: leave it whole
         cached = {k: inputs.pop(k) for k in teacher_cache.CACHE_COLUMNS if k in inputs}
-        labels = {k: inputs.pop(k) for k in ("labels", "start_positions", "end_positions") if k in inputs}
+        covered = inputs.pop(teacher_cache.COVERED, None)
+        labels = {k: inputs.pop(k) for k in ("labels", "start_positions", "end_positions", "shift_labels") if k in inputs}
         outputs = model(**inputs)
-        teacher_out = cached or teacher_cache.teacher_forward(self.teacher, inputs, self.task)
+        teacher_out = cached or teacher_cache.teacher_forward(self.teacher, inputs, self.task, self.teacher_width)
         teacher_out = {k: v.to(outputs[_student_key(k)].device) for k, v in teacher_out.items()}
         args = self.args
+        mode = "train" if model.training else "eval"
 
         if self.task == "question-answering":
             seq_len = outputs.start_logits.shape[1]
@@ -102,38 +139,47 @@ class DistillationTrainer(Trainer):
                 pos = labels.get(pos_key)
                 if pos is not None:  # as BERT's QA head: positions outside the sequence are ignored
                     pos = torch.where((pos >= 0) & (pos < seq_len), pos, torch.full_like(pos, -100))
-                parts.append(
-                    distillation_loss(
-                        outputs[key], teacher_out[f"teacher_{key}"], pos, args.temperature, args.alpha,
-                    )
-                )
+                parts.append(distillation_loss(outputs[key], teacher_out[f"teacher_{key}"], pos, args.temperature, args.alpha))
             loss = (parts[0].loss + parts[1].loss) / 2
             hard = None if parts[0].hard_loss is None else (parts[0].hard_loss + parts[1].hard_loss) / 2
             soft = (parts[0].soft_loss + parts[1].soft_loss) / 2
+            count = denominator = outputs.start_logits.shape[0]
             num_items_in_batch = None
         else:
-            y = labels.get("labels")
+            logits = outputs.logits
+            if self.teacher_width is not None and logits.shape[-1] > self.teacher_width:
+                logits = logits[..., : self.teacher_width]  # a view: the padded rows of the head are never used
+            y, shift = labels.get("labels"), self.task == "causal-lm"
+            if "shift_labels" in labels:  # a padding-free collator that already shifted the labels
+                y, shift = labels["shift_labels"], False
+            attention = inputs.get("attention_mask") if self.task != "sequence-classification" else None
+            if covered is not None:
+                attention = covered.to(logits.device) if attention is None else attention.bool() & covered.to(attention.device)
             # Token-level tasks divide by the accumulated batch's label count, so gradient accumulation averages
             # over tokens as one large batch would; classification averages per micro-batch (equal sizes).
             n = num_items_in_batch if self.task in ("causal-lm", "token-classification") and y is not None else None
             res = distillation_loss(
-                outputs.logits, teacher_out[teacher_cache.LOGITS], y, args.temperature, args.alpha,
-                shift_labels=self.task == "causal-lm",
-                # Per-position tasks only: a classifier has one prediction per example, not per token.
-                attention_mask=inputs.get("attention_mask") if self.task != "sequence-classification" else None,
-                num_items_in_batch=n, teacher_indices=teacher_out.get(teacher_cache.INDICES),
+                logits, teacher_out[teacher_cache.LOGITS], y, args.temperature, args.alpha, shift_labels=shift,
+                attention_mask=attention, num_items_in_batch=n, teacher_indices=teacher_out.get(teacher_cache.INDICES),
             )
             loss, hard, soft, num_items_in_batch = res.loss, res.hard_loss, res.soft_loss, n
+            mask, _ = loss_mask(logits.shape[:-1], y, attention, shift_labels=shift)
+            count = mask.sum()
+            denominator = count if n is None else n
         # Tell `training_step` whether this loss is already normalised for gradient accumulation.
         self.loss_is_scaled_for_ga = num_items_in_batch is not None
         if num_items_in_batch is not None and self.args.average_tokens_across_devices:
             # As `Trainer.compute_loss`: the count was summed over processes and DDP averages the gradients.
             loss = loss * self.accelerator.num_processes
 
-        mode = "train" if model.training else "eval"
-        self._distill_metrics[mode]["soft_loss"].append(soft.detach().item())
+        # Logged parts are per-position averages: sums and counts are kept and divided at logging time, so neither
+        # gradient accumulation (parts divided by the whole accumulated count) nor the world size shrinks them.
+        sums = self._distill_sums[mode]
+        denominator = torch.as_tensor(denominator, dtype=torch.float32).to(soft.device)
+        sums["soft_loss"] = sums["soft_loss"] + soft.detach().float() * denominator
         if hard is not None:
-            self._distill_metrics[mode]["hard_loss"].append(hard.detach().item())
+            sums["hard_loss"] = sums["hard_loss"] + hard.detach().float() * denominator
+        sums["count"] = sums["count"] + torch.as_tensor(count, dtype=torch.float32).to(soft.device)
         outputs["loss"] = loss
         return (loss, outputs) if return_outputs else loss
 
@@ -158,15 +204,38 @@ class DistillationTrainer(Trainer):
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
         prefix = "eval_" if mode == "eval" else ""
-        for key, values in self._distill_metrics[mode].items():
-            if values:
-                mean = torch.tensor(sum(values) / len(values), device=self.args.device)
-                if self.accelerator.num_processes > 1:
-                    # Average over processes, as the Trainer does for `loss`.
-                    mean = self.accelerator.reduce(mean, reduction="mean")
-                logs[prefix + key] = mean.item()
-        self._distill_metrics[mode].clear()
+        sums = self._distill_sums[mode]
+        if sums:
+            names = [k for k in ("hard_loss", "soft_loss") if k in sums]
+            totals = torch.stack([torch.as_tensor(sums[k], dtype=torch.float32) for k in (*names, "count")])
+            totals = totals.to(self.args.device)
+            if self.accelerator.num_processes > 1:
+                totals = self.accelerator.reduce(totals, reduction="sum")  # sums of sums over sums of counts
+            for name, total in zip(names, totals[:-1]):
+                logs[prefix + name] = (total / totals[-1].clamp(min=1)).item()
+        sums.clear()
         super().log(logs, *args, **kwargs)
+
+
+class DistillationTrainer(DistillationMixin, Trainer):
+    """[`~transformers.Trainer`] for knowledge distillation (Hinton et al. 2015, https://arxiv.org/abs/1503.02531).
+
+    The loss is `(1 - alpha) * CE(student, labels) + alpha * T**2 * KL(softmax(teacher/T) || softmax(student/T))`
+    ([`~hf_compress.distillation.distillation_loss`]); without labels it is the soft part alone. The teacher is
+    frozen, in eval mode, runs without gradients on its own device and dtype (left where it is when loaded with
+    `device_map` or quantized), and is checked against the student (vocabulary, labels, tokenizer) before anything
+    runs. With `args.cache_teacher_logits` its logits are computed once over the training set, written to disk and
+    reused every epoch. The hard and soft parts are logged as `hard_loss` and `soft_loss` beside `loss`.
+
+    Args:
+        model (`PreTrainedModel`): the student.
+        teacher_model (`PreTrainedModel` or `str`): the teacher, or its path / Hub id (loaded with the auto
+            class of the student's task).
+        args (`DistillationArguments`): training and distillation options.
+        teacher_tokenizer (*optional*): the teacher's tokenizer, checked against `processing_class`; loaded from
+            `teacher_model` when that is a path.
+        **kwargs: everything else [`~transformers.Trainer`] takes.
+    """
 
 
 def _check_tokenized(dataset, name: str) -> None:
@@ -176,6 +245,25 @@ def _check_tokenized(dataset, name: str) -> None:
             f"{name} has no `input_ids` column (columns: {cols}); tokenize it first, "
             "e.g. `dataset.map(lambda b: tokenizer(b['text']), batched=True)`."
         )
+
+
+def _tokenizer_of(processing_class):
+    """The tokenizer of a tokenizer or a processor (`processor.tokenizer`); `None` for anything else."""
+    tokenizer = getattr(processing_class, "tokenizer", processing_class)
+    return tokenizer if hasattr(tokenizer, "get_vocab") else None
+
+
+def _padding_side(processing_class, collator) -> str:
+    for owner in (processing_class, getattr(collator, "tokenizer", None), getattr(collator, "processing_class", None)):
+        side = getattr(getattr(owner, "tokenizer", owner), "padding_side", None)
+        if side in ("left", "right"):
+            return side
+    return "right"
+
+
+def _default_cache_dtype(teacher) -> str:
+    dtype = getattr(teacher, "dtype", torch.float32)
+    return {torch.float16: "float16", torch.bfloat16: "bfloat16"}.get(dtype, "float32")
 
 
 def _student_key(teacher_key: str) -> str:

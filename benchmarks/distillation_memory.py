@@ -1,0 +1,120 @@
+"""Peak memory of one causal-LM training step at vocabulary 49,152: distillation vs plain fine-tuning.
+
+One command: `python -m benchmarks.distillation_memory [--batch-size 4] [--seq-len 128] [--layers 2]`.
+
+Each mode runs in a fresh process: SmolLM2-135M's shapes (hidden 576, 9 heads / 3 KV heads, intermediate 1536, vocab
+49,152, tied embeddings) with `--layers` decoder layers for the student (twice as many for the teacher), random
+weights, float32, one forward + backward on a `[batch, seq]` batch. The figure is the growth of the process's peak
+resident memory (`ru_maxrss`) during the step, over the high-water mark after setup (models and batch); it includes the
+student's parameter gradients (the same in every mode, 2 x 4 MB per layer plus 113 MB for the tied embedding). Modes:
+
+- `plain`: the student's own loss (`model(input_ids, labels=...)`, transformers' causal-LM cross-entropy);
+- `distill`: live teacher + `hf_compress.distillation.distillation_loss` (chunked, hand-written backward);
+- `distill-unchunked`: the same loss written with full-size float32 `log_softmax`es for student and teacher plus
+  cross-entropy (what `distillation_loss` did before: several `[batch, seq, vocab]` float32 copies kept for backward).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+MODES = ("plain", "distill", "distill-unchunked")
+
+
+def _config(layers: int):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=layers, num_attention_heads=9,
+        num_key_value_heads=3, head_dim=64, max_position_embeddings=2048, tie_word_embeddings=True,
+    )
+
+
+def _unchunked(s, t, labels, temperature=2.0, alpha=0.5):
+    import torch.nn.functional as F
+
+    s, t, y = s[:, :-1].float(), t[:, :-1].float(), labels[:, 1:]
+    logq = F.log_softmax(s / temperature, -1)
+    logp = F.log_softmax(t / temperature, -1)
+    soft = (logp.exp() * (logp - logq)).sum(-1).mean() * temperature**2
+    hard = F.cross_entropy(s.reshape(-1, s.shape[-1]), y.reshape(-1))
+    return (1 - alpha) * hard + alpha * soft
+
+
+def _step(mode: str, batch_size: int, seq_len: int, layers: int) -> dict:
+    import resource
+
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from hf_compress.distillation import distillation_loss
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    student = LlamaForCausalLM(_config(layers))
+    teacher = LlamaForCausalLM(_config(2 * layers)).eval().requires_grad_(False) if mode != "plain" else None
+    ids = torch.randint(0, 49152, (batch_size, seq_len))
+
+    def step():
+        student.zero_grad(set_to_none=True)
+        if mode == "plain":
+            loss = student(input_ids=ids, labels=ids).loss
+        else:
+            logits = student(input_ids=ids).logits
+            with torch.no_grad():
+                t = teacher(input_ids=ids).logits
+            if mode == "distill":
+                loss = distillation_loss(logits, t, ids, 2.0, 0.5, shift_labels=True).loss
+            else:
+                loss = _unchunked(logits, t, ids)
+        loss.backward()
+        return loss.item()
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    loss = step()
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"mode": mode, "peak_growth_mb": (after - before) / 1024, "peak_rss_mb": after / 1024, "loss": loss}
+
+
+def run(batch_size: int = 4, seq_len: int = 128, layers: int = 2) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join([os.getcwd(), env.get("PYTHONPATH", "")])
+    results = {}
+    for mode in MODES:
+        out = subprocess.run(
+            [sys.executable, "-m", "benchmarks.distillation_memory", "--one", mode, "--batch-size", str(batch_size),
+             "--seq-len", str(seq_len), "--layers", str(layers)],
+            capture_output=True, text=True, env=env, check=True,
+        )
+        results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+    logits_mb = batch_size * seq_len * 49152 * 4 / 2**20
+    summary = {
+        "batch_size": batch_size, "seq_len": seq_len, "vocab": 49152, "student_layers": layers,
+        "teacher_layers": 2 * layers, "one_fp32_logits_copy_mb": logits_mb,
+        **{f"{m}_peak_growth_mb": r["peak_growth_mb"] for m, r in results.items()},
+    }
+    summary["distill_over_plain"] = summary["distill_peak_growth_mb"] / summary["plain_peak_growth_mb"]
+    summary["unchunked_over_plain"] = summary["distill-unchunked_peak_growth_mb"] / summary["plain_peak_growth_mb"]
+    return summary
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--one", choices=MODES, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.one:
+        print(json.dumps(_step(a.one, a.batch_size, a.seq_len, a.layers)))
+        return 0
+    print(json.dumps(run(a.batch_size, a.seq_len, a.layers), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
