@@ -249,6 +249,7 @@ class CompressionPlan:
     eval_split_name: str
     recipe: dict = field(default_factory=dict)
     command: str = "hf-compress"
+    structured_args: object = None  # `StructuredPruningArguments` (Minitron-style width/depth pruning), or None
 
     @property
     def label_names(self) -> list[str] | None:
@@ -256,7 +257,7 @@ class CompressionPlan:
 
 
 def prepare(model_args: ModelArguments, data_args: DataArguments, training_args, pruning_args, quantization_args,
-            command: str = "hf-compress", recipe: dict | None = None) -> CompressionPlan:
+            structured_args=None, command: str = "hf-compress", recipe: dict | None = None) -> CompressionPlan:
     """
     Check every input and resolve task, columns, labels and splits, without training or loading weights.
 
@@ -347,7 +348,7 @@ def prepare(model_args: ModelArguments, data_args: DataArguments, training_args,
         model_args=model_args, data_args=data_args, training_args=training_args, pruning_args=pruning_args,
         quantization_args=quantization_args, model_path=model_path, task=task, has_head=has_head,
         output_dir=output_dir, train_dataset=train, eval_dataset=evaluation, eval_split_name=split_name,
-        recipe=dict(recipe or {}), command=command,
+        recipe=dict(recipe or {}), command=command, structured_args=structured_args,
     )
 
 
@@ -397,6 +398,42 @@ def _train(model, args, train_ds, tokenizer, collator, desc: str, teacher=None, 
     metrics["steps"] = trainer.state.global_step
     metrics["log_history"] = trainer.state.log_history
     return metrics
+
+
+def _structured_pruning(model, sa, train_ds, collator, training_args, stages, techniques, log) -> list:
+    """Structured pruning before training (`oneshot`: the smaller model is then trained or distilled from the base),
+    or the callback that masks gradually and removes at the end of training (`gradual`). Returns the callbacks."""
+    if sa is None or not sa.enabled:
+        return []
+    techniques.append("structured pruning")
+    if sa.prune_schedule == "gradual":
+        from .callbacks.structured_pruning import StructuredPruningCallback
+
+        log(f"Structured pruning of {sa.prune_structure}, gradual: masked during training, removed at its end.")
+        stages["structured_pruning"] = {"schedule": "gradual", "structures": sa.structures, "keep": sa.keep()}
+        return [StructuredPruningCallback.from_args(sa)]
+    import inspect
+
+    from torch.utils.data import DataLoader
+
+    from .callbacks.structured_pruning import first_batches
+    from .pruning.structured import structured_prune
+
+    batches = None
+    if sa.prune_calibration_batches:
+        # The task's own collator over the columns the model takes (as the Trainer drops the others).
+        accepted = set(inspect.signature(model.forward).parameters) | {"label", "label_ids"}
+        cols = [c for c in train_ds.column_names if c in accepted]
+        loader = DataLoader(train_ds.select_columns(cols), batch_size=training_args.per_device_train_batch_size,
+                            collate_fn=collator)
+        batches = first_batches(loader, sa.prune_calibration_batches)
+    before = model.num_parameters()
+    result = structured_prune(model, sa.structures, keep=sa.keep(), batches=batches, target_params=sa.prune_target_params,
+                              layer_metric=sa.prune_layer_metric)
+    log(f"Structured pruning of {sa.prune_structure}: {before:,} -> {model.num_parameters():,} parameters.")
+    stages["structured_pruning"] = {"schedule": "oneshot", "parameters_before": before,
+                                    "parameters_after": model.num_parameters(), **result.to_dict()}
+    return []
 
 
 def _one_shot_prune(model, pruning_args) -> None:
@@ -538,6 +575,7 @@ def run(plan: CompressionPlan) -> dict | None:
                 log(f"Base on {plan.eval_split_name}: {_fmt_metrics(base_metrics)}.")
 
         techniques = []
+        callbacks = _structured_pruning(model, plan.structured_args, train_ds, collator, ta, stages, techniques, log)
         if ma.train:
             teacher = None
             if ma.teacher == "base":
@@ -546,7 +584,7 @@ def run(plan: CompressionPlan) -> dict | None:
                 teacher = ma.teacher
             what = "Distilling" if teacher is not None else "Fine-tuning"
             what += f" with pruning to {pa.target_sparsity:.0%}" if pruning else ""
-            callbacks = [GradualPruningCallback.from_args(pa)] if pruning else []
+            callbacks += [GradualPruningCallback.from_args(pa)] if pruning else []
             if qat:
                 # After the pruning callback: its masks act on the stored weight under QAT's parametrization.
                 callbacks.append(QATCallback(qa))
@@ -750,12 +788,14 @@ def compress(model: str | None = None, dataset: str = "rotten_tomatoes", output_
     """
     from .distillation import DistillationArguments
     from .pruning import PruningArguments
+    from .pruning.structured_config import StructuredPruningArguments
     from .quantization import QuantizationArguments
 
     values = dict(model=model, dataset=dataset, output_dir=output_dir, teacher=teacher, target_sparsity=target_sparsity,
                   bits=bits, **kwargs)
     groups = []
-    for cls in (ModelArguments, DataArguments, DistillationArguments, PruningArguments, QuantizationArguments):
+    for cls in (ModelArguments, DataArguments, DistillationArguments, PruningArguments, QuantizationArguments,
+                StructuredPruningArguments):
         names = {f.name for f in dataclasses.fields(cls) if f.init}
         groups.append(cls(**{k: v for k, v in values.items() if k in names}))
     known = set().union(*({f.name for f in dataclasses.fields(type(g))} for g in groups))

@@ -6,6 +6,7 @@ _LAZY = {
     "GradualPruningCallback": ".pruning",
     "QuantizationCallback": ".quantization",
     "QATCallback": ".quantization",
+    "StructuredPruningCallback": ".structured_pruning",
 }
 
 __all__ = list(_LAZY)

@@ -84,10 +84,12 @@ def build_parser():
     from ..compression import DataArguments, ModelArguments
     from ..distillation import DistillationArguments
     from ..pruning import PruningArguments
+    from ..pruning.structured_config import StructuredPruningArguments
     from ..quantization import QuantizationArguments
 
     parser = HfArgumentParser(
-        (ModelArguments, DataArguments, DistillationArguments, PruningArguments, QuantizationArguments),
+        (ModelArguments, DataArguments, DistillationArguments, PruningArguments, QuantizationArguments,
+         StructuredPruningArguments),
         prog="hf-compress",
         description="Fine-tune or distil with gradual pruning, quantize, evaluate base vs result, and write a "
         "checkpoint with its compression report and model card. Without arguments (or `hf-compress demo`): the "
@@ -107,7 +109,7 @@ def _dest_names(parser) -> set[str]:
 
 
 def parse(argv: list[str]):
-    """Parse `argv` into the five dataclasses, the recipe (options that differ from the defaults) and the command."""
+    """Parse `argv` into the six dataclasses, the recipe (options that differ from the defaults) and the command."""
     explicit_demo = bool(argv) and argv[0] == "demo"
     if explicit_demo:
         argv = argv[1:]
@@ -237,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         groups, recipe, command = parse(argv)
-        model_args, data_args, training_args, pruning_args, quantization_args = groups
+        model_args, data_args, training_args, pruning_args, quantization_args, structured_args = groups
         if training_args.push_to_hub and not training_args.hub_model_id:
             raise UsageError("--push_to_hub needs --hub_model_id namespace/name.")
         import transformers
@@ -245,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
         # Loading reports (e.g. the newly initialised task head, which the plan line states) stay off the console.
         # Set after parsing: `TrainingArguments` turns its bars off when transformers' logging is quieter than warn.
         transformers.utils.logging.set_verbosity_error()
-        plan = prepare(model_args, data_args, training_args, pruning_args, quantization_args, command=command, recipe=recipe)
+        plan = prepare(model_args, data_args, training_args, pruning_args, quantization_args, structured_args,
+                       command=command, recipe=recipe)
     except (UsageError, CompressionInputError, ValueError, TypeError, ImportError) as err:
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         print(f"hf-compress: error: {message}", file=sys.stderr)

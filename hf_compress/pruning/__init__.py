@@ -1,4 +1,5 @@
-"""Gradual magnitude pruning: the schedule, mask selection, masks on modules, and a smaller save format."""
+"""Gradual magnitude pruning (schedule, mask selection, masks on modules, a smaller save format) and structured
+(Minitron-style) width/depth pruning that makes the model physically smaller."""
 
 from .compressed import load_compressed, load_compressed_state_dict, save_compressed, size_report
 from .config import PruningArguments
@@ -16,9 +17,33 @@ from .masks import (
     sparsity_stats,
 )
 from .schedule import cubic_sparsity, is_pruning_step
+from .structured import (
+    StructuredPlan,
+    StructuredPruningError,
+    attach_structured_masks,
+    drop_layers,
+    plan_masks,
+    prune_structures,
+    remove_structured_masks,
+    select_structures,
+    structured_importance,
+    structured_prune,
+)
+from .structured_config import StructuredPruningArguments
 
 __all__ = [
     "PruningArguments",
+    "StructuredPlan",
+    "StructuredPruningArguments",
+    "StructuredPruningError",
+    "attach_structured_masks",
+    "drop_layers",
+    "plan_masks",
+    "prune_structures",
+    "remove_structured_masks",
+    "select_structures",
+    "structured_importance",
+    "structured_prune",
     "apply_masks",
     "attach_masks",
     "cubic_sparsity",

@@ -1,0 +1,159 @@
+"""`StructuredPruningCallback`: remove FFN neurons, heads, hidden channels and blocks gradually during a Trainer run."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+
+import torch
+from transformers import TrainerCallback
+
+from ..pruning.structured import (
+    StructuredPlan,
+    attach_structured_masks,
+    check_structures,
+    keep_for_parameter_budget,
+    plan_masks,
+    prune_structures,
+    remove_structured_masks,
+    select_structures,
+    structured_importance,
+)
+
+REPORT_FILE = "structured_pruning.json"
+
+
+def first_batches(dataloader, n: int) -> list[dict]:
+    """The first `n` batches of a dataloader, on the CPU (calibration data for the importance scores)."""
+    out = []
+    for batch in itertools.islice(iter(dataloader), n):
+        out.append({k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
+    return out
+
+
+def _dropped_in_order(scores: torch.Tensor, kept: list[int]) -> list[int]:
+    """Indices not in `kept`, least important first (the order the gradual schedule masks them)."""
+    kept_set = set(kept)
+    order = torch.sort(scores.float(), stable=True).indices.tolist()
+    return [i for i in order if i not in kept_set]
+
+
+def partial_plan(plan: StructuredPlan, sizes: dict, fraction: float) -> StructuredPlan:
+    """The plan that has dropped the first `fraction` of each dropped set (least important first): what the gradual
+    schedule masks at that point. `sizes`: the full count of each structure."""
+    fraction = min(max(fraction, 0.0), 1.0)
+
+    def keep(full: int, kept: list[int], scores: torch.Tensor) -> list[int]:
+        dropped = _dropped_in_order(scores, kept)
+        gone = set(dropped[: round(fraction * len(dropped))])
+        return [i for i in range(full) if i not in gone]
+
+    out = StructuredPlan()
+    if plan.ffn is not None:
+        out.ffn = [keep(sizes["ffn"], k, s) for k, s in zip(plan.ffn, plan.scores["ffn"])]
+    if plan.kv_groups is not None:
+        out.kv_groups = [keep(sizes["heads"], k, s) for k, s in zip(plan.kv_groups, plan.scores["heads"])]
+    if plan.hidden is not None:
+        out.hidden = keep(sizes["hidden"], plan.hidden, plan.scores["hidden"])
+    if plan.layers is not None:
+        out.layers = keep(sizes["layers"], plan.layers, plan.scores["layers"])
+    return out
+
+
+class StructuredPruningCallback(TrainerCallback):
+    r"""
+    Structured pruning during training: mask gradually, remove physically at the end.
+
+    Changing parameter shapes mid-run would invalidate the optimizer's state (AdamW's moments are per-tensor, keyed
+    by the parameter objects) and the learning-rate schedule's view of the model, so the structures are never
+    removed during training. Instead, at `on_train_begin` the structures are scored on the first
+    `calibration_batches` training batches ([`~hf_compress.pruning.structured_importance`]) and the final plan is
+    fixed; from then on the dropped structures are masked, least important first, a growing share every
+    `frequency` steps until `end_fraction` of training ([`~hf_compress.pruning.attach_structured_masks`]: exactly the
+    computation of the pruned model), so the rest of the model adapts while they fade out. At `on_train_end` the
+    masks are removed and the structures physically cut ([`~hf_compress.pruning.prune_structures`]): the model the
+    Trainer then saves is the smaller one, and computes what the masked model computed.
+
+    Args:
+        structures (`str` or `list[str]`): e.g. `"ffn,layers"`.
+        keep (`dict`, *optional*): kept fraction (float) or count (int > 1) per structure.
+        target_params (`int`, *optional*): instead of `keep`, a parameter budget.
+        calibration_batches (`int`, *optional*, defaults to `16`): 0 scores by weight magnitude.
+        layer_metric (`str`, *optional*, defaults to `"cosine"`): `cosine` or `loss`.
+        end_fraction (`float`, *optional*, defaults to `0.5`): share of `max_steps` by which all are masked.
+        frequency (`int`, *optional*, defaults to `10`): optimizer steps between mask updates.
+
+    After training, `callback.plan` holds the plan and the importance scores; `on_train_end` also writes them to
+    `output_dir/structured_pruning.json` on the main process.
+    """
+
+    def __init__(self, structures, keep: dict | None = None, target_params: int | None = None, calibration_batches: int = 16,
+                 layer_metric: str = "cosine", end_fraction: float = 0.5, frequency: int = 10):
+        if (keep is None) == (target_params is None):
+            raise ValueError("StructuredPruningCallback needs exactly one of `keep` and `target_params`.")
+        if not 0.0 < end_fraction <= 1.0:
+            raise ValueError(f"end_fraction must be in (0, 1], got {end_fraction}.")
+        if frequency < 1:
+            raise ValueError(f"frequency must be >= 1 optimizer step, got {frequency}.")
+        self.structures = structures
+        self.keep = keep
+        self.target_params = target_params
+        self.calibration_batches = calibration_batches
+        self.layer_metric = layer_metric
+        self.end_fraction = end_fraction
+        self.frequency = frequency
+        self.plan: StructuredPlan | None = None
+        self._sizes: dict = {}
+        self._end_step = None
+        self.history: list[tuple[int, float]] = []
+
+    @classmethod
+    def from_args(cls, args) -> "StructuredPruningCallback":
+        """From [`StructuredPruningArguments`]."""
+        return cls(args.structures, keep=args.keep(), target_params=args.prune_target_params,
+                   calibration_batches=args.prune_calibration_batches, layer_metric=args.prune_layer_metric,
+                   end_fraction=args.prune_end_fraction, frequency=args.prune_frequency)
+
+    def fraction(self, step: int) -> float:
+        """Share of the dropped structures masked after optimizer step `step` (linear, updated every `frequency`)."""
+        if step >= self._end_step:
+            return 1.0
+        return (step - step % self.frequency) / self._end_step
+
+    def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
+        structures = check_structures(model, self.structures)
+        keep = self.keep or keep_for_parameter_budget(model, structures, self.target_params)
+        batches = None
+        if self.calibration_batches and train_dataloader is not None:
+            batches = first_batches(train_dataloader, self.calibration_batches)
+        scores = structured_importance(model, batches, structures, self.layer_metric)
+        self.plan = select_structures(model, scores, keep)
+        cfg = model.config
+        self._sizes = {"ffn": cfg.intermediate_size, "hidden": cfg.hidden_size, "layers": cfg.num_hidden_layers,
+                       "heads": getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads}
+        self._end_step = max(1, int(self.end_fraction * state.max_steps))
+        self._apply(model, 0)
+
+    def _apply(self, model, step):
+        f = self.fraction(step)
+        if self.history and self.history[-1][1] == f:
+            return
+        attach_structured_masks(model, plan_masks(model, partial_plan(self.plan, self._sizes, f)))
+        self.history.append((step, f))
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if self.plan is not None:
+            self._apply(model, state.global_step)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if self.plan is None:
+            return
+        remove_structured_masks(model)
+        prune_structures(model, self.plan)
+        if state.is_world_process_zero and args.output_dir:
+            os.makedirs(args.output_dir, exist_ok=True)
+            tmp = os.path.join(args.output_dir, REPORT_FILE + ".tmp")
+            with open(tmp, "w") as f:
+                json.dump({"schedule": self.history, **self.plan.to_dict()}, f)
+            os.replace(tmp, os.path.join(args.output_dir, REPORT_FILE))
