@@ -612,8 +612,11 @@ def run(plan: CompressionPlan) -> dict | None:
 
             save_report(report, ckpt)
             meta = task.card_metadata()
+            summary = f"A compressed `{report.get('architecture', 'model')}` ({task.name}): {', '.join(techniques) or 'compressed'}."
+            if meta.get("label_names"):
+                summary += " Labels: " + ", ".join(f"`{n}`" for n in meta["label_names"]) + "."
             card = build_model_card(report, plan.recipe, plan.command, repo_id=ta.hub_model_id if ta.push_to_hub else None,
-                                    output_dir=ckpt, pipeline_tag=meta["pipeline_tag"])
+                                    output_dir=ckpt, pipeline_tag=meta["pipeline_tag"], summary=summary)
             card.save(os.path.join(ckpt, "README.md"))
             _replace_output(ckpt, plan.output_dir, work)
             log(f"Wrote {plan.output_dir}")

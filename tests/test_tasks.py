@@ -417,6 +417,7 @@ def test_odd_dataset_table(case, odd_models, tmp_path, capsys):
         assert task["label_names"] == expected["label_names"]
         cfg = json.load(open(out / "config.json"))
         assert list(cfg["id2label"].values()) == expected["label_names"]
+        assert "Labels: " + ", ".join(f"`{n}`" for n in expected["label_names"]) + "." in str(card)
     if "eval_rows" in expected:
         assert report["eval"]["num_examples"] == expected["eval_rows"]
     if "split" in expected:
