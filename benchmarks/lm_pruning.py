@@ -67,7 +67,7 @@ def _recover(model, train_blocks, steps, batch_size, lr, seed, callback, out):
     return time.perf_counter() - start
 
 
-PARTS = ("baseline", "oneshot", "control", "recovery", "exports")
+PARTS = ("baseline", "oneshot", "control", "recovery", "exports")  # "recovery-50" / "recovery-2:4": one of the two
 
 
 def run(steps=40, seq=128, batch_size=8, lr=1e-4, seed=0, parts=PARTS, eval_blocks=None) -> dict:
@@ -117,12 +117,11 @@ def run(steps=40, seq=128, batch_size=8, lr=1e-4, seed=0, parts=PARTS, eval_bloc
             del model
 
     runs = [("dense fine-tune (control)", None)] if "control" in parts else []
-    if "recovery" in parts:
-        runs += [
-            ("50% unstructured (per matrix) + recovery",
-             GradualPruningCallback(target_sparsity=0.5, initial_sparsity=0.5, start_step=0, end_step=1, log_per_layer=False)),
-            ("2:4 + recovery", GradualPruningCallback(target_sparsity=0.5, pattern="2:4", start_step=0, log_per_layer=False)),
-        ]
+    if "recovery" in parts or "recovery-50" in parts:
+        runs.append(("50% unstructured (per matrix) + recovery",
+                     GradualPruningCallback(target_sparsity=0.5, initial_sparsity=0.5, start_step=0, end_step=1, log_per_layer=False)))
+    if "recovery" in parts or "recovery-2:4" in parts:
+        runs.append(("2:4 + recovery", GradualPruningCallback(target_sparsity=0.5, pattern="2:4", start_step=0, log_per_layer=False)))
     if runs:
         with tempfile.TemporaryDirectory() as tmp:
             for label, callback in runs:
