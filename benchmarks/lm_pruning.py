@@ -4,7 +4,8 @@ Held-out perplexity on the Hamlet `test` scenes (split by scene, never trained o
 the model as shipped; pruned one-shot before any training; after `--steps` recovery steps on the `train` scenes with
 `GradualPruningCallback` holding the masks (and a dense fine-tune with the same steps, seed and data as control); and
 the bf16 model exported with bitsandbytes to 8-bit and 4-bit NF4, reloaded from disk, with the sizes on disk.
-Usage: `python -m benchmarks.lm_pruning` (about 15 min on 2 CPU cores); writes `benchmarks/results/lm_pruning.json`.
+Usage: `python -m benchmarks.lm_pruning` (long on a CPU: `--parts`, `--steps`, `--eval-blocks` run pieces of it);
+writes `benchmarks/results/lm_pruning.json`.
 """
 
 from __future__ import annotations
