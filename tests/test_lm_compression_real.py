@@ -96,6 +96,6 @@ def test_smollm2_bf16_exports_not_larger_than_bf16_save_and_keep_perplexity(smol
     print(f"\nSmolLM2 bf16 {bf16_bytes / 1e6:.1f} MB ppl {ppl_bf16:.3f}; "
           + "; ".join(f"{b}-bit {s / 1e6:.1f} MB ppl {p:.3f}" for b, (s, p) in results.items()))
     assert results[4][0] < results[8][0]
-    assert abs(results[8][1] - ppl_bf16) / ppl_bf16 < 0.05  # measured +2.4% on 24 blocks
-    # NF4 on weights already Q4_1-rounded by the GGUF: +47% measured on 24 blocks (benchmarks/lm_pruning.py)
+    assert abs(results[8][1] - ppl_bf16) / ppl_bf16 < 0.05  # measured -0.1% on these 8 blocks, +2.4% on 24
+    # NF4 on weights already Q4_1-rounded by the GGUF: +39% measured on these 8 blocks, +47% on 24 (benchmarks)
     assert abs(results[4][1] - ppl_bf16) / ppl_bf16 < 0.6
