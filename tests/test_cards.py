@@ -200,7 +200,8 @@ def test_quantized_checkpoint_gets_quantized_relation(tmp_path, tiny_bert):
     card = build_model_card(report, {"quantization": {"bits": 8}}, "hf-compress quantize --bits 8", repo_id="acme/q8")
     assert card.data.base_model_relation == "quantized"
     assert "bitsandbytes" in card.data.tags
-    assert "quantized layers: 13 (Linear8bitLt)" in str(card) and "full precision: classifier" in str(card)
+    assert "quantized layers: 13 (Linear8bitLt)" in str(card) and "not quantized (kept in the model's dtype): classifier" in str(card)
+    assert "- stored as int8: " in str(card) and "- stored as float32: " in str(card)
 
 
 def test_card_bad_input_and_bad_metadata(checkpoints):

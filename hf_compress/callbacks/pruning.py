@@ -41,6 +41,13 @@ def optimizer_preserves_zeros(optimizer) -> bool:
     return type(inner) is torch.optim.SGD
 
 
+def _masked_grad(mask: torch.Tensor):
+    def hook(grad: torch.Tensor) -> torch.Tensor:
+        return grad * mask
+
+    return hook
+
+
 class GradualPruningCallback(TrainerCallback):
     r"""
     Prunes weights by magnitude on the cubic schedule of
@@ -48,7 +55,8 @@ class GradualPruningCallback(TrainerCallback):
 
     The schedule is counted in optimizer steps (`state.global_step`), so gradient accumulation does not shift
     it. Masks are boolean `<param>_mask` buffers on the pruned modules. Pruned entries stay exactly zero:
-    their gradients are zeroed before each optimizer step and their optimizer state (`exp_avg`, `exp_avg_sq`,
+    their gradients are masked by a hook on the parameter as autograd produces them (so gradient clipping and the
+    logged `grad_norm` never see them) and their optimizer state (`exp_avg`, `exp_avg_sq`,
     `momentum_buffer`, ...) whenever the masks change, so AdamW moments and weight decay cannot revive them;
     the masks are also re-applied after every optimizer step, which covers any other optimizer. The masks are
     saved into every checkpoint (`pruning_masks.safetensors`) and read back on `resume_from_checkpoint`. At
@@ -107,6 +115,7 @@ class GradualPruningCallback(TrainerCallback):
         self.end_step = end_step
         self._pairs: list[tuple[str, torch.nn.Parameter, torch.Tensor]] = []
         self._active = False
+        self._hooks: list = []
 
     @classmethod
     def from_args(cls, args: PruningArguments) -> GradualPruningCallback:
@@ -168,7 +177,22 @@ class GradualPruningCallback(TrainerCallback):
         for name, _, mask in self._pairs:
             mask.copy_(new[name])  # in place: the buffer object (and the cached pair) stays the same
         self._apply(optimizer)
+        self._activate()
+
+    def _activate(self) -> None:
+        """Masks are in force: mask every gradient as autograd produces it, before anything else sees it.
+
+        `Trainer` clips (and measures the logged `grad_norm`) before `on_pre_optimizer_step`, so zeroing gradients in
+        a callback event comes too late for both. A hook on the parameter multiplies each micro-batch's gradient by the
+        mask before it is accumulated into `.grad` (and before DDP's all-reduce, which hooks the accumulation), so
+        gradient accumulation, clipping, `grad_norm` and the optimizer all see only the gradients of kept weights.
+        """
         self._active = True
+        if self._hooks:
+            return
+        for _, param, mask in self._pairs:
+            if param.requires_grad:  # frozen weights (a PEFT base layer) get no gradient
+                self._hooks.append(param.register_hook(_masked_grad(mask)))
 
     @torch.no_grad()
     def _apply(self, optimizer=None) -> None:
@@ -210,12 +234,14 @@ class GradualPruningCallback(TrainerCallback):
             logger.warning(f"No {MASKS_NAME} at {path}; rebuilding the pruning masks from the zero weights.")
             for _, param, mask in self._pairs:
                 mask.copy_(param != 0)
-        self._active = any(not bool(mask.all()) for _, _, mask in self._pairs)
+        if any(not bool(mask.all()) for _, _, mask in self._pairs):
+            self._activate()
         self._apply(optimizer)
 
     @torch.no_grad()
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        # Zero gradients of pruned entries, so Adam's moments for them stay zero (zeroed when the masks change).
+        # The gradient hooks already zeroed the pruned entries; this pass covers gradients written without autograd
+        # hooks (e.g. an engine that fills `.grad` itself), so Adam's moments for them stay zero.
         if self._active:
             pairs = [(param.grad, mask) for _, param, mask in self._pairs if param.grad is not None]
             if pairs:
@@ -259,5 +285,8 @@ class GradualPruningCallback(TrainerCallback):
     def on_train_end(self, args, state, control, model=None, **kwargs):
         if model is not None and self._pairs:
             remove_masks(model)
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
         self._pairs = []
         self._active = False

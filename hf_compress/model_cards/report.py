@@ -13,6 +13,8 @@ import tempfile
 
 import torch
 
+from ..quantization.precision import precision_summary
+
 REPORT_NAME = "compression_report.json"
 REPORT_FORMAT = "hf_compress.report.v1"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
@@ -167,6 +169,8 @@ def quantization_summary(model: torch.nn.Module, folder: str | None = None) -> d
         "num_quantized_modules": len(modules),
         "quantized_module_types": sorted(set(modules.values())),
         "skip_modules": list(skipped),
+        # What each weight is stored in (int8, nf4, bfloat16, ...), tied weights named once.
+        "precision": precision_summary(model),
         "quantization_config": qconfig,
     }
 

@@ -23,17 +23,54 @@ HEAD_NAMES = ("classifier", "qa_outputs", "lm_head", "pooler", "score", "cls", "
 _BLOCK = re.compile(r"\.\d+(\.|$)")
 
 
+def _adapter_prefixes(model: nn.Module) -> list[str]:
+    """Module names of PEFT tuner layers (LoRA, DoRA, ...): modules that wrap the original layer as `base_layer`.
+
+    Found by that convention rather than by importing peft, so a model without adapters costs nothing. Inside such a
+    layer only `base_layer` holds the pretrained weight; `lora_A`, `lora_B` and the other adapter modules are
+    trained deltas that pruning must leave alone.
+    """
+    return [n for n, m in model.named_modules() if n and isinstance(getattr(m, "base_layer", None), nn.Module)]
+
+
+def _is_adapter_module(name: str, prefixes: list[str]) -> bool:
+    # A module under a tuner layer that is not its base layer: an adapter (or a peft modules_to_save copy).
+    for prefix in prefixes:
+        if name.startswith(prefix + ".") and not name.startswith(prefix + ".base_layer"):
+            return True
+    return False
+
+
+def _embedding_weights(model: nn.Module) -> dict[int, str]:
+    """`id(weight) -> module name` of every embedding table (an `lm_head` tied to one shares its weight)."""
+    found = {id(m.weight): n for n, m in model.named_modules() if isinstance(m, nn.Embedding)}
+    get_input = getattr(model, "get_input_embeddings", None)
+    try:
+        emb = get_input() if callable(get_input) else None
+    except (NotImplementedError, AttributeError):
+        emb = None
+    if emb is not None and getattr(emb, "weight", None) is not None:
+        found.setdefault(id(emb.weight), "input embeddings")
+    return found
+
+
 def default_targets(model: nn.Module) -> list[str]:
     """
     Dotted names of the weights pruned by default: every `nn.Linear` weight inside the repeated encoder /
     decoder blocks (a module path with a numeric index such as `bert.encoder.layer.3.output.dense` or
-    `model.layers.0.mlp.up_proj`). Embeddings, norms, biases, the pooler and the task head stay dense.
+    `model.layers.0.mlp.up_proj`: for a decoder q/k/v/o and gate/up/down). Embeddings, `lm_head` (tied to the
+    embedding or not), norms, biases, the pooler and the task head stay dense. In a PEFT model the base layers
+    (`...q_proj.base_layer`) are the targets, never the adapters (`lora_A`, `lora_B`).
     """
+    adapters = _adapter_prefixes(model)
+    embeddings = _embedding_weights(model)
     names = []
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear) or not _BLOCK.search(name):
             continue
-        if any(part in HEAD_NAMES for part in name.split(".")):
+        if any(part in HEAD_NAMES for part in name.split(".")) or _is_adapter_module(name, adapters):
+            continue
+        if id(module.weight) in embeddings:
             continue
         names.append(f"{name}.weight")
     return names
@@ -42,10 +79,12 @@ def default_targets(model: nn.Module) -> list[str]:
 def resolve_targets(model: nn.Module, target_modules: list[str] | None = None) -> list[str]:
     """
     Weights to prune: `default_targets(model)`, or the weight of every `nn.Linear` whose dotted module name
-    matches one of the regular expressions in `target_modules` (`re.search`).
+    matches one of the regular expressions in `target_modules` (`re.search`). PEFT adapter layers (`lora_A`,
+    `lora_B`, ...) are never targets: a pattern such as `q_proj` selects the wrapped `q_proj.base_layer`.
 
     Raises:
-        `ValueError`: when nothing matches.
+        `ValueError`: when nothing matches, or when a matched weight is an embedding table (an `lm_head` tied to
+        the input embedding): pruning it would prune the embedding too.
     """
     if target_modules is None:
         names = default_targets(model)
@@ -56,11 +95,21 @@ def resolve_targets(model: nn.Module, target_modules: list[str] | None = None) -
             )
         return names
     patterns = [re.compile(p) for p in target_modules]
-    names = [
-        f"{name}.weight"
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and any(p.search(name) for p in patterns)
-    ]
+    adapters = _adapter_prefixes(model)
+    embeddings = _embedding_weights(model)
+    names = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear) or not any(p.search(name) for p in patterns):
+            continue
+        if _is_adapter_module(name, adapters):
+            continue
+        if id(module.weight) in embeddings:
+            raise ValueError(
+                f"{name}.weight is tied to the embedding table {embeddings[id(module.weight)]} "
+                "(tie_word_embeddings), so pruning it would prune the input embedding too; leave it out of "
+                "`target_modules` or untie it first."
+            )
+        names.append(f"{name}.weight")
     if not names:
         example = next((n for n, m in model.named_modules() if isinstance(m, nn.Linear)), "<none>")
         raise ValueError(
@@ -117,7 +166,8 @@ def magnitude_masks(
         weights (`dict[str, torch.Tensor]`): the weights, by dotted name.
         sparsity (`float`): fraction in [0, 1) to prune, `round(sparsity * numel)` entries exactly.
         scope (`str`, *optional*, defaults to `"layer"`): `"layer"` prunes that fraction of every tensor;
-            `"global"` ranks all entries of all tensors together (one threshold, per-tensor sparsity varies).
+            `"global"` ranks all entries of all tensors together (one threshold, per-tensor sparsity varies;
+            see [`global_keep_masks`]: computed on the weights' device, nothing copied to the CPU).
         current_masks (`dict[str, torch.Tensor]`, *optional*): masks already in force; their pruned entries
             are pruned first, so sparsity is monotone over a schedule.
 
@@ -129,23 +179,87 @@ def magnitude_masks(
     if scope not in ("layer", "global"):
         raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}.")
     current_masks = current_masks or {}
-    scores = {n: _scores(w, current_masks.get(n)) for n, w in weights.items()}
-    masks = {}
     if scope == "layer":
-        for name, score in scores.items():
+        masks = {}
+        for name, w in weights.items():
+            score = _scores(w, current_masks.get(name))
             flat = score.flatten()
             k = max(num_to_prune(flat.numel(), sparsity), int((flat < 0).sum()))
             # Ties (e.g. equal magnitudes) break by position: the same way on every run and rank.
             masks[name] = smallest_k_keep_mask(flat, k).view_as(score)
         return masks
-    flat = torch.cat([s.flatten().cpu() for s in scores.values()])
-    k = max(num_to_prune(flat.numel(), sparsity), int((flat < 0).sum()))
-    keep = smallest_k_keep_mask(flat, k)
-    offset = 0
-    for name, score in scores.items():
-        n = score.numel()
-        masks[name] = keep[offset : offset + n].view_as(score).to(score.device)
-        offset += n
+    return global_keep_masks(weights, sparsity, current_masks)
+
+
+# Radix selection over the float32 bit patterns of |w|: for non-negative floats the int32 view is monotone, so the
+# k-th smallest magnitude is found from two integer histograms (high 16 bits, then low 16 bits of one bin).
+_HI_BINS = 1 << 15  # |w| has the sign bit clear: 15 high bits (+1 bin for already-pruned entries, key -1)
+_LO_BINS = 1 << 16
+
+
+def _sort_keys(weight: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """int32 keys ordered like |w| (float32), already-pruned entries -1; computed on the weight's device."""
+    key = weight.detach().abs().float().contiguous().view(torch.int32)
+    if mask is not None:
+        key = key.masked_fill(~mask.to(key.device), -1)
+    return key
+
+
+@torch.no_grad()
+def global_keep_masks(
+    weights: dict[str, torch.Tensor], sparsity: float, current_masks: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """
+    Keep-masks with exactly `round(sparsity * total)` entries pruned over all `weights` together: the smallest
+    magnitudes, ties broken by position in `weights`' order then in each tensor (the first `k` of a stable sort of
+    the concatenation), already-pruned entries first.
+
+    Nothing is concatenated or copied to the CPU: the threshold is found by a radix selection on the float32 bit
+    patterns of `|w|` (two integer histograms, each one pass over the weights on their own device), and a third
+    pass writes the masks. Peak extra memory is a few copies of the largest single tensor, not of the model.
+    """
+    current_masks = current_masks or {}
+    total = sum(w.numel() for w in weights.values())
+    already = sum(int((~m).sum()) for m in current_masks.values() if m is not None)
+    k = max(num_to_prune(total, sparsity), already)
+    if k >= total:
+        return {n: torch.zeros_like(w, dtype=torch.bool) for n, w in weights.items()}
+    # Pass 1: histogram of the high 16 bits (bin 0: already pruned, key -1).
+    hist = None
+    for name, w in weights.items():
+        h = torch.bincount(((_sort_keys(w, current_masks.get(name)) >> 16) + 1).flatten().long(), minlength=_HI_BINS + 1)
+        hist = h if hist is None else hist + h.to(hist.device)
+    cum = hist.cumsum(0)
+    if k == 0 or int(cum[0]) >= k:  # nothing beyond the masks already in force
+        return {n: (current_masks[n].clone().to(w.device) if current_masks.get(n) is not None else torch.ones_like(w, dtype=torch.bool)) for n, w in weights.items()}
+    b = int(torch.searchsorted(cum, torch.tensor([k], device=cum.device))[0])
+    high, below = b - 1, int(cum[b - 1])
+    # Pass 2: histogram of the low 16 bits of the entries in the threshold's high bin.
+    hist_lo = None
+    for name, w in weights.items():
+        key = _sort_keys(w, current_masks.get(name)).flatten()
+        h = torch.bincount((key[(key >> 16) == high] & 0xFFFF).long(), minlength=_LO_BINS)
+        hist_lo = h if hist_lo is None else hist_lo + h.to(hist_lo.device)
+    cum_lo = hist_lo.cumsum(0)
+    low = int(torch.searchsorted(cum_lo, torch.tensor([k - below], device=cum_lo.device))[0])
+    threshold = (high << 16) | low
+    below += int(cum_lo[low - 1]) if low > 0 else 0
+    remaining = k - below  # ties at the threshold still to prune, first by position
+    # Pass 3: the masks.
+    masks = {}
+    for name, w in weights.items():
+        key = _sort_keys(w, current_masks.get(name)).flatten()
+        keep = key > threshold
+        ties = key == threshold
+        if remaining > 0:
+            n_ties = int(ties.sum())
+            if n_ties > remaining:
+                ties[ties.nonzero().flatten()[:remaining]] = False  # the first `remaining` ties are pruned
+                keep |= ties
+            remaining = max(remaining - n_ties, 0)
+        else:
+            keep |= ties
+        masks[name] = keep.view_as(w)
     return masks
 
 

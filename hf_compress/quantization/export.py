@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .config import DEFAULT_HEAD_MODULES, QuantizationArguments
+from .precision import precision_summary
 
 EMBEDDINGS_FILE = "quantized_embeddings.safetensors"
 EMBEDDINGS_CONFIG_KEY = "hf_compress_quantized_embeddings"
@@ -191,10 +192,13 @@ def _quantize_linears(model, args: QuantizationArguments, device: torch.device):
     skip = resolve_skip_modules(plain, args)
     linears, embeddings = quantization_targets(plain, args)
     embedding_tensors = {n: backend.quantize_embedding_tensors(plain.get_submodule(n).weight, args) for n in embeddings}
+    # What is not quantized (embeddings, lm_head, norms, biases) keeps the model's own dtype: a bf16 model's export
+    # must not be written in float32, or it could be larger than the bf16 checkpoint it came from.
+    dtype = plain.dtype
     with tempfile.TemporaryDirectory() as tmp:
         plain.save_pretrained(tmp)
         qmodel = type(model).from_pretrained(
-            tmp, quantization_config=backend.bnb_config(args, skip), dtype=torch.float32, device_map={"": device}
+            tmp, quantization_config=backend.bnb_config(args, skip), dtype=dtype, device_map={"": device}
         )
     use_reference_cpu_kernel(qmodel.eval())
     quantized, kept = backend.quantized_linear_names(qmodel)
@@ -203,6 +207,7 @@ def _quantize_linears(model, args: QuantizationArguments, device: torch.device):
         "bits": args.bits,
         "quant_type": args.quant_type if args.bits == 4 else "llm_int8",
         "double_quant": args.double_quant,
+        "dtype": str(dtype).removeprefix("torch."),
         "skip_modules": skip,
         "quantized_linear_modules": quantized,
         "full_precision_linear_modules": kept,
@@ -233,14 +238,32 @@ def quantize_model(model, args: QuantizationArguments):
     Returns:
         `(quantized_model, info)`: the bitsandbytes model in eval mode and a dict saying what was quantized.
     """
+    model, merge = _merge_adapters(model)
     if getattr(args, "backend", None) == "compressed-tensors":
         from . import compressed_tensors
 
         qmodel, _, info = compressed_tensors.quantize_model(model, args)
+        if merge is not None:
+            info["peft_merge"] = merge.finish(qmodel)
         return qmodel, info
     device = _check(model, args)
     qmodel, info, embedding_tensors = _quantize_linears(model, args, device)
-    return _swap_embeddings(qmodel, embedding_tensors, args.bits, args.quant_type), info
+    qmodel = _swap_embeddings(qmodel, embedding_tensors, args.bits, args.quant_type)
+    info["precision"] = precision_summary(qmodel)
+    if merge is not None:
+        info["peft_merge"] = merge.finish(qmodel)
+    return qmodel, info
+
+
+def _merge_adapters(model):
+    """A PEFT model is merged into a plain one before export ([`hf_compress.peft_utils.merge_adapters`]); peft is
+    imported only when the model is one."""
+    if not (hasattr(model, "peft_config") and hasattr(model, "get_base_model")):
+        return model, None
+    from ..peft_utils import merge_adapters
+
+    merge = merge_adapters(model)
+    return merge.model, merge
 
 
 def _strip_keys(folder: Path, keys: set[str]) -> None:
@@ -288,8 +311,10 @@ def quantize_and_save(model, output_dir, args: QuantizationArguments, tokenizer=
     Quantize `model` with bitsandbytes and save it so that `AutoModelFor*.from_pretrained(output_dir)` reloads
     the quantized model with no extra argument (`config.json` carries `quantization_config`).
 
-    The task head (`classifier`, `qa_outputs`, `lm_head`, `score`) and the output embeddings stay in full
-    precision unless `args.skip_modules` says otherwise. A model under [`QATCallback`] fake quantization is
+    The task head (`classifier`, `qa_outputs`, `lm_head`, `score`) and the output embeddings stay unquantized, in
+    the model's own dtype (a bf16 model's stay bf16), unless `args.skip_modules` says otherwise; the report's
+    `precision` says what is stored in which precision. A PEFT model (LoRA, or QLoRA over a bitsandbytes base) is
+    merged first ([`hf_compress.peft_utils.merge_adapters`]) and the report's `peft_merge` gives the merge's error. A model under [`QATCallback`] fake quantization is
     exported from its full-precision weights, which gives exactly the fake-quantized forward pass. With
     `args.quantize_embeddings` the embedding tables go to `quantized_embeddings.safetensors`, which
     transformers does not read: reload those with [`load_quantized`].
@@ -308,10 +333,14 @@ def quantize_and_save(model, output_dir, args: QuantizationArguments, tokenizer=
         `bytes_on_disk` (whole folder), `weight_bytes_on_disk` (safetensors files), `source_weight_bytes`
         (the full-precision state dict), `output_dir` and `reload` (how to load it back).
     """
+    model, merge = _merge_adapters(model)
     if getattr(args, "backend", None) == "compressed-tensors":  # pack-quantized int8/int4: see `compressed_tensors.py`
         from . import compressed_tensors
 
-        return compressed_tensors.save(model, output_dir, args, tokenizer=tokenizer)
+        info = compressed_tensors.save(model, output_dir, args, tokenizer=tokenizer)
+        if merge is not None:  # the merge's own rounding error (the export's is measured by reloading the folder)
+            info["peft_merge"] = merge.info
+        return info
     device = _check(model, args)
     output_dir = Path(output_dir)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -323,6 +352,10 @@ def quantize_and_save(model, output_dir, args: QuantizationArguments, tokenizer=
             tokenizer.save_pretrained(tmp)
         if embedding_tensors:
             _save_embeddings(tmp, embedding_tensors, args)
+        qmodel = _swap_embeddings(qmodel, embedding_tensors, args.bits, args.quant_type)
+        info["precision"] = precision_summary(qmodel)
+        if merge is not None:
+            info["peft_merge"] = merge.finish(qmodel)
         info["reload"] = "hf_compress.quantization.load_quantized" if embedding_tensors else "AutoModel*.from_pretrained"
         info.update(folder_bytes(tmp))
         info["output_dir"] = str(output_dir)
