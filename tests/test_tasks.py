@@ -442,7 +442,7 @@ def test_odd_dataset_table(case, odd_models, tmp_path, capsys):
 def test_demo_budget_applies_to_the_default_model_without_a_budget(argv, max_steps, base_steps):
     from hf_compress.cli.main import parse
 
-    (model_args, data_args, training_args, pruning_args, quant_args), recipe, _ = parse(argv)
+    (model_args, data_args, training_args, pruning_args, quant_args, _structured), recipe, _ = parse(argv)
     assert training_args.max_steps == max_steps
     assert model_args.base_finetune_steps == base_steps
     assert pruning_args.target_sparsity == 0.8
