@@ -209,3 +209,21 @@ def test_bad_arguments(tmp_path, checkpoint):
     (out / "compression_report.json").unlink()
     with pytest.raises(ValueError, match="verify=True needs"):
         push_to_hub(out, REPO, verify=True)
+
+
+def test_load_quantized_takes_a_hub_id_as_the_card_snippet_does(hub, tmp_path):
+    """The card of a bnb checkpoint with low-bit embeddings says `load_quantized("<repo id>")`: it must download."""
+    from transformers import BertForSequenceClassification
+
+    from hf_compress.quantization import QuantizationArguments, load_quantized, quantize_and_save
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(tiny_bert_config(hidden_size=64, intermediate_size=128)).eval()
+    out = tmp_path / "int8-emb"
+    quantize_and_save(model, out, QuantizationArguments(bits=8, quantize_embeddings=True, backend="bitsandbytes"))
+    push_to_hub(out, REPO, endpoint=hub.url)
+    ids = torch.randint(5, 97, (3, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        local = load_quantized(str(out))(input_ids=ids).logits
+        remote = load_quantized(REPO)(input_ids=ids).logits
+    assert torch.equal(remote, local)

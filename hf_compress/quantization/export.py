@@ -392,7 +392,8 @@ def load_quantized(path, model_class=None, device=None, cpu_bf16_kernel: bool = 
     export stored any (bitsandbytes `Embedding8bit` / `Embedding4bit`).
 
     Args:
-        path (`str` or `os.PathLike`): The exported folder.
+        path (`str` or `os.PathLike`): The exported folder, or a Hub repo id (downloaded with `snapshot_download`,
+            as `from_pretrained` would; `HF_ENDPOINT` and the saved token apply).
         model_class (*optional*): The model class; defaults to `config.architectures[0]` from transformers.
         device (*optional*): Device to load on (default: CPU).
         cpu_bf16_kernel (`bool`, *optional*, defaults to `False`):
@@ -404,6 +405,10 @@ def load_quantized(path, model_class=None, device=None, cpu_bf16_kernel: bool = 
     import transformers
     from safetensors.torch import load_file
 
+    if not Path(path).is_dir():  # a Hub id, as the model card's snippet passes it
+        from huggingface_hub import snapshot_download
+
+        path = snapshot_download(str(path), revision=kwargs.pop("revision", None))
     path = Path(path)
     config = json.loads((path / "config.json").read_text())
     if model_class is None:
