@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import uuid
 from pathlib import Path
 
 import torch
@@ -223,11 +221,12 @@ def save(model, output_dir, args: QuantizationArguments, tokenizer=None) -> dict
     from .export import REPORT_FILE, folder_bytes
 
     require_compressed_tensors()
+    from ..distributed import atomic_output_dir
+
     output_dir = Path(output_dir)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
     qmodel, compressor, info = quantize_model(model, args)
-    tmp = output_dir.parent / f".{output_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
+    with atomic_output_dir(str(output_dir)) as tmp_name:  # whole or absent, as every other export
+        tmp = Path(tmp_name)
         state = qmodel.state_dict()
         tied_outputs = _tied_output_keys(qmodel, info["quantized_embeddings"])
         qmodel.save_pretrained(tmp, state_dict={k: v for k, v in state.items() if k not in tied_outputs})
@@ -243,16 +242,6 @@ def save(model, output_dir, args: QuantizationArguments, tokenizer=None) -> dict
         info.update(folder_bytes(tmp))
         info["output_dir"] = str(output_dir)
         (tmp / REPORT_FILE).write_text(json.dumps(info, indent=2))
-        if output_dir.exists():
-            old = output_dir.parent / f".{output_dir.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(output_dir, old)
-            os.replace(tmp, output_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, output_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return info
 
 
