@@ -14,7 +14,6 @@ The `compressed_tensors` library itself is imported only inside the export.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
