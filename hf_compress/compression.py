@@ -688,16 +688,16 @@ def _evaluate_and_report(plan, result, ckpt, base, base_dir, tokenizer, eval_ds,
         result_metrics = task.evaluate(result, eval_ds, tokenizer, plan.eval_dataset, desc="Evaluating the result")
         log(f"Result on {plan.eval_split_name}: {_fmt_metrics(result_metrics)}.")
     meta = task.card_metadata()
-    # Examples recorded for `--verify_push` (the task's logits on a few rows), where the task supports it.
-    verify_rows = ma.evaluate and task.records_verification
     report = build_report(
         result, ckpt, base_model=base, base_dir=base_dir, base_model_id=_model_id(plan.model_path),
         techniques=techniques, base_metrics=base_metrics, compressed_metrics=result_metrics,
-        eval_dataset=eval_ds if verify_rows else None, tokenizer=tokenizer, metrics=task.metric_names,
+        tokenizer=tokenizer, metrics=task.metric_names,
         eval_info={"dataset": _dataset_id(plan.data_args.dataset), "dataset_name": _dataset_id(plan.data_args.dataset),
                    "split": plan.eval_split_name, "task": meta["task"], "num_examples": len(plan.eval_dataset)},
-        verification_examples=8 if verify_rows else 0, save=False,
+        verification_examples=0, save=False,
     )
+    if ma.evaluate:  # a few held-out rows and the model's outputs on them, which `--verify_push` recomputes
+        report["verification"] = task.verification_sample(result, eval_ds, tokenizer)
     report["task"] = {"name": task.name, **meta, "columns": task.columns, "data_notes": task.data_notes,
                       "lower_is_better": list(task.lower_is_better)}
     report["format"] = ma.format

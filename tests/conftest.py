@@ -130,3 +130,24 @@ def evaluate_accuracy(model, dataset, tokenizer, batch_size: int = 64) -> float:
             correct += (logits.argmax(-1) == labels).sum().item()
             total += labels.numel()
     return correct / total
+
+
+HUB_TOKEN = "hf_testtoken_3f9c1e7a5b"
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    """The test Hub, with the client switched online, pointed at it, and holding the token in `HF_TOKEN`."""
+    from huggingface_hub import constants
+    from hub_server import HubServer
+
+    server = HubServer(tmp_path / "hub_storage", require_token=HUB_TOKEN).start()
+    # huggingface_hub reads these at import time; conftest set HF_HUB_OFFLINE=1 for everything else.
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", server.url)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", server.url + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf_cache"))
+    monkeypatch.setenv("HF_TOKEN", HUB_TOKEN)
+    monkeypatch.delenv("HF_ENDPOINT", raising=False)
+    yield server
+    server.stop()

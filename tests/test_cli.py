@@ -20,17 +20,15 @@ NEGATIVE = {"bad", "awful", "dull", "poor"}
 
 
 def make_tiny_model(folder, head: bool = True, num_labels: int = 2):
-    """A 2-layer BERT (hidden 64: rows of 64 values, which bitsandbytes' CPU 4-bit kernels need) with a WordPiece
-    tokenizer built from a vocab file, saved in `folder`."""
-    from transformers import BertConfig, BertForSequenceClassification, BertModel, BertTokenizerFast
+    """A 2-layer BERT (hidden 64: rows of 64 values, which bitsandbytes' CPU 4-bit kernels need) with the tests'
+    WordPiece tokenizer (`task_helpers.tiny_tokenizer`, which really splits the words), saved in `folder`."""
+    from transformers import BertConfig, BertForSequenceClassification, BertModel
 
-    os.makedirs(folder, exist_ok=True)
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
-    vocab_file = os.path.join(folder, "vocab.txt")
-    with open(vocab_file, "w") as f:
-        f.write("\n".join(vocab) + "\n")
-    tok = BertTokenizerFast(vocab_file=vocab_file, do_lower_case=True)
-    config = BertConfig(vocab_size=len(vocab), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+    from task_helpers import tiny_tokenizer
+
+    tok = tiny_tokenizer(folder)
+    assert tok.unk_token_id not in tok("the movie was good")["input_ids"]
+    config = BertConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                         intermediate_size=128, max_position_embeddings=64, num_labels=num_labels)
     torch.manual_seed(0)
     model = BertForSequenceClassification(config) if head else BertModel(config)

@@ -9,33 +9,15 @@ import socket
 
 import pytest
 import torch
+from conftest import HUB_TOKEN as TOKEN
 from conftest import random_classification_dataset, tiny_bert_config
-from hub_server import HubServer
 
 from hf_compress.hub import HubPushError, push_to_hub
 from hf_compress.model_cards import build_report, save_report, write_model_card
 
-TOKEN = "hf_testtoken_3f9c1e7a5b"
 REPO = "acme/tiny-bert-pruned"
 RECIPE = {"pruning": {"target_sparsity": 0.5}}
 COMMAND = "hf-compress prune --target_sparsity 0.5 --output_dir out"
-
-
-@pytest.fixture
-def hub(tmp_path, monkeypatch):
-    """The test Hub, with the client switched online, pointed at it, and holding the token in `HF_TOKEN`."""
-    from huggingface_hub import constants
-
-    server = HubServer(tmp_path / "hub_storage", require_token=TOKEN).start()
-    # huggingface_hub reads these at import time; conftest set HF_HUB_OFFLINE=1 for everything else.
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "ENDPOINT", server.url)
-    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", server.url + "/{repo_id}/resolve/{revision}/{filename}")
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf_cache"))
-    monkeypatch.setenv("HF_TOKEN", TOKEN)
-    monkeypatch.delenv("HF_ENDPOINT", raising=False)
-    yield server
-    server.stop()
 
 
 @pytest.fixture

@@ -446,3 +446,46 @@ def test_demo_budget_applies_to_the_default_model_without_a_budget(argv, max_ste
     assert training_args.max_steps == max_steps
     assert model_args.base_finetune_steps == base_steps
     assert pruning_args.target_sparsity == 0.8
+
+
+# --- --verify_push for every task ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["token", "qa", "causal"])
+def test_verify_push_recomputes_recorded_outputs_for_every_task(models, tmp_path, hub, kind):
+    """Not only sequence classifiers: the report records each task's outputs on 8 held-out rows (a causal LM's
+    [positions, vocab] logits by argmax and max), the pushed checkpoint reproduces them, and a tampered record fails."""
+    from conftest import HUB_TOKEN as TOKEN
+
+    from hf_compress.hub import HubPushError, push_to_hub
+
+    if kind == "token":
+        data = write_jsonl(tmp_path / "ner.jsonl", ner_rows(80))
+    elif kind == "qa":
+        data = write_jsonl(tmp_path / "qa.jsonl", qa_rows(96))
+    else:
+        data = tmp_path / "lm.txt"
+        data.write_text("\n\n".join(lm_texts(60)))
+    out, repo = tmp_path / "out", f"acme/tiny-{kind}"
+    assert main(["--model", models[kind], "--dataset", str(data), "--output_dir", str(out), "--sparsity", "0.5",
+                 "--no_quantize", "--push_to_hub", "true", "--hub_model_id", repo, "--hub_endpoint", hub.url,
+                 "--hub_token", TOKEN, "--verify_push", "true", *FAST]) == 0
+    report, _ = _read(out)
+    sample = report["verification"]
+    verified = push_to_hub(str(out), repo, endpoint=hub.url, token=TOKEN, verify=True).verified  # as the CLI did
+    assert verified["examples"] == len(sample["inputs"]["input_ids"]) >= 4
+    assert verified["max_abs_logit_diff"] <= 1e-5
+    names = {"token": ["logits"], "qa": ["start_logits", "end_logits"], "causal": ["logits"]}[kind]
+    assert list(sample["outputs"]) == names
+    record = sample["outputs"][names[0]]
+    assert ("argmax" in record) == (kind == "causal")  # a vocabulary axis is recorded by argmax and max
+    # A record that the model does not reproduce fails verification, naming the outputs.
+    if kind == "causal":
+        record["argmax"][0][0] = (record["argmax"][0][0] + 1) % 35
+    else:  # the first recorded value (token classification: [rows, positions, labels]; QA: [rows, positions])
+        row = record["values"][0]
+        while isinstance(row[0], list):
+            row = row[0]
+        row[0] += 1.0
+    (out / "compression_report.json").write_text(json.dumps(report))
+    with pytest.raises(HubPushError, match=f"Verification failed.*{names[0]}"):
+        push_to_hub(str(out), repo, endpoint=hub.url, token=TOKEN, verify=True)

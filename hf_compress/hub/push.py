@@ -191,7 +191,8 @@ def verify_pushed(folder: str, repo_id: str, revision: str, endpoint: str | None
     """
     Download `revision` of `repo_id` into a temporary folder and check it against the local `folder`: same files
     with the same SHA-256, the model reloads, and the examples recorded in `compression_report.json` give the
-    same predictions, the same metric and logits within `atol`.
+    same predictions, the same metric and logits within `atol` (for a task recorded by `output_sample`, its outputs
+    within `atol` and the same argmax).
 
     Returns:
         `dict`: `files_checked`, `examples`, `metrics` (recomputed), `recorded_metrics`, `max_abs_logit_diff`.
@@ -226,6 +227,17 @@ def verify_pushed(folder: str, repo_id: str, revision: str, endpoint: str | None
             if _sha256(remote) != _sha256(os.path.join(folder, f)):
                 raise HubPushError(f"Verification failed: {f} in {repo_id}@{revision[:8]} differs from the local file.")
         model = load_checkpoint(local)
+        if "outputs" in sample:  # any task: the recorded outputs (`model_cards.output_sample`)
+            from hf_compress.model_cards.report import compare_outputs
+
+            diff = compare_outputs(model, sample)
+            examples = len(next(iter(sample["inputs"].values())))
+            if diff > atol:
+                what = "a different argmax" if diff == float("inf") else f"outputs off by up to {diff:.2e}"
+                raise HubPushError(f"Verification failed: the downloaded model gives {what} on the {examples} recorded "
+                                   f"examples ({', '.join(sample['outputs'])}).")
+            return {"files_checked": len(local_files), "examples": examples, "metrics": {}, "recorded_metrics": {},
+                    "max_abs_logit_diff": diff}
         inputs = {k: torch.tensor(v) for k, v in sample["inputs"].items()}
         with torch.no_grad():
             logits = model(**inputs).logits.float()

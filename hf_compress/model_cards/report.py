@@ -254,6 +254,55 @@ def verification_sample(model, dataset, tokenizer=None, num_examples: int = 8, m
     }
 
 
+def _output_record(tensor, reduce: bool) -> dict:
+    t = tensor.float().cpu()
+    if reduce:
+        return {"argmax": t.argmax(-1).tolist(), "max": torch.round(t.max(-1).values, decimals=6).tolist()}
+    return {"values": torch.round(t, decimals=6).tolist()}
+
+
+@torch.no_grad()
+def output_sample(model, features, collator, outputs=("logits",), num_examples: int = 8, reduce: bool = False) -> dict:
+    """
+    Any task's verification record: the first `num_examples` preprocessed held-out `features`, batched by the task's
+    `collator`, with the model's `outputs` on them (in full, or with `reduce` as argmax and max along the last axis: a
+    causal LM's [positions, vocabulary] logits), so that `push_to_hub(..., verify=True)` checks that the downloaded
+    checkpoint reproduces them.
+    """
+    import inspect
+
+    accepted = set(inspect.signature(model.forward).parameters)
+    skip = {"labels", "label", "start_positions", "end_positions"}
+    rows = features.select(range(min(num_examples, len(features))))
+    rows = rows.select_columns([c for c in rows.column_names if c in accepted or c in skip])
+    batch = collator([rows[i] for i in range(len(rows))])
+    inputs = {k: v for k, v in batch.items() if k in accepted and k not in skip}
+    model.eval()
+    device = next(model.parameters()).device
+    out = model(**{k: v.to(device) for k, v in inputs.items()})
+    return {"inputs": {k: v.tolist() for k, v in inputs.items()},
+            "outputs": {name: _output_record(getattr(out, name), reduce) for name in outputs}}
+
+
+def compare_outputs(model, sample: dict) -> float:
+    """Max |difference| between `model`'s outputs on `sample["inputs"]` and those recorded by `output_sample`
+    (`inf` when a recorded argmax differs)."""
+    inputs = {k: torch.tensor(v) for k, v in sample["inputs"].items()}
+    model.eval()
+    with torch.no_grad():
+        out = model(**inputs)
+    worst = 0.0
+    for name, recorded in sample["outputs"].items():
+        now = _output_record(getattr(out, name), "argmax" in recorded)
+        if "values" in recorded:
+            worst = max(worst, float((torch.tensor(now["values"]) - torch.tensor(recorded["values"])).abs().max()))
+        elif now["argmax"] != recorded["argmax"]:
+            return float("inf")
+        else:
+            worst = max(worst, float((torch.tensor(now["max"]) - torch.tensor(recorded["max"])).abs().max()))
+    return worst
+
+
 def build_report(
     model,
     output_dir: str,

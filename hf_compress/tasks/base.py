@@ -104,7 +104,8 @@ class Task:
         metric_names (`tuple[str]`): the metrics `evaluate` returns, the first one is the headline.
         lower_is_better (`tuple[str]`): metrics where smaller is better (perplexity).
         new_head (`bool`): a headless checkpoint gets this task's head when `--task auto`.
-        records_verification (`bool`): the report records examples that `--verify_push` recomputes.
+        verification_outputs (`tuple[str]`): the model outputs recorded for `--verify_push` (`verification_sample`).
+        verification_reduce (`bool`): record them by argmax and max along the last axis (a vocabulary), not in full.
     """
 
     name = ""
@@ -115,8 +116,8 @@ class Task:
     metric_names: tuple = ()
     lower_is_better: tuple = ()
     new_head = False
-    # Whether the report records a few examples' logits for `push_to_hub(verify=True)` (sequence classifiers).
-    records_verification = False
+    verification_outputs: tuple = ("logits",)
+    verification_reduce = False
 
     def __init__(self, data_args, dataset_name: str):
         self.data_args = data_args
@@ -157,6 +158,14 @@ class Task:
     def evaluate(self, model, features, tokenizer, examples=None, batch_size: int = 32, desc: str = "Evaluating") -> dict:
         """The task's metrics of `model` on preprocessed held-out `features` (`examples`: their raw rows)."""
         raise NotImplementedError
+
+    def verification_sample(self, model, features, tokenizer, num_examples: int = 8) -> dict:
+        """A few preprocessed held-out rows with the model's outputs on them, recorded in the report so that
+        `--verify_push` checks that the downloaded checkpoint reproduces them (`model_cards.output_sample`)."""
+        from ..model_cards.report import output_sample
+
+        return output_sample(model, features, self.collator(tokenizer), self.verification_outputs, num_examples,
+                             self.verification_reduce)
 
     # -- card ---------------------------------------------------------------------------------------------------
     def card_metadata(self) -> dict:

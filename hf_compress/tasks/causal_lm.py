@@ -21,6 +21,7 @@ class CausalLMTask(Task):
     optimum_tasks = ("text-generation", "text-generation-with-past")
     pipeline_tag = "text-generation"
     metric_names = ("perplexity", "token_accuracy")
+    verification_reduce = True  # [positions, vocabulary] logits: recorded by argmax and max per position
     lower_is_better = ("perplexity",)
 
     def resolve(self, train, evaluation, eval_split):

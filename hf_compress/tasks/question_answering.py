@@ -20,6 +20,7 @@ class QuestionAnsweringTask(Task):
     optimum_tasks = ("question-answering",)
     pipeline_tag = "question-answering"
     metric_names = ("exact_match", "f1")
+    verification_outputs = ("start_logits", "end_logits")
 
     def resolve(self, train, evaluation, eval_split):
         da, name = self.data_args, self.dataset_name

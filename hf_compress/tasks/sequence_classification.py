@@ -17,7 +17,13 @@ class SequenceClassificationTask(Task):
     pipeline_tag = "text-classification"
     metric_names = ("accuracy", "f1")
     new_head = True
-    records_verification = True
+
+    def verification_sample(self, model, features, tokenizer, num_examples=8):
+        """The examples' logits, predictions and metrics (`model_cards.verification_sample`): `--verify_push`
+        recomputes the metric on them too."""
+        from ..model_cards import verification_sample
+
+        return verification_sample(model, features, tokenizer, num_examples, self.metric_names)
 
     def resolve(self, train, evaluation, eval_split):
         da, name = self.data_args, self.dataset_name
