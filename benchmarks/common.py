@@ -78,6 +78,19 @@ def steps_main(run, doc: str, default_steps: int, argv=None) -> int:
     return 0
 
 
+def write_results(output_dir: str, name: str, result: dict, text: str) -> None:
+    """`<name>.json` (the whole result) and `<name>.md` (`text`: settings line, table, summary) in `output_dir`,
+    each written to a temporary name and renamed, so a killed run leaves the previous files whole."""
+    import json
+
+    os.makedirs(output_dir, exist_ok=True)
+    for ext, body in (("json", json.dumps(result, indent=2)), ("md", text)):
+        path = os.path.join(output_dir, f"{name}.{ext}")
+        with open(path + ".tmp", "w") as f:
+            f.write(body)
+        os.replace(path + ".tmp", path)
+
+
 def scratch_dir(name: str) -> str:
     """A fresh temporary folder for a benchmark's Trainer output (nothing is kept)."""
     import tempfile

@@ -66,6 +66,24 @@ def train(model, tok, train_set, steps, out, callbacks=(), teacher=None, lr=1e-4
     return model
 
 
+def fine_tuned_base(tok, train_set, steps: int, work: str, base_model: str | None = None):
+    """The fp32 baseline, saved in `<work>/fp32`: the pretrained MiniLM-L6 fine-tuned `steps` steps on `train_set`
+    (seed 0), or the already fine-tuned checkpoint `base_model`."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from hf_compress.models import default_model_path
+
+    torch.manual_seed(0)
+    if base_model is None:
+        base = AutoModelForSequenceClassification.from_pretrained(default_model_path(), num_labels=2)
+        train(base, tok, train_set, steps, f"{work}/base-run")
+    else:
+        base = AutoModelForSequenceClassification.from_pretrained(base_model)
+    base.save_pretrained(f"{work}/fp32")
+    return base
+
+
 def accuracy(model, tok, test_set) -> float:
     """Held-out accuracy through the sequence-classification task's one evaluation loop."""
     from hf_compress.model_cards import evaluate_classifier
@@ -92,12 +110,10 @@ def latency(model, tok, texts, batch_size: int, reps: int) -> float:
 def run(mode: str = "quick", output_dir: str | None = None, base_model: str | None = None) -> dict:
     """Build every variant and write the table. `base_model`: an already fine-tuned checkpoint to use as the
     fp32 baseline instead of fine-tuning the pretrained MiniLM-L6 for `base_steps` steps."""
-    import torch
     from transformers import AutoModelForSequenceClassification
 
     from hf_compress.callbacks import GradualPruningCallback, QATCallback
     from hf_compress.distillation import layer_dropped_student
-    from hf_compress.models import default_model_path
     from hf_compress.pruning import save_compressed, sparsity_stats
     from hf_compress.quantization import QuantizationArguments, load_quantized, quantize_and_save
 
@@ -126,13 +142,7 @@ def run(mode: str = "quick", output_dir: str | None = None, base_model: str | No
         return row
 
     # 1. fp32 baseline: the pretrained MiniLM-L6 fine-tuned on the train split.
-    torch.manual_seed(0)
-    if base_model is None:
-        base = AutoModelForSequenceClassification.from_pretrained(default_model_path(), num_labels=2)
-        train(base, tok, ds["train"], cfg["base_steps"], f"{work}/base-run")
-    else:
-        base = AutoModelForSequenceClassification.from_pretrained(base_model)
-    base.save_pretrained(f"{work}/fp32")
+    base = fine_tuned_base(tok, ds["train"], cfg["base_steps"], work, base_model)
 
     def fresh_base():
         # A trainable copy of the baseline: distillation freezes its teacher (`base`) in place.

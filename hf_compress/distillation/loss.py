@@ -81,6 +81,20 @@ def _soft_parts(z, t, idx, temperature):
     return kl, logq, p_k, (p_tail, q_tail)
 
 
+def _chunks(z, t, idx, labels, mask, rows):
+    """`(start, sel, student, teacher, top-k ids, labels)` of each chunk of `rows` positions, only where `mask` is set,
+    the logits in float32 on the student's device (ids and labels `None` when not given)."""
+    for start in range(0, z.shape[0], rows):
+        sel = mask[start : start + rows]
+        if not bool(sel.any()):
+            continue
+        zc = z[start : start + rows][sel].float()
+        tc = t[start : start + rows][sel].to(zc.device).float()
+        ic = None if idx is None else idx[start : start + rows][sel].to(zc.device).long()
+        yc = None if labels is None else labels[start : start + rows][sel].long()
+        yield start, sel, zc, tc, ic, yc
+
+
 class _ChunkedDistillation(torch.autograd.Function):
     """Sums of the hard (CE) and soft (KL) losses over the rows where `mask` is set, chunk by chunk."""
 
@@ -88,17 +102,10 @@ class _ChunkedDistillation(torch.autograd.Function):
     def forward(ctx, z, t, idx, labels, mask, temperature, rows, want_hard):
         hard = torch.zeros((), dtype=torch.float32, device=z.device)
         soft = torch.zeros((), dtype=torch.float32, device=z.device)
-        for start in range(0, z.shape[0], rows):
-            sel = mask[start : start + rows]
-            if not bool(sel.any()):
-                continue
-            zc = z[start : start + rows][sel].float()
-            tc = t[start : start + rows][sel].to(zc.device).float()
-            ic = None if idx is None else idx[start : start + rows][sel].to(zc.device).long()
+        for _, _, zc, tc, ic, yc in _chunks(z, t, idx, labels, mask, rows):
             kl, _, _, _ = _soft_parts(zc, tc, ic, temperature)
             soft = soft + kl.sum()
             if want_hard:
-                yc = labels[start : start + rows][sel].long()
                 hard = hard - F.log_softmax(zc, dim=-1).gather(-1, yc[:, None]).sum()
         ctx.save_for_backward(z, t, idx, labels, mask)
         ctx.temperature, ctx.rows, ctx.want_hard = temperature, rows, want_hard
@@ -109,13 +116,7 @@ class _ChunkedDistillation(torch.autograd.Function):
         z, t, idx, labels, mask = ctx.saved_tensors
         temperature, rows = ctx.temperature, ctx.rows
         grad = torch.zeros_like(z)
-        for start in range(0, z.shape[0], rows):
-            sel = mask[start : start + rows]
-            if not bool(sel.any()):
-                continue
-            zc = z[start : start + rows][sel].float()
-            tc = t[start : start + rows][sel].to(zc.device).float()
-            ic = None if idx is None else idx[start : start + rows][sel].to(zc.device).long()
+        for start, sel, zc, tc, ic, yc in _chunks(z, t, idx, labels, mask, rows):
             _, logq, p, tails = _soft_parts(zc, tc, ic, temperature)
             q = logq.exp()
             # d(T^2 KL)/dz = T (q - p~): p~ is the teacher's distribution; with a tail bucket, the classes outside
@@ -128,7 +129,6 @@ class _ChunkedDistillation(torch.autograd.Function):
                 g.scatter_(-1, ic, q.gather(-1, ic) - p)
             g = g * (grad_soft * temperature)
             if ctx.want_hard:
-                yc = labels[start : start + rows][sel].long()
                 h = F.softmax(zc, dim=-1)
                 h.scatter_add_(-1, yc[:, None], torch.full_like(yc[:, None], -1, dtype=h.dtype))
                 g = g + h * grad_hard

@@ -12,8 +12,6 @@ import os
 
 import yaml
 
-from ..quantization.export import EMBEDDINGS_FILE
-
 PLOT_NAME = "accuracy_vs_size.png"
 # The relations the Hub knows (https://huggingface.co/docs/hub/model-cards#specifying-a-base-model).
 BASE_MODEL_RELATIONS = ("adapter", "merge", "quantized", "finetune")

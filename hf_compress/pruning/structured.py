@@ -299,7 +299,6 @@ def _magnitude_importance(model, blocks, structures) -> dict:
     """Weight-norm fallback: a neuron's in-rows x out-column norms, a group's output-projection columns, a channel's
     embedding column, a block's output projections (weak for depth: prefer calibration data)."""
     scores: dict = {"method": "magnitude"}
-    L = len(blocks.layers)
     with torch.no_grad():
         if "ffn" in structures:
             rows = []

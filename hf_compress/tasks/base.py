@@ -181,3 +181,23 @@ class Task:
         entry = self.data_notes.setdefault(split, {})
         for k, v in counts.items():
             entry[k] = entry.get(k, 0) + int(v)
+
+
+class LabelledTask(Task):
+    """A task whose head predicts one of `label_names` (per text or per token): the head's label maps and check."""
+
+    label_key = "label"  # the `columns` entry that holds the labels
+    label_noun = "labels"
+
+    def model_kwargs(self, has_head):
+        if has_head:
+            return {}
+        id2label = dict(enumerate(self.label_names))
+        return dict(num_labels=len(id2label), id2label=id2label, label2id={v: k for k, v in id2label.items()})
+
+    def check_model(self, config, has_head):
+        if has_head and config.num_labels != len(self.label_names):
+            raise CompressionInputError(
+                f"The model's head has {config.num_labels} labels but column {self.columns[self.label_key]!r} has "
+                f"{len(self.label_names)} {self.label_noun}; use a model with a matching head or a headless one."
+            )

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from .base import CompressionInputError, Task, encode_labels, is_string_feature, pick_column
+from .base import CompressionInputError, LabelledTask, encode_labels, is_string_feature, pick_column
 
 TEXT_COLUMNS = ("text", "sentence", "review", "content", "document", "comment", "tweet", "utterance")
 PAIR_COLUMNS = (("sentence1", "sentence2"), ("premise", "hypothesis"), ("question", "sentence"), ("question1", "question2"))
 LABEL_COLUMNS = ("label", "labels", "class", "target", "sentiment", "category")
 
 
-class SequenceClassificationTask(Task):
+class SequenceClassificationTask(LabelledTask):
     name = "sequence-classification"
     auto_class = "AutoModelForSequenceClassification"
     mapping_names = "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES"
@@ -97,19 +97,6 @@ class SequenceClassificationTask(Task):
         from transformers import DataCollatorWithPadding
 
         return DataCollatorWithPadding(tokenizer)
-
-    def model_kwargs(self, has_head):
-        if has_head:
-            return {}
-        id2label = dict(enumerate(self.label_names))
-        return dict(num_labels=len(id2label), id2label=id2label, label2id={v: k for k, v in id2label.items()})
-
-    def check_model(self, config, has_head):
-        if has_head and config.num_labels != len(self.label_names):
-            raise CompressionInputError(
-                f"The model's head has {config.num_labels} labels but column {self.columns['label']!r} has "
-                f"{len(self.label_names)}; use a model with a matching head or a headless one."
-            )
 
     def evaluate(self, model, features, tokenizer, examples=None, batch_size=64, desc="Evaluating"):
         from ..model_cards.report import evaluate_classifier

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from .base import CompressionInputError, Task, batched_outputs, encode_labels, pick_column
+from .base import CompressionInputError, LabelledTask, batched_outputs, encode_labels, pick_column
 
 TOKENS_COLUMNS = ("tokens", "words")
 TAGS_COLUMNS = ("ner_tags", "tags", "labels", "label", "pos_tags", "chunk_tags")
 IGNORE = -100
 
 
-class TokenClassificationTask(Task):
+class TokenClassificationTask(LabelledTask):
+    label_key = "tags"
+    label_noun = "tags"
     name = "token-classification"
     auto_class = "AutoModelForTokenClassification"
     mapping_names = "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES"
@@ -90,19 +92,6 @@ class TokenClassificationTask(Task):
 
             return AutoTokenizer.from_pretrained(tokenizer.name_or_path, add_prefix_space=True)
         return tokenizer
-
-    def model_kwargs(self, has_head):
-        if has_head:
-            return {}
-        id2label = dict(enumerate(self.label_names))
-        return dict(num_labels=len(id2label), id2label=id2label, label2id={v: k for k, v in id2label.items()})
-
-    def check_model(self, config, has_head):
-        if has_head and config.num_labels != len(self.label_names):
-            raise CompressionInputError(
-                f"The model's head has {config.num_labels} labels but column {self.columns['tags']!r} has "
-                f"{len(self.label_names)} tags; use a model with a matching head or a headless one."
-            )
 
     def evaluate(self, model, features, tokenizer, examples=None, batch_size=32, desc="Evaluating"):
         from ..metrics import load_metric
