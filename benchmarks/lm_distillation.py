@@ -1,6 +1,7 @@
 """Causal-LM distillation on the real SmolLM2-135M and Hamlet: held-out perplexity, cached vs live, TRL's SFTTrainer.
 
-One command: `python -m benchmarks.lm_distillation [--steps 60] [--batch-size 4] [--parts all]`.
+One command: `python -m benchmarks.lm_distillation` (the published run: 60 steps of batch 4, teacher correction 60
+steps, all parts, about 35 minutes on 2 CPU cores; `--parts ce,live` and fewer `--steps` run pieces of it).
 
 Teacher: SmolLM2-135M-Instruct (30 layers; `hf_compress.models.smollm2_path()`). Student: half the teacher's layers
 (15 of 30: the first 8 and the last 7, `layer_dropped_student`), 81 M parameters. Data: Hamlet split by scene (`hf_compress.data.load_hamlet()`:
@@ -13,12 +14,20 @@ starts from the same weights and trains the same steps on the same blocks in the
 - `sft_ce` / `sft`: TRL's `SFTTrainer` / `SFTDistillationTrainer` on the same blocks written as chats (`messages`: the
   first half of a block as the user turn, the second half as the assistant turn; loss on the completion only).
 
+- `exports`: the `ce` and `live` students saved in bf16 and exported with bitsandbytes to 8-bit and 4-bit NF4
+  (`quantize_and_save`), reloaded from disk (`load_quantized`): perplexity and size on disk.
+
+Teacher correction (`--teacher-steps N`, Minitron's "teacher correction"): the teacher is first fine-tuned with
+cross-entropy on the same training blocks for N steps, since the student will be trained on text the shipped
+teacher never saw; the student is then cut from the corrected teacher. `0` distils from the teacher as shipped.
+
 Held-out perplexity: exp of the mean token cross-entropy over the first `--eval-blocks` blocks of the test split.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -32,7 +41,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-PARTS = ("ce", "live", "cached", "sft_ce", "sft")
+PARTS = ("ce", "live", "cached", "sft_ce", "sft", "exports")
 
 
 def half_layers(n: int) -> list[int]:
@@ -106,8 +115,52 @@ class _Timer:
         return statistics.median(self.times[2:] if len(self.times) > 4 else self.times)
 
 
+def correct_teacher(teacher, train, steps: int, batch_size: int, lr: float, out_dir: str) -> float:
+    """Fine-tune `teacher` in place with cross-entropy on `train` for `steps` steps (seed 0); returns seconds."""
+    from transformers import Trainer, TrainingArguments
+
+    args = TrainingArguments(
+        output_dir=out_dir, max_steps=steps, per_device_train_batch_size=batch_size, learning_rate=lr,
+        lr_scheduler_type="cosine", warmup_steps=max(1, steps // 10), report_to="none", save_strategy="no",
+        use_cpu=True, seed=0, disable_tqdm=True, logging_steps=max(1, steps // 4),
+    )
+    t0 = time.perf_counter()
+    Trainer(model=teacher, args=args, train_dataset=train).train()
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return time.perf_counter() - t0
+
+
+def export_students(students: dict, tokenizer, held_out, scratch: str) -> list[dict]:
+    """Each trained student saved in bf16 and exported to bitsandbytes 8-bit and NF4, reloaded: perplexity and MB."""
+    from transformers import AutoModelForCausalLM
+
+    from hf_compress.quantization import QuantizationArguments, load_quantized, quantize_and_save
+
+    def mb(folder):
+        return sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder) if f.endswith(".safetensors")) / 1e6
+
+    rows = []
+    for name, student in students.items():
+        bf16 = copy.deepcopy(student).to(torch.bfloat16)
+        folder = os.path.join(scratch, f"export-{name}-bf16")
+        bf16.save_pretrained(folder)
+        reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+        rows.append({"student": name, "format": "bf16 save", "ppl": perplexity(reloaded, held_out), "MB": mb(folder)})
+        print(rows[-1], flush=True)
+        for label, qargs in (("8-bit", QuantizationArguments(bits=8)), ("NF4", QuantizationArguments(bits=4, quant_type="nf4"))):
+            folder = os.path.join(scratch, f"export-{name}-{label}")
+            quantize_and_save(bf16, folder, qargs, tokenizer=tokenizer)
+            model = load_quantized(folder)
+            rows.append({"student": name, "format": label, "ppl": perplexity(model, held_out), "MB": mb(folder)})
+            print(rows[-1], flush=True)
+            del model
+    return rows
+
+
 def run(steps=60, batch_size=4, seq_len=128, lr=2e-4, alpha=0.9, temperature=1.0, top_k=64, eval_blocks=48,
-        parts=PARTS, out_dir=None, threads=None) -> dict:
+        parts=PARTS, out_dir=None, threads=None, teacher_steps=0, teacher_lr=5e-5) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer
 
     from hf_compress.distillation import DistillationArguments, layer_dropped_student
@@ -129,8 +182,13 @@ def run(steps=60, batch_size=4, seq_len=128, lr=2e-4, alpha=0.9, temperature=1.0
         "seq_len": seq_len, "steps": steps, "batch_size": batch_size, "lr": lr, "alpha": alpha,
         "temperature": temperature, "top_k": top_k, "seed": 0, "student_layers": keep,
         "teacher_params": sum(p.numel() for p in teacher.parameters()),
-        "ppl": {"teacher": perplexity(teacher, held_out)},
+        "ppl": {"teacher": perplexity(teacher, held_out)}, "teacher_steps": teacher_steps, "teacher_lr": teacher_lr,
     }
+    if teacher_steps:
+        teacher_train = data["train"].select(range(min(len(data["train"]), teacher_steps * batch_size)))
+        result["teacher_correction_s"] = correct_teacher(teacher, teacher_train, teacher_steps, batch_size, teacher_lr,
+                                                         os.path.join(scratch, "teacher"))
+        result["ppl"]["teacher (corrected)"] = perplexity(teacher, held_out)
     torch.manual_seed(0)
     base_student = layer_dropped_student(teacher, keep)
     result["student_params"] = sum(p.numel() for p in base_student.parameters())
@@ -141,10 +199,8 @@ def run(steps=60, batch_size=4, seq_len=128, lr=2e-4, alpha=0.9, temperature=1.0
         lr_scheduler_type="constant", warmup_steps=0, report_to="none", save_strategy="no", use_cpu=True, seed=0,
         disable_tqdm=True, logging_steps=max(1, steps // 6), temperature=temperature, alpha=alpha,
     )
-    timing, logs = {}, {}
-    for part in parts:
-        import copy
-
+    timing, logs, trained = {}, {}, {}
+    for part in (p for p in parts if p != "exports"):
         student = copy.deepcopy(base_student)
         timer = _Timer()
         run_dir = os.path.join(scratch, part)
@@ -191,7 +247,11 @@ def run(steps=60, batch_size=4, seq_len=128, lr=2e-4, alpha=0.9, temperature=1.0
         result["ppl"][part] = perplexity(student, held_out)
         result.setdefault("train_wall_s", {})[part] = time.perf_counter() - t0
         print(part, "held-out ppl", result["ppl"][part], "median step s", timing[part], flush=True)
+        if "exports" in parts and part in ("ce", "live"):
+            trained[part] = student
         del trainer, student
+    if trained:
+        result["exports"] = export_students(trained, tok, held_out, scratch)
     result["median_step_s"] = timing
     if "live" in timing and "cached" in timing:
         result["cached_over_live_step_time"] = timing["cached"] / timing["live"]
@@ -212,13 +272,16 @@ def main(argv=None) -> int:
     p.add_argument("--alpha", type=float, default=0.9)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=64)
-    p.add_argument("--eval-blocks", type=int, default=48)
+    p.add_argument("--eval-blocks", type=int, default=58, help="first N held-out blocks (58: all of them at seq 128)")
     p.add_argument("--parts", default="all", help=f"comma-separated subset of {','.join(PARTS)}")
+    p.add_argument("--teacher-steps", type=int, default=60, help="teacher correction: CE fine-tune steps before distilling (0: none)")
+    p.add_argument("--teacher-lr", type=float, default=1e-4)
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--json", default=None, help="also write the result there")
+    p.add_argument("--json", default="benchmarks/results/lm_distillation.json", help="also write the result there")
     a = p.parse_args(argv)
     parts = PARTS if a.parts == "all" else tuple(a.parts.split(","))
-    result = run(a.steps, a.batch_size, a.seq_len, a.lr, a.alpha, a.temperature, a.top_k, a.eval_blocks, parts, threads=a.threads)
+    result = run(a.steps, a.batch_size, a.seq_len, a.lr, a.alpha, a.temperature, a.top_k, a.eval_blocks, parts, threads=a.threads,
+                 teacher_steps=a.teacher_steps, teacher_lr=a.teacher_lr)
     text = json.dumps(result, indent=2)
     print(text)
     if a.json:
