@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
-import os
 import shutil
 import statistics
 import tempfile
 import time
 
-from benchmarks.common import OUTPUT_DIRS, print_table
+from benchmarks.common import OUTPUT_DIRS, print_table, write_results
 
 MODES = {
     "quick": dict(steps=2, batch=2, seq=64, calib_batches=1, reps=1, eval_chunks=4),
@@ -112,7 +110,7 @@ def run(mode: str = "quick", output_dir: str | None = None) -> dict:
     from hf_compress.data import load_hamlet
     from hf_compress.models import smollm2_path
     from hf_compress.pruning.structured import (
-        count_parameters, drop_layers, pruned_config, select_structures, structured_importance, prune_structures,
+        count_parameters, pruned_config, select_structures, structured_importance, prune_structures,
     )
 
     cfg = MODES[mode]
@@ -182,15 +180,12 @@ def run(mode: str = "quick", output_dir: str | None = None) -> dict:
                       f"perplexity on {len(test_blocks)} blocks of the 4 held-out scenes",
               "rows": rows, "wall_s": time.time() - t_start}
     output_dir = output_dir or OUTPUT_DIRS[mode]
-    os.makedirs(output_dir, exist_ok=True)
     cols = ["model", "params", "params_ratio", "layers", "hidden", "intermediate", "test_ppl", "prefill_tok_s",
             "prefill_speedup", "generate_tok_s", "generate_speedup"]
     table = print_table(rows, cols)
-    with open(os.path.join(output_dir, "structured_lm.json"), "w") as f:
-        json.dump(result, f, indent=2)
-    with open(os.path.join(output_dir, "structured_lm.md"), "w") as f:
-        f.write(f"{result['data']}; mode `{mode}` {cfg}; distillation lr 2e-4 cosine, forward KL T=1 from the unpruned "
-                f"model; {time.strftime('%Y-%m-%d')}, {result['wall_s'] / 60:.0f} min on CPU.\n\n{table}\n")
+    write_results(output_dir, "structured_lm", result,
+                  f"{result['data']}; mode `{mode}` {cfg}; distillation lr 2e-4 cosine, forward KL T=1 from the "
+                  f"unpruned model; {time.strftime('%Y-%m-%d')}, {result['wall_s'] / 60:.0f} min on CPU.\n\n{table}\n")
     shutil.rmtree(work, ignore_errors=True)
     return result
 
