@@ -2,7 +2,8 @@
 
 At CI size the robust fact is the one distillation optimises: on held-out Hamlet the distilled student is closer to
 the teacher (lower KL(teacher || student)) than the same student trained as long with cross-entropy only. Held-out
-perplexity of both is printed, not asserted: at 30 steps the cross-entropy student was ahead (README, 123.8 vs 134.4).
+perplexity of both is printed, not asserted: the perplexity win needs a corrected teacher and 60 steps, which
+`python -m benchmarks.lm_distillation` measures (README: 71.56 distilled vs 82.96 cross-entropy only).
 """
 
 import pytest
