@@ -81,6 +81,7 @@ def parse(argv=None):
     p.add_argument("--kill-at-step", type=int, default=None, help="SIGKILL this process at the end of that step")
     p.add_argument("--resume", action="store_true", help="resume from hf_compress.distributed.last_valid_checkpoint")
     p.add_argument("--final-dir", default=None, help="save the final model and its card there (main process)")
+    p.add_argument("--cache-dir", default=None, help="cache the teacher's logits there (computed once, by rank 0)")
     p.add_argument("--quantize-dir", default=None, help="add QuantizationCallback (8-bit) exporting there")
     return p.parse_args(argv)
 
@@ -88,7 +89,7 @@ def parse(argv=None):
 def main(argv=None) -> int:
     opts = parse(argv)
     install_write_audit(opts.output_dir)
-    for extra in (opts.final_dir, opts.quantize_dir):
+    for extra in (opts.final_dir, opts.quantize_dir, opts.cache_dir):
         if extra:
             _WATCH.append(os.path.abspath(extra))
 
@@ -116,7 +117,19 @@ def main(argv=None) -> int:
     teacher = BertForSequenceClassification(tiny_bert_config(num_hidden_layers=3))
     data = random_classification_dataset(n=128)
 
+    computed: list[int] = []  # calls of the teacher-cache computation in this process
+    if opts.cache_dir:
+        import hf_compress.distillation.cache as cache_module
+
+        compute = cache_module.compute_teacher_cache
+
+        def counted(*a, **k):
+            computed.append(rank)
+            return compute(*a, **k)
+
+        cache_module.compute_teacher_cache = counted
     args = DistillationArguments(
+        cache_teacher_logits=bool(opts.cache_dir), teacher_cache_dir=opts.cache_dir,
         output_dir=opts.output_dir, use_cpu=True, ddp_backend="gloo" if world_size > 1 else None,
         per_device_train_batch_size=opts.batch_size, gradient_accumulation_steps=opts.grad_accum,
         max_steps=opts.max_steps, learning_rate=5e-3, warmup_steps=0, weight_decay=0.01,
@@ -184,6 +197,7 @@ def main(argv=None) -> int:
         "log_history": trainer.state.log_history, "zeros": stats["zeros"], "total": stats["total"],
         "sparsity": stats["sparsity"], "mask_digest": dumped["mask_digest"],
         "broadcast_count": dumped.get("broadcast_count"), "broadcast_restored": dumped.get("broadcast_restored"), "writes": sorted(set(WRITES)),
+        "cache_computations": len(computed),
     }
     with open(os.path.join(opts.dump_dir, f"rank{rank}.json"), "w") as f:
         json.dump(info, f)

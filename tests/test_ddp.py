@@ -34,7 +34,7 @@ def ddp_run(tmp_path_factory):
         os.path.join(HERE, "ddp_worker.py"), "--output-dir", str(root / "out"), "--dump-dir", str(root / "dump"),
         "--final-dir", str(root / "final"), "--max-steps", str(MAX_STEPS), "--save-steps", str(MAX_STEPS),
         "--end-step", str(END_STEP), "--frequency", str(FREQUENCY), "--target-sparsity", str(TARGET),
-        "--grad-accum", str(GRAD_ACCUM), "--quantize-dir", str(root / "int8"),
+        "--grad-accum", str(GRAD_ACCUM), "--quantize-dir", str(root / "int8"), "--cache-dir", str(root / "cache"),
     ]
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -130,6 +130,21 @@ def test_only_the_main_process_writes(ddp_run):
     _, _, states = ddp_run
     for name, mask in saved.items():
         assert torch.equal(mask, states[0][f"mask::{name}"].bool())
+
+
+def test_teacher_cache_is_computed_once_by_the_main_process(ddp_run):
+    """`cache_teacher_logits=True` under DDP: rank 0 runs the teacher over the data once and writes the cache
+    (atomically); rank 1 computes nothing, writes nothing there, and trains from the same file."""
+    from hf_compress.distillation.cache import DATA_FILE, KEY_FILE
+
+    root, infos, _ = ddp_run
+    assert [i["cache_computations"] for i in infos] == [1, 0]
+    assert sorted(os.listdir(root / "cache")) == sorted([DATA_FILE, KEY_FILE])
+    assert not [p for p in infos[1]["writes"] if p.startswith(str(root / "cache"))]
+    assert str(root / "cache") in infos[0]["writes"]  # the rename of its temporary folder into place
+    # Both ranks read the same cache: their logged soft losses agree step by step (reduced over ranks).
+    soft = [[h["soft_loss"] for h in i["log_history"] if "soft_loss" in h] for i in infos]
+    assert len(soft[0]) == MAX_STEPS and soft[0] == soft[1]
 
 
 @pytest.mark.slow  # not a real-model test, but it runs the whole `hf-compress` pipeline on 2 processes (~60 s)
