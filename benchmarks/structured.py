@@ -37,6 +37,9 @@ VARIANTS = {
     "FFN quartered": {"ffn": 0.25},
 }
 SHORT_VARIANTS = ("FFN halved", "FFN halved + 4 of 6 layers")
+# The candidate for the goal: a structured student distilled with quantization-aware training that replays the
+# int4 export's numerics (`QATCallback`, last `qat_fraction` of the steps), then exported in that format.
+RECIPE = ("FFN quartered", {"ffn": 0.25}, "int4 g32 compressed-tensors (embeddings too)")
 GOAL = ">= 8x smaller on disk than the fp32 fine-tune, accuracy within 1.0 point of it"
 
 
@@ -49,10 +52,12 @@ def calibration_batches(tok, train_set, n: int, batch_size: int = 32, seed: int 
     return [collate([rows[j] for j in range(i, min(i + batch_size, len(rows)))]) for i in range(0, len(rows), batch_size)]
 
 
-def run(mode: str = "quick", output_dir: str | None = None, base_model: str | None = None, keep_base: str | None = None) -> dict:
+def run(mode: str = "quick", output_dir: str | None = None, base_model: str | None = None, keep_base: str | None = None,
+        recipe_only: bool = False) -> dict:
     import torch
     from transformers import AutoModelForSequenceClassification
 
+    from hf_compress.callbacks import QATCallback
     from hf_compress.pruning.structured import structured_prune
     from hf_compress.quantization import QuantizationArguments, load_quantized, quantize_and_save
 
@@ -85,7 +90,7 @@ def run(mode: str = "quick", output_dir: str | None = None, base_model: str | No
     calib = calibration_batches(tok, ds["train"], cfg["calib_batches"])
     plans, students = {}, {}
     for name, keep in VARIANTS.items():
-        if mode == "short" and name not in SHORT_VARIANTS:
+        if recipe_only or (mode == "short" and name not in SHORT_VARIANTS):
             continue
         student = fresh_base()
         plan = structured_prune(student, list(keep), keep=keep, batches=calib)
@@ -117,9 +122,18 @@ def run(mode: str = "quick", output_dir: str | None = None, base_model: str | No
         row["params"] = num_params(model)
 
     for label, qargs in formats.items():
+        if recipe_only:
+            break
         quantized("fp32 baseline", fresh_base(), label, qargs)
         for name, student in students.items():
             quantized(f"{name}, distilled", student, label, qargs)
+
+    name, keep, label = RECIPE
+    student = fresh_base()
+    structured_prune(student, list(keep), keep=keep, batches=calib)
+    train(student, tok, ds["train"], cfg["student_steps"], f"{work}/run", teacher=base,
+          callbacks=[QATCallback(formats[label])])
+    quantized(f"{name}, distilled with int4 QAT (last 25% of steps)", student, label, formats[label])
 
     base_row = rows[0]
     for r in rows:
@@ -154,9 +168,11 @@ def main(argv=None) -> int:
     parser.add_argument("--short", action="store_true", help="200 baseline / 100 distillation steps, 2 variants, 2,000 test rows")
     parser.add_argument("--base-model", default=None, help="an already fine-tuned checkpoint to use as the fp32 baseline")
     parser.add_argument("--keep-base", default=None, help="also save the fine-tuned baseline there (reuse with --base-model)")
+    parser.add_argument("--recipe-only", action="store_true", help="only the baseline and the QAT recipe (RECIPE)")
     a = parser.parse_args(argv)
     mode = "quick" if a.quick else "short" if a.short else "full"
-    run(mode, a.output_dir or (OUTPUT_DIRS["full"] if mode == "short" else None), base_model=a.base_model, keep_base=a.keep_base)
+    run(mode, a.output_dir or (OUTPUT_DIRS["full"] if mode == "short" else None), base_model=a.base_model, keep_base=a.keep_base,
+        recipe_only=a.recipe_only)
     return 0
 
 
