@@ -78,17 +78,27 @@ def steps_main(run, doc: str, default_steps: int, argv=None) -> int:
     return 0
 
 
+def weight_bytes(folder: str) -> int:
+    """On-disk bytes of the weight files (`*.safetensors`) of a checkpoint folder."""
+    return sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder) if f.endswith(".safetensors"))
+
+
+def write_text(path: str, text: str) -> None:
+    """Write `text` to a temporary name beside `path` and rename it into place: a killed run leaves the previous
+    file whole."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
 def write_results(output_dir: str, name: str, result: dict, text: str) -> None:
     """`<name>.json` (the whole result) and `<name>.md` (`text`: settings line, table, summary) in `output_dir`,
-    each written to a temporary name and renamed, so a killed run leaves the previous files whole."""
+    each written atomically (`write_text`)."""
     import json
 
-    os.makedirs(output_dir, exist_ok=True)
-    for ext, body in (("json", json.dumps(result, indent=2)), ("md", text)):
-        path = os.path.join(output_dir, f"{name}.{ext}")
-        with open(path + ".tmp", "w") as f:
-            f.write(body)
-        os.replace(path + ".tmp", path)
+    write_text(os.path.join(output_dir, f"{name}.json"), json.dumps(result, indent=2))
+    write_text(os.path.join(output_dir, f"{name}.md"), text)
 
 
 def scratch_dir(name: str) -> str:

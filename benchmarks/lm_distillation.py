@@ -41,6 +41,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
+from benchmarks.common import weight_bytes, write_text  # noqa: E402
+
 PARTS = ("ce", "live", "cached", "sft_ce", "sft", "exports")
 
 
@@ -138,22 +140,21 @@ def export_students(students: dict, tokenizer, held_out, scratch: str) -> list[d
 
     from hf_compress.quantization import QuantizationArguments, load_quantized, quantize_and_save
 
-    def mb(folder):
-        return sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder) if f.endswith(".safetensors")) / 1e6
-
     rows = []
     for name, student in students.items():
         bf16 = copy.deepcopy(student).to(torch.bfloat16)
         folder = os.path.join(scratch, f"export-{name}-bf16")
         bf16.save_pretrained(folder)
         reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
-        rows.append({"student": name, "format": "bf16 save", "ppl": perplexity(reloaded, held_out), "MB": mb(folder)})
+        rows.append({"student": name, "format": "bf16 save", "ppl": perplexity(reloaded, held_out),
+                     "MB": weight_bytes(folder) / 1e6})
         print(rows[-1], flush=True)
         for label, qargs in (("8-bit", QuantizationArguments(bits=8)), ("NF4", QuantizationArguments(bits=4, quant_type="nf4"))):
             folder = os.path.join(scratch, f"export-{name}-{label}")
             quantize_and_save(bf16, folder, qargs, tokenizer=tokenizer)
             model = load_quantized(folder)
-            rows.append({"student": name, "format": label, "ppl": perplexity(model, held_out), "MB": mb(folder)})
+            rows.append({"student": name, "format": label, "ppl": perplexity(model, held_out),
+                         "MB": weight_bytes(folder) / 1e6})
             print(rows[-1], flush=True)
             del model
     return rows
@@ -285,8 +286,7 @@ def main(argv=None) -> int:
     text = json.dumps(result, indent=2)
     print(text)
     if a.json:
-        with open(a.json, "w") as f:
-            f.write(text)
+        write_text(a.json, text)
     return 0
 
 

@@ -18,7 +18,7 @@ import os
 import tempfile
 import time
 
-from benchmarks.common import print_table
+from benchmarks.common import print_table, weight_bytes, write_text
 
 
 def hamlet_blocks(tokenizer, split: str, seq: int = 128) -> list[list[int]]:
@@ -46,10 +46,6 @@ def perplexity(model, blocks: list[list[int]], batch_size: int = 8) -> float:
             nll += float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"))
             count += ids[:, 1:].numel()
     return math.exp(nll / count)
-
-
-def weights_mb(folder) -> float:
-    return sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder) if f.endswith(".safetensors")) / 1e6
 
 
 def _recover(model, train_blocks, steps, batch_size, lr, seed, callback, out):
@@ -145,14 +141,14 @@ def run(steps=40, seq=128, batch_size=8, lr=1e-4, seed=0, parts=PARTS, eval_bloc
             bf16 = load(torch.bfloat16)
             bf16.save_pretrained(os.path.join(tmp, "bf16"))
             reloaded = AutoModelForCausalLM.from_pretrained(os.path.join(tmp, "bf16"), dtype=torch.bfloat16)
-            rows.append({"model": "bf16 save, reloaded", "ppl": perplexity(reloaded, test_blocks), "MB": weights_mb(os.path.join(tmp, "bf16"))})
+            rows.append({"model": "bf16 save, reloaded", "ppl": perplexity(reloaded, test_blocks), "MB": weight_bytes(os.path.join(tmp, "bf16")) / 1e6})
             print(rows[-1], flush=True)
             del reloaded
             for label, qargs in (("8-bit LLM.int8", QuantizationArguments(bits=8)), ("4-bit NF4", QuantizationArguments(bits=4, quant_type="nf4"))):
                 folder = os.path.join(tmp, label.split()[0])
                 info = quantize_and_save(bf16, folder, qargs, tokenizer=tok)
                 model = load_quantized(folder)
-                rows.append({"model": f"bf16 -> {label}, reloaded", "ppl": perplexity(model, test_blocks), "MB": weights_mb(folder),
+                rows.append({"model": f"bf16 -> {label}, reloaded", "ppl": perplexity(model, test_blocks), "MB": weight_bytes(folder) / 1e6,
                              "precision": {k: v["parameters"] for k, v in info["precision"].items()}})
                 print(rows[-1], flush=True)
                 del model
@@ -172,11 +168,7 @@ def main(argv=None) -> int:
     a = parser.parse_args(argv)
     result = run(a.steps, a.seq, a.batch_size, a.lr, a.seed, parts=a.parts.split(","), eval_blocks=a.eval_blocks)
     print_table(result["rows"], ["model", "ppl", "sparsity", "MB"])
-    os.makedirs(os.path.dirname(a.output) or ".", exist_ok=True)
-    tmp = a.output + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=2)
-    os.replace(tmp, a.output)
+    write_text(a.output, json.dumps(result, indent=2))
     return 0
 
 

@@ -20,7 +20,7 @@ import statistics
 import tempfile
 import time
 
-from benchmarks.common import OUTPUT_DIRS, print_table, real_data
+from benchmarks.common import OUTPUT_DIRS, print_table, real_data, weight_bytes
 
 GOAL = "combined checkpoint >= 8x smaller than the fp32 baseline with accuracy within 1.0 point of it"
 MODES = {
@@ -29,11 +29,6 @@ MODES = {
     "full": dict(base_steps=400, student_steps=400, prune_steps=250, qat_steps=100, eval_rows=2000, reps=10),
 }
 BATCH = 16
-
-
-def weight_bytes(folder: str) -> int:
-    """On-disk bytes of the weight files (`*.safetensors`) of a checkpoint folder."""
-    return sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder) if f.endswith(".safetensors"))
 
 
 def num_params(model) -> int:

@@ -21,8 +21,8 @@ import shutil
 import tempfile
 import time
 
-from benchmarks.common import OUTPUT_DIRS, print_table, real_data, write_results
-from benchmarks.results import accuracy, fine_tuned_base, latency, num_params, train, weight_bytes
+from benchmarks.common import OUTPUT_DIRS, print_table, real_data, weight_bytes, write_results
+from benchmarks.results import accuracy, fine_tuned_base, latency, num_params, train
 
 MODES = {
     "quick": dict(base_steps=20, student_steps=6, eval_rows=64, reps=2, calib_batches=2),

@@ -177,6 +177,13 @@ class Task:
         """One line for the plan: the columns used."""
         return ", ".join(f"{k} `{v}`" for k, v in self.columns.items() if v)
 
+    def _tokenize(self, dataset, fn, split: str):
+        """`dataset.map(fn)` in batches, replacing the columns; `fn` also returns a `truncated` flag per row, which
+        is counted into `data_notes[split]` and dropped."""
+        ds = dataset.map(fn, batched=True, remove_columns=dataset.column_names, desc="Tokenizing")
+        self._note(split, truncated=sum(ds["truncated"]))
+        return ds.remove_columns("truncated")
+
     def _note(self, split: str, **counts) -> None:
         entry = self.data_notes.setdefault(split, {})
         for k, v in counts.items():

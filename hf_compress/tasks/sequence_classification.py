@@ -89,9 +89,7 @@ class SequenceClassificationTask(LabelledTask):
             out["labels"] = batch["labels"]
             return out
 
-        ds = dataset.map(fn, batched=True, remove_columns=dataset.column_names, desc="Tokenizing")
-        self._note(split, truncated=sum(ds["truncated"]))
-        return ds.remove_columns("truncated")
+        return self._tokenize(dataset, fn, split)
 
     def collator(self, tokenizer):
         from transformers import DataCollatorWithPadding

@@ -76,9 +76,7 @@ class TokenClassificationTask(LabelledTask):
             enc["truncated"] = truncated
             return enc
 
-        ds = dataset.map(fn, batched=True, remove_columns=dataset.column_names, desc="Tokenizing")
-        self._note(split, truncated=sum(ds["truncated"]))
-        return ds.remove_columns("truncated")
+        return self._tokenize(dataset, fn, split)
 
     def collator(self, tokenizer):
         from transformers import DataCollatorForTokenClassification
