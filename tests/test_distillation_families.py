@@ -10,6 +10,7 @@ from datasets import Dataset
 
 from conftest import VOCAB, tiny_bert_config
 from hf_compress.distillation import DistillationArguments, distillation_loss, teacher_top_k
+from hf_compress.distillation.cache import reads_absolute_positions
 from hf_compress.distillation.teacher import check_compatible, input_vocabulary_rows
 from hf_compress.trainers import DistillationTrainer
 
@@ -247,12 +248,13 @@ def test_top_k_cache_gives_zero_soft_loss_when_the_student_is_the_teacher(task, 
 # ---- 4. student == teacher: zero soft loss in every family, live and cached ----------------------------------------
 
 
+@pytest.mark.parametrize("side", ["right", "left"])
 @pytest.mark.parametrize("family, task", CASES, ids=[f"{f}-{t}" for f, t in CASES])
-def test_student_equal_to_the_teacher_gives_zero_soft_loss(family, task, tmp_path):
+def test_student_equal_to_the_teacher_gives_zero_soft_loss(family, task, side, tmp_path):
     teacher = build(family, task)
     student = copy.deepcopy(teacher)
     ds = mixed_dataset(task)
-    collator = PadCollator(pad_id=teacher.config.pad_token_id)
+    collator = PadCollator(side, pad_id=teacher.config.pad_token_id)
     losses = {}
     for mode, extra in (("live", {}), ("cache-full", dict(cache_teacher_logits=True)),
                         ("cache-top-k", dict(cache_teacher_logits=True, teacher_logits_top_k=TOP_K))):
@@ -273,3 +275,11 @@ def test_student_equal_to_the_teacher_gives_zero_soft_loss(family, task, tmp_pat
                                   args=args(tmp_path / "other", alpha=1.0))
     with torch.no_grad():
         assert trainer.compute_loss(other, collator([ds[i] for i in ROWS])).item() > 1e-5
+
+
+def test_only_absolute_position_tables_from_zero_get_unpadded_positions():
+    # RoBERTa counts positions from its padding id (given positions would be read at the wrong offset); rotary
+    # models are relative. Only BERT-style and GPT-2-style tables are shifted by left padding.
+    found = {f: reads_absolute_positions(build(f, CAUSAL if f in ("gpt2", "llama", "gpt_neox") else TOKEN))
+             for f in ("bert", "deberta_v2", "gpt2", "roberta", "llama", "gpt_neox")}
+    assert found == {"bert": True, "deberta_v2": True, "gpt2": True, "roberta": False, "llama": False, "gpt_neox": False}

@@ -67,7 +67,7 @@ def left_padding_position_ids(batch: dict) -> torch.Tensor | None:
     A model with absolute position embeddings (BERT, GPT-2) reads a left-padded row at positions shifted by its
     padding, so its logits would depend on the batch it landed in: the cached teacher (computed in other batches)
     and the live one would disagree, and neither would match the example alone. With these positions every row
-    is read as if unpadded; a rotary model (relative positions) computes the same function either way. Returns
+    is read as if unpadded. Returns
     `None` when the batch already has `position_ids`, has no 2-D `attention_mask`, or no row starts with padding.
     """
     mask = batch.get("attention_mask")
@@ -77,6 +77,28 @@ def left_padding_position_ids(batch: dict) -> torch.Tensor | None:
     if not bool(((mask[:, 0] == 0) & (mask.sum(-1) > 0)).any()):
         return None
     return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+_ABSOLUTE_POSITION_TABLES = ("position_embeddings", "wpe")
+
+
+def reads_absolute_positions(model) -> bool:
+    """Whether the model adds a learned table of absolute positions indexed from 0 (BERT's `position_embeddings`,
+    GPT-2's `wpe`), so that left padding shifts what it computes.
+
+    A table with a `padding_idx` (RoBERTa, XLM-R) counts positions from the padding itself, and rotary models are
+    relative: neither needs [`left_padding_position_ids`], and RoBERTa would read given ones at the wrong offset.
+    """
+    return any(
+        type(m) is torch.nn.Embedding and name.rsplit(".", 1)[-1] in _ABSOLUTE_POSITION_TABLES and m.padding_idx is None
+        for name, m in model.named_modules()
+    )
+
+
+def unpadded_positions_apply(*models) -> bool:
+    """Whether a left-padded batch should carry [`left_padding_position_ids`] for these models: one of them reads
+    absolute positions ([`reads_absolute_positions`]) and every one takes `position_ids`."""
+    return any(reads_absolute_positions(m) for m in models) and all(accepts_position_ids(m) for m in models)
 
 
 def accepts_position_ids(model) -> bool:
@@ -224,7 +246,7 @@ def compute_teacher_cache(
     """Run the teacher over `dataset` and write its logits, batch by batch, to the Arrow file `path`.
 
     `positions`: give left-padded rows the positions of the unpadded example ([`left_padding_position_ids`]), as
-    the training step does; `None` does so when the teacher takes `position_ids`.
+    the training step does; `None` decides from the teacher ([`unpadded_positions_apply`]).
 
     Returns the cache as a `datasets.Dataset` (memory-mapped, one row per example, in dataset order).
     """
@@ -241,7 +263,7 @@ def compute_teacher_cache(
         path = os.path.join(tempfile.mkdtemp(prefix="hf_compress_teacher_"), DATA_FILE)
     cols = [c for c in (columns or dataset.column_names) if c in dataset.column_names and c != ROW]
     if positions is None:
-        positions = accepts_position_ids(teacher)
+        positions = unpadded_positions_apply(teacher)
     per_position = task != "sequence-classification"
     features = _features(task, dtype, top_k)
     writer = ArrowWriter(features=features, path=path, writer_batch_size=max(1, batch_size))
@@ -301,7 +323,7 @@ def load_or_compute_teacher_cache(
     from ..distributed import atomic_output_dir
 
     if positions is None:
-        positions = accepts_position_ids(teacher)
+        positions = unpadded_positions_apply(teacher)
     key = dict(cache_key(teacher, dataset, task, top_k, temperature, dtype, width), left_padding_positions=positions)
     if cache_dir is None:
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]

@@ -67,9 +67,8 @@ class DistillationMixin:
         self.teacher_width = check_compatible(
             self.accelerator.unwrap_model(self.model), teacher, task, _tokenizer_of(self.processing_class), teacher_tokenizer
         )
-        self._takes_positions = teacher_cache.accepts_position_ids(self.accelerator.unwrap_model(self.model)) and (
-            teacher_cache.accepts_position_ids(teacher)
-        )
+        # Left-padded rows are read at their unpadded positions when a model has absolute position embeddings.
+        self._takes_positions = teacher_cache.unpadded_positions_apply(self.accelerator.unwrap_model(self.model), teacher)
         self.teacher = prepare_teacher(
             teacher, args.teacher_device or self.args.device, args.teacher_dtype,
             accelerator=self.accelerator if getattr(self, "is_deepspeed_enabled", False) else None,
