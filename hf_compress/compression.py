@@ -228,6 +228,8 @@ def load_dataset_any(name: str):
             ds = datasets.load_dataset(name)
     except CompressionInputError:
         raise
+    except ImportError as err:  # a codec or reader that is not installed: its own message names the package
+        raise CompressionInputError(f"Cannot read dataset {name!r}: {err}") from err
     except Exception as err:
         raise CompressionInputError(
             f"Unknown dataset {name!r}: {type(err).__name__} while loading it; pass `rotten_tomatoes`, `hamlet`, a local "

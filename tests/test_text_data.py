@@ -112,3 +112,33 @@ def test_causal_lm_stream_has_one_end_of_text_per_paragraph_and_none_inside(tmp_
     lengths = [len(tok(p)["input_ids"]) for p in paras]
     assert ends == [sum(lengths[: i + 1]) - 1 for i in range(len(paras))]
     assert sum(p.count("\n") for p in paras) > len(paras)  # there were line breaks to be wrong about
+
+
+def test_the_printed_plan_says_what_a_document_is(tmp_path, capsys):
+    from hf_compress.cli.main import main
+    from task_helpers import make_tiny
+
+    model = make_tiny(tmp_path / "m", "causal")
+    (tmp_path / "data").mkdir()
+    write_text(tmp_path / "data" / "train.txt", hard_wrapped(12, seed=7))
+    write_text(tmp_path / "data" / "test.txt", hard_wrapped(4, seed=8))
+    assert main(["--model", model, "--dataset", str(tmp_path / "data"), "--output_dir", str(tmp_path / "out"),
+                 "--no_train", "--no_prune", "--no_quantize", "--no_evaluate", "--max_length", "16", "--use_cpu", "true",
+                 "--disable_tqdm", "true"]) == 0
+    printed = capsys.readouterr()
+    plan = next(line for line in (printed.out + printed.err).splitlines() if "Data notes" in line)
+    assert "documents: blank-line paragraphs of train.txt, test.txt; train: blocks" in plan
+    assert "train 12 rows" in (printed.out + printed.err)
+
+
+def test_zstd_text_without_its_codec_is_one_line(tmp_path, monkeypatch):
+    from fsspec.compression import compr
+
+    from hf_compress.tasks.base import CompressionInputError
+
+    monkeypatch.delitem(compr, "zstd", raising=False)  # as on a machine without `zstandard`
+    path = tmp_path / "book.txt.zst"
+    path.write_bytes(b"\x28\xb5\x2f\xfd not text")
+    with pytest.raises(CompressionInputError, match=r"Cannot read dataset .*book.txt.zst.*: Reading 'book.txt.zst' "
+                                                    r"needs the `zstd` codec: `pip install zstandard`\."):
+        load_dataset_any(str(path))

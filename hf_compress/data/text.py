@@ -11,7 +11,9 @@ from __future__ import annotations
 import os
 
 TEXT_SUFFIX = ".txt"
-COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
+# suffix -> fsspec's codec name
+_CODECS = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz", ".zst": "zstd"}
+COMPRESSIONS = tuple(_CODECS)
 TEXT_COLUMN = "text"
 
 
@@ -49,8 +51,12 @@ def paragraphs(lines) -> list[str]:
 def read_paragraphs(path: str) -> list[str]:
     """The paragraphs of one text file, decompressed by its suffix (fsspec; `.zst` needs `zstandard`)."""
     import fsspec
+    from fsspec.compression import compr
 
-    with fsspec.open(path, mode="rt", encoding="utf-8", compression="infer") as f:
+    codec = next((c for suffix, c in _CODECS.items() if path.endswith(suffix)), None)
+    if codec is not None and codec not in compr:  # else fsspec would hand back the compressed bytes as text
+        raise ImportError(f"Reading {os.path.basename(path)!r} needs the `{codec}` codec: `pip install zstandard`.")
+    with fsspec.open(path, mode="rt", encoding="utf-8", compression=codec) as f:
         return paragraphs(f)
 
 
