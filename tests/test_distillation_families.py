@@ -283,3 +283,24 @@ def test_only_absolute_position_tables_from_zero_get_unpadded_positions():
     found = {f: reads_absolute_positions(build(f, CAUSAL if f in ("gpt2", "llama", "gpt_neox") else TOKEN))
              for f in ("bert", "deberta_v2", "gpt2", "roberta", "llama", "gpt_neox")}
     assert found == {"bert": True, "deberta_v2": True, "gpt2": True, "roberta": False, "llama": False, "gpt_neox": False}
+
+
+@pytest.mark.parametrize("task", [SEQ, TOKEN, QA])
+def test_teacher_path_whose_tokenizer_maps_ids_differently_is_refused(task, tmp_path):
+    # Same embedding size, so only the tokenizers tell: the one saved with the teacher is loaded and compared.
+    from transformers import BertTokenizerFast
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(VOCAB - 5)]
+    student_tok = BertTokenizerFast(vocab={w: i for i, w in enumerate(words)})
+    swapped = words[:5] + words[6:7] + words[5:6] + words[7:]
+    teacher = build("roberta", task)
+    teacher.save_pretrained(tmp_path / "teacher")
+    BertTokenizerFast(vocab={w: i for i, w in enumerate(swapped)}).save_pretrained(tmp_path / "teacher")
+    with pytest.raises(ValueError, match=rf"tokenizer \({VOCAB} tokens\) and the teacher's \({VOCAB} tokens\) map 2 "
+                                         r"tokens to different ids; use a teacher with the same tokenizer"):
+        DistillationTrainer(model=build("bert", task), teacher_model=str(tmp_path / "teacher"), args=args(tmp_path),
+                            processing_class=student_tok)
+    # The same tokenizer saved with it: accepted.
+    student_tok.save_pretrained(tmp_path / "teacher")
+    DistillationTrainer(model=build("bert", task), teacher_model=str(tmp_path / "teacher"), args=args(tmp_path),
+                        processing_class=student_tok)
