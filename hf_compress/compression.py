@@ -177,13 +177,15 @@ def load_dataset_any(name: str):
     """
     A `DatasetDict` from a shipped set (`rotten_tomatoes`, `hamlet`), a local file (`.csv`, `.tsv`, `.json`, `.jsonl`,
     `.parquet`, `.txt`, optionally `.gz`/`.bz2`/`.xz`/`.zst`-compressed; a `.json` in the official SQuAD layout is
-    flattened; a `.txt` gives one row per blank-line-separated paragraph; `.conll`/`.bio`/`.iob` give `tokens` and
-    `tags` rows), a directory (`save_to_disk` output or data
-    files), or a Hub id.
+    flattened; `.conll`/`.bio`/`.iob` give `tokens` and `tags` rows), a directory (`save_to_disk` output or data
+    files, splits inferred from the names), or a Hub id. Text (a `.txt` file, or a folder of them such as
+    `train.txt` / `test.txt`) gives one `text` row per blank-line paragraph, never one per line
+    ([`~hf_compress.data.text.read_paragraphs`]); [`describe_documents`] says so in the plan.
     """
     import datasets
 
     from .data import HAMLET, ROTTEN_TOMATOES, load_hamlet, load_rotten_tomatoes
+    from .data.text import is_text_file, load_text_documents, text_files_of_folder
 
     try:
         if name == ROTTEN_TOMATOES:
@@ -201,6 +203,8 @@ def load_dataset_any(name: str):
                     ".gz/.bz2/.xz/.zst) or .conll, a save_to_disk folder or a Hub id."
                 )
             rows = None
+            if is_text_file(name):
+                return load_text_documents({"train": [name]})
             if ext in _CONLL:
                 from .tasks.token_classification import read_conll
 
@@ -212,15 +216,20 @@ def load_dataset_any(name: str):
             if rows is not None:
                 ds = datasets.Dataset.from_dict(rows)
             else:
-                kwargs = {"delimiter": "\t"} if ext == ".tsv" else {"sample_by": "paragraph"} if ext == ".txt" else {}
+                kwargs = {"delimiter": "\t"} if ext == ".tsv" else {}
                 ds = datasets.load_dataset(_FILE_BUILDERS[ext], data_files=name, **kwargs)
         elif os.path.isdir(name):
             marker = any(os.path.exists(os.path.join(name, f)) for f in ("dataset_dict.json", "dataset_info.json", "state.json"))
+            text_files = None if marker else text_files_of_folder(name)
+            if text_files is not None:
+                return load_text_documents(text_files)
             ds = datasets.load_from_disk(name) if marker else datasets.load_dataset(name)
         else:
             ds = datasets.load_dataset(name)
     except CompressionInputError:
         raise
+    except ImportError as err:  # a codec or reader that is not installed: its own message names the package
+        raise CompressionInputError(f"Cannot read dataset {name!r}: {err}") from err
     except Exception as err:
         raise CompressionInputError(
             f"Unknown dataset {name!r}: {type(err).__name__} while loading it; pass `rotten_tomatoes`, `hamlet`, a local "
@@ -229,6 +238,24 @@ def load_dataset_any(name: str):
     if isinstance(ds, datasets.Dataset):
         ds = datasets.DatasetDict({"train": ds})
     return ds
+
+
+def describe_documents(name: str) -> str | None:
+    """What one row of the dataset `name` is, when the reader decided it (text files); `None` otherwise."""
+    from .data import HAMLET
+    from .data.text import describe_documents as describe_text, is_text_file, text_files_of_folder
+
+    if name == HAMLET:
+        return "documents: whole scenes of Hamlet"
+    if os.path.isfile(name) and is_text_file(name):
+        return describe_text({"train": [name]})
+    if os.path.isdir(name) and not any(
+        os.path.exists(os.path.join(name, f)) for f in ("dataset_dict.json", "dataset_info.json", "state.json")
+    ):
+        files = text_files_of_folder(name)
+        if files is not None:
+            return describe_text(files, root=name)
+    return None
 
 
 @dataclass
@@ -491,6 +518,9 @@ def describe_plan(plan: CompressionPlan, train_rows: int, eval_rows: int, steps:
              f"{plan.eval_split_name} {len(plan.eval_dataset)} rows -> {eval_rows} examples."]
     notes = "; ".join(f"{split}: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in n.items() if v)
                       for split, n in task.data_notes.items() if any(n.values()))
+    documents = describe_documents(plan.data_args.dataset) if isinstance(plan.data_args.dataset, str) else None
+    if documents:  # what a row is, when the reader chose it (a text file is cut at blank lines, not lines)
+        notes = f"{documents}; {notes}" if notes else documents
     if notes:
         lines.append(f"Data notes (max_length {plan.data_args.max_length}): {notes}.")
     stages = []

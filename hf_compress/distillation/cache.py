@@ -39,7 +39,7 @@ DATA_FILE = "teacher_logits.arrow"
 CACHE_DTYPES = ("float32", "float16", "bfloat16")
 # A full-vocabulary cache larger than this gets a one-line warning suggesting `teacher_logits_top_k`.
 FULL_CACHE_WARN_BYTES = 2 << 30
-_PAD_LOGIT = -1e4  # QA positions added by padding get no teacher probability
+PAD_LOGIT = -1e4  # QA positions added by padding get no teacher probability
 _MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 
 
@@ -59,6 +59,57 @@ def teacher_forward(teacher, batch: dict, task: str, width: int | None = None) -
     if width is not None and logits.shape[-1] > width:
         logits = logits[..., :width]
     return {LOGITS: logits}
+
+
+def left_padding_position_ids(batch: dict) -> torch.Tensor | None:
+    """Positions counted from each row's first attended token, for a left-padded batch without `position_ids`.
+
+    A model with absolute position embeddings (BERT, GPT-2) reads a left-padded row at positions shifted by its
+    padding, so its logits would depend on the batch it landed in: the cached teacher (computed in other batches)
+    and the live one would disagree, and neither would match the example alone. With these positions every row
+    is read as if unpadded. Returns
+    `None` when the batch already has `position_ids`, has no 2-D `attention_mask`, or no row starts with padding.
+    """
+    mask = batch.get("attention_mask")
+    if "position_ids" in batch or not torch.is_tensor(mask) or mask.dim() != 2 or mask.shape[1] == 0:
+        return None
+    mask = mask.long()
+    if not bool(((mask[:, 0] == 0) & (mask.sum(-1) > 0)).any()):
+        return None
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+_ABSOLUTE_POSITION_TABLES = ("position_embeddings", "wpe")
+
+
+def reads_absolute_positions(model) -> bool:
+    """Whether the model adds a learned table of absolute positions indexed from 0 (BERT's `position_embeddings`,
+    GPT-2's `wpe`), so that left padding shifts what it computes.
+
+    A table with a `padding_idx` (RoBERTa, XLM-R) counts positions from the padding itself, and rotary models are
+    relative: neither needs [`left_padding_position_ids`], and RoBERTa would read given ones at the wrong offset.
+    """
+    return any(
+        type(m) is torch.nn.Embedding and name.rsplit(".", 1)[-1] in _ABSOLUTE_POSITION_TABLES and m.padding_idx is None
+        for name, m in model.named_modules()
+    )
+
+
+def unpadded_positions_apply(*models) -> bool:
+    """Whether a left-padded batch should carry [`left_padding_position_ids`] for these models: one of them reads
+    absolute positions ([`reads_absolute_positions`]) and every one takes `position_ids`."""
+    return any(reads_absolute_positions(m) for m in models) and all(accepts_position_ids(m) for m in models)
+
+
+def accepts_position_ids(model) -> bool:
+    """Whether `model.forward` takes a `position_ids` argument (looked up through a PEFT wrapper)."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:  # the class's forward: what the architecture takes, whatever is patched on the instance
+        return "position_ids" in inspect.signature(type(base).forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _input_device(model) -> torch.device:
@@ -94,7 +145,7 @@ def teacher_fingerprint(teacher) -> str:
 def cache_key(teacher, dataset, task, top_k, temperature, dtype, width) -> dict:
     """Everything the cached values depend on; a cache is reused only when its key is equal."""
     return {
-        "format": 2,
+        "format": 3,  # 3: left-padded rows read at their unpadded positions
         "teacher": teacher_fingerprint(teacher),
         "task": task,
         "top_k": top_k,
@@ -190,9 +241,12 @@ def estimated_cache_bytes(dataset, width: int, dtype: str, top_k: int | None) ->
 def compute_teacher_cache(
     teacher, dataset, collator, task: str, top_k: int | None = None, batch_size: int = 32, path: str | None = None,
     temperature: float = 1.0, dtype: str = "float32", width: int | None = None, padding_side: str = "right",
-    columns: list[str] | None = None,
+    columns: list[str] | None = None, positions: bool | None = None,
 ):
     """Run the teacher over `dataset` and write its logits, batch by batch, to the Arrow file `path`.
+
+    `positions`: give left-padded rows the positions of the unpadded example ([`left_padding_position_ids`]), as
+    the training step does; `None` decides from the teacher ([`unpadded_positions_apply`]).
 
     Returns the cache as a `datasets.Dataset` (memory-mapped, one row per example, in dataset order).
     """
@@ -208,6 +262,8 @@ def compute_teacher_cache(
 
         path = os.path.join(tempfile.mkdtemp(prefix="hf_compress_teacher_"), DATA_FILE)
     cols = [c for c in (columns or dataset.column_names) if c in dataset.column_names and c != ROW]
+    if positions is None:
+        positions = unpadded_positions_apply(teacher)
     per_position = task != "sequence-classification"
     features = _features(task, dtype, top_k)
     writer = ArrowWriter(features=features, path=path, writer_batch_size=max(1, batch_size))
@@ -219,6 +275,9 @@ def compute_teacher_cache(
             if per_position and "attention_mask" not in batch and "position_ids" not in batch:
                 # The collator dropped the mask: give the teacher one, so padding never leaks into cached logits.
                 batch = dict(batch, attention_mask=_span_mask(batch["input_ids"], spans))
+            shifted = left_padding_position_ids(batch) if positions else None
+            if shifted is not None:  # the positions the training step gives (see `DistillationMixin.compute_loss`)
+                batch = dict(batch, position_ids=shifted)
             out = teacher_forward(teacher, batch, task, width)
             rows = {name: [] for name in features}
             for i in range(len(examples)):
@@ -249,6 +308,7 @@ def compute_teacher_cache(
 def load_or_compute_teacher_cache(
     teacher, dataset, collator, task, top_k=None, batch_size=32, cache_dir=None, *, temperature: float = 1.0,
     dtype: str = "float32", width: int | None = None, padding_side: str = "right", columns: list[str] | None = None,
+    positions: bool | None = None,
 ):
     """The teacher cache for `dataset`: read from `cache_dir` when its key matches, else computed and saved there.
 
@@ -262,7 +322,9 @@ def load_or_compute_teacher_cache(
 
     from ..distributed import atomic_output_dir
 
-    key = cache_key(teacher, dataset, task, top_k, temperature, dtype, width)
+    if positions is None:
+        positions = unpadded_positions_apply(teacher)
+    key = dict(cache_key(teacher, dataset, task, top_k, temperature, dtype, width), left_padding_positions=positions)
     if cache_dir is None:
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
         cache_dir = os.path.join(datasets.config.HF_DATASETS_CACHE, "hf_compress_teacher_logits", digest)
@@ -286,7 +348,7 @@ def load_or_compute_teacher_cache(
     with atomic_output_dir(cache_dir) as tmp:
         compute_teacher_cache(
             teacher, dataset, collator, task, top_k, batch_size, os.path.join(tmp, DATA_FILE), temperature, dtype,
-            width, padding_side, columns,
+            width, padding_side, columns, positions,
         )
         with open(os.path.join(tmp, KEY_FILE), "w") as f:
             json.dump(key, f)
@@ -327,7 +389,11 @@ class TeacherCacheCollator:
         table = self.cache[rows]
         lengths = table.column(LENGTH).to_pylist()
         if self.task == "sequence-classification":
-            batch[LOGITS] = torch.stack(self._column(table, LOGITS, self.dtype))
+            if INDICES in table.column_names:  # top-k: float32 log-probabilities and their class ids
+                batch[LOGITS] = torch.stack(self._column(table, LOGITS, "float32"))
+                batch[INDICES] = torch.stack(self._column(table, INDICES, "int32")).long()
+            else:
+                batch[LOGITS] = torch.stack(self._column(table, LOGITS, self.dtype))
             return batch
         spans = example_spans(batch["input_ids"], [f["input_ids"] for f in features], self.padding_side)
         ids = batch["input_ids"] if batch["input_ids"].dim() == 2 else batch["input_ids"][None]
@@ -339,7 +405,9 @@ class TeacherCacheCollator:
             dtype = "int32" if key == INDICES else "float32" if key in (START, END) or INDICES in table.column_names else self.dtype
             values = self._column(table, key, dtype)
             per_pos = next((v.numel() // n for v, n in zip(values, lengths) if n), 1) if key not in (START, END) else 1
-            pad = _PAD_LOGIT if key in (START, END) else 0
+            # QA padding gets no probability; top-k padding is a valid (empty) log-probability row, so the placed
+            # cache is a well-formed teacher everywhere. Padding positions are masked out of the loss regardless.
+            pad = PAD_LOGIT if key in (START, END) or (key == LOGITS and INDICES in table.column_names) else 0
             out = torch.full((*shape, per_pos), pad, dtype=values[0].dtype)
             for (r, s, n), value, length in zip(spans, values, lengths):
                 if length != n:

@@ -74,6 +74,10 @@ def _soft_parts(z, t, idx, temperature):
     logp_k = t
     p_k = logp_k.exp()
     p_tail = (1 - p_k.sum(-1)).clamp(min=0)
+    if idx.shape[-1] >= z.shape[-1]:
+        # The k classes are all of them: there is no tail, and `1 - sum` is only float32 rounding, which the
+        # student's empty tail (clamped to 1e-30) would multiply by 69.
+        p_tail = torch.zeros_like(p_tail)
     logq_k = logq.gather(-1, idx)
     # The student's tail, summed over the classes outside the teacher's top k (no `1 - sum` cancellation).
     q_tail = logq.exp().scatter(-1, idx, 0.0).sum(-1).clamp(min=_TINY)
@@ -184,13 +188,16 @@ def _run(student_logits, teacher_logits, labels, mask, temperature, teacher_indi
         )
     t = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1])
     idx = None if teacher_indices is None else teacher_indices.reshape(-1, teacher_indices.shape[-1])
-    if idx is not None and t.numel() and float(t.float().exp().sum(-1).max()) > 1.001:
+    m = mask.reshape(-1).to(t.device)
+    # Only the counted positions hold teacher values: a padding position of a placed cache is filler, not a
+    # distribution, and is never read by the loss.
+    if idx is not None and bool(m.any()) and float(t[m].float().exp().sum(-1).max()) > 1.001:
         raise ValueError(
             "With `teacher_indices`, `teacher_logits` must be the top-k log-probabilities from `teacher_top_k` (their "
             "probabilities sum to at most 1), not raw logits; call `teacher_top_k(logits, k, temperature)`."
         )
     y = labels.reshape(-1) if labels is not None else mask.reshape(-1).long()  # placeholder when there are none
-    m = mask.reshape(-1).to(z.device)
+    m = m.to(z.device)
     rows = chunk_size or max(1, _CHUNK_ELEMENTS // width)
     return _ChunkedDistillation.apply(z, t, idx, y.to(z.device), m, float(temperature), rows, want_hard)
 

@@ -105,36 +105,67 @@ def _num_outputs(model, task: str) -> tuple[str, int]:
     return "num_labels", model.config.num_labels
 
 
-def check_compatible(student, teacher, task: str, student_tokenizer=None, teacher_tokenizer=None) -> int | None:
-    """Raise a one-line error when the teacher's outputs or tokenizer do not match the student's.
+def input_vocabulary_rows(model) -> int | None:
+    """The rows of the model's input embedding (`get_input_embeddings().num_embeddings`): the token ids it reads.
 
-    Causal LMs are compared by what matters: the tokenizers' vocabularies and the usable logit width. Embedding
-    matrices padded to a multiple (Qwen2.5: 152,064 rows for a 151,665-token tokenizer, its 0.5B sibling 151,936)
-    differ in rows but not in vocabulary: with a tokenizer that fits in both, the pair is accepted and the logits
-    are sliced to the narrower width, which is returned. Returns `None` when the widths are equal.
+    Falls back to `config.vocab_size` for a model without an `nn.Embedding` input, `None` when neither exists.
+    """
+    try:
+        embedding = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        embedding = None
+    rows = getattr(embedding, "num_embeddings", None)
+    if rows is None and getattr(embedding, "weight", None) is not None:
+        rows = embedding.weight.shape[0]
+    if rows is None:
+        rows = getattr(getattr(model, "config", None), "vocab_size", None)
+    return int(rows) if rows is not None else None
+
+
+def _shared_rows(what: str, s: int, t: int, student_tokenizer, teacher_tokenizer, mismatch: str) -> int:
+    """The narrower of two vocabulary sizes when they differ only by padding, else a one-line `ValueError`.
+
+    Embedding matrices padded to a multiple (Qwen2.5: 152,064 rows for a 151,665-token tokenizer, its 0.5B sibling
+    151,936) differ in rows but not in vocabulary: a tokenizer that fits in both shows it. With one tokenizer only,
+    a few hundred padded rows are padding; a bigger gap needs both tokenizers (then compared token by token).
+    """
+    tokenizer = student_tokenizer if student_tokenizer is not None else teacher_tokenizer
+    vocab = len(tokenizer) if tokenizer is not None else None
+    both = student_tokenizer is not None and teacher_tokenizer is not None
+    if vocab is not None and vocab <= min(s, t) and (both or max(s, t) - vocab < _MAX_PADDING_ROWS):
+        return min(s, t)
+    if vocab is None:
+        fix = ("use a teacher with the same tokenizer (if one embedding is only padded, pass the tokenizer as "
+               "`processing_class` so the shared vocabulary can be checked)")
+    elif vocab > min(s, t):
+        fix = f"the tokenizer has {vocab} tokens, more than the narrower {mismatch}; use a teacher with the same tokenizer"
+    else:
+        fix = (f"{max(s, t) - vocab} rows past the tokenizer's {vocab} tokens is more than padding; pass "
+               "`teacher_tokenizer` to show both share the vocabulary, or use a teacher with the same tokenizer")
+    raise ValueError(f"The student has {what} {s} but the teacher has {t}; {fix}.")
+
+
+def check_compatible(student, teacher, task: str, student_tokenizer=None, teacher_tokenizer=None) -> int | None:
+    """Raise a one-line error when the teacher's outputs, vocabulary or tokenizer do not match the student's.
+
+    For every task the teacher reads the student's token ids, so the input embeddings must cover the same
+    vocabulary (`get_input_embeddings().num_embeddings`), and the tokenizers, when both are known, must map every
+    token to the same id. Sizes that differ only by padding rows are accepted when a tokenizer fits in both. A causal LM is also compared on its usable logit width: with padded heads the logits are
+    sliced to the narrower width, which is returned. Returns `None` when the widths are equal or not logits.
     """
     what, s = _num_outputs(student, task)
     _, t = _num_outputs(teacher, task)
     width = None
     if s != t:
-        tokenizer = student_tokenizer if student_tokenizer is not None else teacher_tokenizer
-        vocab = len(tokenizer) if what == "vocab_size" and tokenizer is not None else None
-        # With one tokenizer only, a few hundred padded rows are padding; a bigger gap needs both tokenizers.
-        both = student_tokenizer is not None and teacher_tokenizer is not None
-        if vocab is not None and vocab <= min(s, t) and (both or max(s, t) - vocab < _MAX_PADDING_ROWS):
-            width = min(s, t)
-        else:
-            if what != "vocab_size":
-                fix = "use a teacher trained on the same labels"
-            elif vocab is None:
-                fix = ("use a teacher with the same tokenizer (if one embedding is only padded, pass the tokenizer as "
-                       "`processing_class` so the shared vocabulary can be checked)")
-            elif vocab > min(s, t):
-                fix = f"the tokenizer has {vocab} tokens, more than the narrower head; use a teacher with the same tokenizer"
-            else:
-                fix = (f"{max(s, t) - vocab} rows past the tokenizer's {vocab} tokens is more than padding; pass "
-                       "`teacher_tokenizer` to show both share the vocabulary, or use a teacher with the same tokenizer")
-            raise ValueError(f"The student has {what} {s} but the teacher has {t}; {fix}.")
+        if what != "vocab_size":
+            raise ValueError(f"The student has {what} {s} but the teacher has {t}; use a teacher trained on the same labels.")
+        width = _shared_rows(what, s, t, student_tokenizer, teacher_tokenizer, "head")
+    s_in, t_in = input_vocabulary_rows(student), input_vocabulary_rows(teacher)
+    if s_in is not None and t_in is not None and s_in != t_in:
+        _shared_rows(
+            "input-embedding size (`get_input_embeddings().num_embeddings`)", s_in, t_in, student_tokenizer,
+            teacher_tokenizer, "embedding",
+        )
     if task in ("sequence-classification", "token-classification"):
         s_map, t_map = student.config.id2label, teacher.config.id2label
         generic = lambda m: all(v == f"LABEL_{k}" for k, v in m.items())  # noqa: E731

@@ -67,6 +67,8 @@ class DistillationMixin:
         self.teacher_width = check_compatible(
             self.accelerator.unwrap_model(self.model), teacher, task, _tokenizer_of(self.processing_class), teacher_tokenizer
         )
+        # Left-padded rows are read at their unpadded positions when a model has absolute position embeddings.
+        self._takes_positions = teacher_cache.unpadded_positions_apply(self.accelerator.unwrap_model(self.model), teacher)
         self.teacher = prepare_teacher(
             teacher, args.teacher_device or self.args.device, args.teacher_dtype,
             accelerator=self.accelerator if getattr(self, "is_deepspeed_enabled", False) else None,
@@ -106,7 +108,7 @@ class DistillationMixin:
             self.teacher_cache, _ = teacher_cache.load_or_compute_teacher_cache(
                 self.teacher, dataset, self.data_collator, self.task, self.args.teacher_logits_top_k,
                 self.args.per_device_eval_batch_size, self.args.teacher_cache_dir, temperature=self.args.temperature,
-                dtype=dtype, width=width, padding_side=padding_side, columns=cols,
+                dtype=dtype, width=width, padding_side=padding_side, columns=cols, positions=self._takes_positions,
             )
         self.train_dataset = dataset.add_column(teacher_cache.ROW, list(range(len(dataset))))
         self.data_collator = teacher_cache.TeacherCacheCollator(
@@ -126,6 +128,11 @@ class DistillationMixin:
         cached = {k: inputs.pop(k) for k in teacher_cache.CACHE_COLUMNS if k in inputs}
         covered = inputs.pop(teacher_cache.COVERED, None)
         labels = {k: inputs.pop(k) for k in ("labels", "start_positions", "end_positions", "shift_labels") if k in inputs}
+        positions = teacher_cache.left_padding_position_ids(inputs)
+        if positions is not None and self._takes_positions:
+            # Left padding would shift an absolute-position model's inputs by the batch's padding: both models read
+            # each row as if unpadded, as the cached teacher was computed.
+            inputs["position_ids"] = positions
         outputs = model(**inputs)
         teacher_out = cached or teacher_cache.teacher_forward(self.teacher, inputs, self.task, self.teacher_width)
         teacher_out = {k: v.to(outputs[_student_key(k)].device) for k, v in teacher_out.items()}
@@ -134,12 +141,22 @@ class DistillationMixin:
 
         if self.task == "question-answering":
             seq_len = outputs.start_logits.shape[1]
+            # The classes are the positions: a padded position is no answer for either model, so a padded row has
+            # the distribution of its unpadded example, live or cached (the cache holds no logits there).
+            valid = inputs.get("attention_mask")
+            if covered is not None:
+                valid = covered if valid is None else valid.bool() & covered.to(valid.device)
             parts = []
             for key, pos_key in (("start_logits", "start_positions"), ("end_logits", "end_positions")):
                 pos = labels.get(pos_key)
                 if pos is not None:  # as BERT's QA head: positions outside the sequence are ignored
                     pos = torch.where((pos >= 0) & (pos < seq_len), pos, torch.full_like(pos, -100))
-                parts.append(distillation_loss(outputs[key], teacher_out[f"teacher_{key}"], pos, args.temperature, args.alpha))
+                student_logits, teacher_logits = outputs[key], teacher_out[f"teacher_{key}"]
+                if valid is not None:
+                    pad = ~valid.bool().to(student_logits.device)
+                    student_logits = student_logits.masked_fill(pad, teacher_cache.PAD_LOGIT)
+                    teacher_logits = teacher_logits.masked_fill(pad, teacher_cache.PAD_LOGIT)
+                parts.append(distillation_loss(student_logits, teacher_logits, pos, args.temperature, args.alpha))
             loss = (parts[0].loss + parts[1].loss) / 2
             hard = None if parts[0].hard_loss is None else (parts[0].hard_loss + parts[1].hard_loss) / 2
             soft = (parts[0].soft_loss + parts[1].soft_loss) / 2
