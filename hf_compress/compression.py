@@ -325,6 +325,11 @@ def prepare(model_args: ModelArguments, data_args: DataArguments, training_args,
         raise CompressionInputError(
             f"The model {model_path!r} has no loadable tokenizer ({type(err).__name__}); save one next to it."
         ) from err
+    if getattr(training_args, "teacher_logits", None) is not None:  # the pipeline has no Hub-cache path yet
+        raise CompressionInputError(
+            "--teacher_logits is read by `DistillationTrainer(teacher_logits=...)` only; the `hf-compress` pipeline "
+            "distils with `--teacher`."
+        )
     if model_args.teacher not in (None, "base"):
         try:
             load_config(model_args.teacher)

@@ -4,7 +4,8 @@ It speaks the part of the Hugging Face Hub API that the real `huggingface_hub` a
 create a model repo, commit files to it and download them back: repos are folders under `root`, every commit is
 stored on disk (its files as git blobs named by their git SHA-1, its tree and parent in `commits.json`), and the
 `resolve` endpoint serves any revision. Files are always uploaded in "regular" mode, so their contents arrive
-base64-encoded inside the commit payload and no LFS or Xet transfer is involved.
+base64-encoded inside the commit payload and no LFS or Xet transfer is involved. Dataset repos (`repo_type="dataset"`)
+are kept apart from model repos and served under the Hub's `/api/datasets/...` and `/datasets/.../resolve/...` routes.
 
 Switches simulate failures: `fail_with = {"commit": 500}` answers the next commit with HTTP 500 after its preupload
 went through (a failure mid-upload); `fail_with = {"*": 401}` refuses everything; `require_token` makes every
@@ -245,10 +246,19 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _route(self, method, path, query, body, head_only):
         store = self.server.store
+        # Dataset repos live in their own store and are served under the same routes with `datasets/` in the path
+        # (`/api/datasets/<repo>/...`, `/datasets/<repo>/resolve/...`), as on the Hub.
+        dataset_path = re.fullmatch(r"/(api/)?datasets/(.+)", path)
+        if dataset_path:
+            store = self.server.dataset_store
+            path = ("/api/models/" if dataset_path.group(1) else "/") + dataset_path.group(2)
+        if method in ("POST", "DELETE") and path in ("/api/repos/create", "/api/repos/delete"):
+            if json.loads(body or b"{}").get("type", "model") == "dataset":
+                store = self.server.dataset_store
         if method == "POST" and path == "/api/repos/create":
             payload = json.loads(body or b"{}")
-            if payload.get("type", "model") != "model":
-                return self._error(400, "this test server only hosts model repos")
+            if payload.get("type", "model") not in ("model", "dataset"):
+                return self._error(400, "this test server only hosts model and dataset repos")
             repo_id = f"{payload['organization']}/{payload['name']}" if payload.get("organization") else f"user/{payload['name']}"
             private = payload.get("private") or payload.get("visibility") == "private"
             if not store.create(repo_id, bool(private)):
@@ -285,7 +295,7 @@ class _Handler(BaseHTTPRequestHandler):
                     for f in files
                 ]})
             if action == "commit" and method == "POST":
-                return self._commit(repo_id, rev, body)
+                return self._commit(repo_id, rev, body, store)
             commit = store.resolve(repo_id, rev)
             if commit is None:
                 return self._error(404, f"Invalid rev id: {rev}", "RevisionNotFound", head_only)
@@ -343,7 +353,7 @@ class _Handler(BaseHTTPRequestHandler):
                 out.append({"type": "file", "path": p, "size": f["size"], "oid": f["oid"]})
         return out
 
-    def _commit(self, repo_id: str, rev: str, body: bytes):
+    def _commit(self, repo_id: str, rev: str, body: bytes, store=None):
         if rev != "main":
             return self._error(400, "this test server only commits to main")
         header, added, deleted = {}, {}, []
@@ -367,7 +377,7 @@ class _Handler(BaseHTTPRequestHandler):
             if errors:
                 return self._error(400, "Invalid metadata in README.md: " + "; ".join(errors))
         try:
-            commit = self.server.store.commit(repo_id, header.get("summary", ""), added, deleted, parent=header.get("parentCommit"))
+            commit = (store or self.server.store).commit(repo_id, header.get("summary", ""), added, deleted, parent=header.get("parentCommit"))
         except ValueError as err:
             return self._error(412, str(err))
         return self._send(200, {"commitUrl": f"{self.server.url}/{repo_id}/commit/{commit['id']}", "commitOid": commit["id"],
@@ -395,6 +405,7 @@ class HubServer(ThreadingHTTPServer):
     def __init__(self, root, require_token: str | None = None):
         super().__init__(("127.0.0.1", 0), _Handler)
         self.store = _Store(str(root))
+        self.dataset_store = _Store(os.path.join(str(root), "_datasets"))
         self.url = f"http://127.0.0.1:{self.server_address[1]}"
         self.require_token = require_token
         self.fail_with: dict[str, int] = {}
@@ -402,9 +413,9 @@ class HubServer(ThreadingHTTPServer):
         self.requests: list[dict] = []
         self._thread = None
 
-    def commits(self, repo_id: str) -> list[dict]:
+    def commits(self, repo_id: str, repo_type: str = "model") -> list[dict]:
         """Commits of `repo_id` on main, oldest first (the first is the repo's initial commit)."""
-        return self.store.commits(repo_id)
+        return (self.dataset_store if repo_type == "dataset" else self.store).commits(repo_id)
 
     def start(self) -> "HubServer":
         self._thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)

@@ -3,7 +3,8 @@
     hf-compress --model <id or path> --dataset <id or path> [--teacher ...] [--sparsity 0.8] [--bits 4]
                 [--config recipe.yaml] [--output_dir ...] [--push_to_hub --hub_model_id ...]
 
-With no arguments (or `hf-compress demo [options]`) it runs offline on the embedded MiniLM-L6 and the shipped Rotten
+`hf-compress cache-teacher --teacher ... --dataset ... --hub_repo user/name` pushes a teacher's top-k logits to the
+Hub (`hf_compress.cli.cache_teacher`). With no arguments (or `hf-compress demo [options]`) it runs offline on the embedded MiniLM-L6 and the shipped Rotten
 Tomatoes data into `./hf-compress-output`.
 """
 
@@ -231,6 +232,10 @@ def main(argv: list[str] | None = None) -> int:
     # Its 8-bit matmul also warns, once per forward pass, that it casts float32 inputs to float16 (as designed).
     logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "cache-teacher":  # a subcommand with its own options
+        from .cache_teacher import main as cache_teacher_main
+
+        return cache_teacher_main(argv[1:])
     if argv and argv[0] in ("-h", "--help"):
         build_parser().print_help()
         return 0

@@ -40,7 +40,8 @@ CACHE_DTYPES = ("float32", "float16", "bfloat16")
 # A full-vocabulary cache larger than this gets a one-line warning suggesting `teacher_logits_top_k`.
 FULL_CACHE_WARN_BYTES = 2 << 30
 PAD_LOGIT = -1e4  # QA positions added by padding get no teacher probability
-_MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
+# The batch entries a model reads (labels never reach the teacher): what the cached values depend on.
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 
 
 @torch.no_grad()
@@ -51,7 +52,7 @@ def teacher_forward(teacher, batch: dict, task: str, width: int | None = None) -
     where it was loaded.
     """
     device = _input_device(teacher)
-    inputs = {k: v.to(device) for k, v in batch.items() if k in _MODEL_INPUTS and torch.is_tensor(v)}
+    inputs = {k: v.to(device) for k, v in batch.items() if k in MODEL_INPUTS and torch.is_tensor(v)}
     out = teacher(**inputs)
     if task == "question-answering":
         return {START: out.start_logits, END: out.end_logits}
@@ -206,7 +207,8 @@ def _span_mask(input_ids: torch.Tensor, spans) -> torch.Tensor:
     return mask.reshape(input_ids.shape)
 
 
-def _features(task: str, dtype: str, top_k: int | None):
+def cache_features(task: str, dtype: str, top_k: int | None):
+    """The `datasets.Features` of a cache row for `task`, stored `dtype` and `top_k` (bfloat16 kept as int16)."""
     import datasets
 
     store = "int16" if dtype == "bfloat16" else dtype
@@ -265,7 +267,7 @@ def compute_teacher_cache(
     if positions is None:
         positions = unpadded_positions_apply(teacher)
     per_position = task != "sequence-classification"
-    features = _features(task, dtype, top_k)
+    features = cache_features(task, dtype, top_k)
     writer = ArrowWriter(features=features, path=path, writer_batch_size=max(1, batch_size))
     try:
         for start in range(0, len(dataset), batch_size):

@@ -31,6 +31,12 @@ class DistillationArguments(TrainingArguments):
         teacher_cache_dtype (`str`, *optional*):
             Dtype of the stored full-vocabulary logits: `float32`, `float16` or `bfloat16`; defaults to the teacher's
             dtype when it is 16-bit, else `float32`. Top-k log-probabilities are always stored in float32.
+        teacher_logits (`str`, *optional*):
+            A Hub dataset repo (`namespace/name`, optionally `@revision`) or a local folder holding a teacher cache
+            pushed with `hf-compress cache-teacher` / [`~hf_compress.distillation.hub_cache.push_teacher_cache`]:
+            train on those logits with no teacher loaded (`teacher_model=None`). Its key is checked against the run.
+        teacher_revision (`str`, *optional*):
+            With `teacher_logits`: the teacher revision the cache must have been computed from (checked).
         teacher_dtype (`str`, *optional*):
             Cast the teacher to `float32`, `bfloat16` or `float16` (a bitsandbytes-quantized teacher is left as is).
         teacher_device (`str`, *optional*):
@@ -53,6 +59,14 @@ class DistillationArguments(TrainingArguments):
     )
     teacher_cache_dtype: str | None = field(
         default=None, metadata={"help": "Stored dtype of cached logits: float32, float16 or bfloat16 (default: the teacher's 16-bit dtype, else float32)."}
+    )
+    teacher_logits: str | None = field(
+        default=None,
+        metadata={"help": "Hub dataset repo (namespace/name[@revision]) or folder of teacher logits pushed with "
+                  "`hf-compress cache-teacher`: train on them with no teacher loaded."},
+    )
+    teacher_revision: str | None = field(
+        default=None, metadata={"help": "With teacher_logits: the teacher revision the cache must come from (checked)."}
     )
     teacher_dtype: str | None = field(
         default=None, metadata={"help": "Teacher dtype: float32, bfloat16 or float16 (default: as loaded)."}
@@ -87,6 +101,14 @@ class DistillationArguments(TrainingArguments):
                 raise ValueError(
                     f"teacher_logits_top_k={self.teacher_logits_top_k} only applies to cached logits; "
                     "set `cache_teacher_logits=True` or drop `teacher_logits_top_k`."
+                )
+        if self.teacher_logits is not None:
+            if not isinstance(self.teacher_logits, str) or not self.teacher_logits:
+                raise ValueError(f"teacher_logits must be a Hub dataset repo id or a folder, got {self.teacher_logits!r}.")
+            if self.cache_teacher_logits:
+                raise ValueError(
+                    f"teacher_logits={self.teacher_logits!r} replaces the teacher and its cache; drop "
+                    "`cache_teacher_logits` (and `teacher_logits_top_k`, which the pushed cache fixes)."
                 )
         if self.teacher_dtype is not None and self.teacher_dtype not in TEACHER_DTYPES:
             raise ValueError(f"teacher_dtype must be one of {', '.join(TEACHER_DTYPES)}, got {self.teacher_dtype!r}.")

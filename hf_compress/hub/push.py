@@ -253,3 +253,9 @@ def verify_pushed(folder: str, repo_id: str, revision: str, endpoint: str | None
         )
     return {"files_checked": len(local_files), "examples": len(preds), "metrics": metrics,
             "recorded_metrics": sample["metrics"], "max_abs_logit_diff": diff}
+
+
+# Public for the other writers to the Hub (the teacher-logit cache pushes a dataset repo the same way).
+resolve_endpoint = _resolve_endpoint
+describe_failure = _describe_failure
+transport_errors = _transport_errors

@@ -32,7 +32,8 @@ class DistillationMixin:
     #: Whether `train_dataset` must already be tokenized when the trainer is built.
     needs_tokenized_dataset: bool = True
 
-    def __init__(self, model=None, teacher_model=None, args: DistillationArguments | None = None, teacher_tokenizer=None, **kwargs):
+    def __init__(self, model=None, teacher_model=None, args: DistillationArguments | None = None, teacher_tokenizer=None,
+                 teacher_logits: str | None = None, **kwargs):
         if args is None:
             args = DistillationArguments(output_dir="tmp_trainer")
         if not isinstance(args, DistillationArguments):
@@ -42,7 +43,37 @@ class DistillationMixin:
             )
         if model is None:
             raise ValueError(f"{type(self).__name__} needs a student `model`.")
-        if teacher_model is None:
+        if teacher_logits is not None:
+            if args.teacher_logits not in (None, teacher_logits):
+                raise ValueError(
+                    f"teacher_logits={teacher_logits!r} but args.teacher_logits={args.teacher_logits!r}; give it once."
+                )
+            args.teacher_logits = teacher_logits
+            if args.cache_teacher_logits:
+                raise ValueError(
+                    f"teacher_logits={teacher_logits!r} replaces the teacher and its cache; drop `cache_teacher_logits`."
+                )
+        hub_logits = args.teacher_logits
+        if hub_logits is not None:
+            if isinstance(teacher_model, torch.nn.Module):
+                raise ValueError(
+                    f"teacher_logits={hub_logits!r} replaces the teacher: pass `teacher_model=None` (or the teacher's id, "
+                    "checked against the cache), not a loaded model."
+                )
+            if teacher_model is not None and not isinstance(teacher_model, str):
+                raise TypeError(f"teacher_model must be None or the teacher's id with teacher_logits, got {type(teacher_model).__name__}.")
+            evaluates = str(getattr(args.eval_strategy, "value", args.eval_strategy)) != "no"
+            if kwargs.get("eval_dataset") is not None and evaluates:
+                raise ValueError(
+                    f"teacher_logits={hub_logits!r} holds the training set's logits only, so evaluation has no teacher; "
+                    "set `eval_strategy=\"no\"` and evaluate the student with a plain `Trainer`, or use a live teacher."
+                )
+        elif args.teacher_revision is not None:
+            raise ValueError(
+                f"teacher_revision={args.teacher_revision!r} is checked against Hub teacher logits only; set "
+                "`teacher_logits` or drop `teacher_revision`."
+            )
+        elif teacher_model is None:
             raise ValueError(f"{type(self).__name__} needs a `teacher_model` (a PreTrainedModel or a path).")
         if args.distillation_task != "auto":
             task = args.distillation_task
@@ -52,18 +83,30 @@ class DistillationMixin:
             task = self.default_task
         else:
             raise ValueError(f"{type(self).__name__} needs the student as a model; got {type(model).__name__}.")
-        teacher = load_teacher(teacher_model, task, args.teacher_dtype)
-        if teacher_tokenizer is None and isinstance(teacher_model, str):
-            teacher_tokenizer = _try_load_tokenizer(teacher_model)
-        processing_class = _tokenizer_of(kwargs.get("processing_class"))
-        # Checked before the Trainer sets anything up: a mismatch is a one-line error, not a crash mid-epoch. A
-        # trainer that loads its own tokenizer (SFTTrainer) is checked once it has it.
-        if isinstance(model, torch.nn.Module) and (processing_class is not None or self.default_task is None):
-            check_compatible(model, teacher, task, processing_class, teacher_tokenizer)
+        if hub_logits is not None:
+            teacher = None  # the Hub cache replaces it: nothing of the teacher is ever loaded
+        else:
+            teacher = load_teacher(teacher_model, task, args.teacher_dtype)
+            if teacher_tokenizer is None and isinstance(teacher_model, str):
+                teacher_tokenizer = _try_load_tokenizer(teacher_model)
+            processing_class = _tokenizer_of(kwargs.get("processing_class"))
+            # Checked before the Trainer sets anything up: a mismatch is a one-line error, not a crash mid-epoch. A
+            # trainer that loads its own tokenizer (SFTTrainer) is checked once it has it.
+            if isinstance(model, torch.nn.Module) and (processing_class is not None or self.default_task is None):
+                check_compatible(model, teacher, task, processing_class, teacher_tokenizer)
         if self.needs_tokenized_dataset:
             _check_tokenized(kwargs.get("train_dataset"), "train_dataset")
         super().__init__(model=model, args=args, **kwargs)
         self.task = task
+        self.teacher_cache = None
+        # Per mode: summed hard / soft losses over counted positions, and the count (see `log`).
+        self._distill_sums = {"train": defaultdict(float), "eval": defaultdict(float)}
+        if self.task == "question-answering" and "start_positions" not in self.label_names:
+            self.label_names = ["start_positions", "end_positions"]
+        if hub_logits is not None:
+            self.teacher = None
+            self._use_hub_teacher_logits(hub_logits, teacher_model)
+            return
         self.teacher_width = check_compatible(
             self.accelerator.unwrap_model(self.model), teacher, task, _tokenizer_of(self.processing_class), teacher_tokenizer
         )
@@ -74,11 +117,6 @@ class DistillationMixin:
             accelerator=self.accelerator if getattr(self, "is_deepspeed_enabled", False) else None,
             cached=args.cache_teacher_logits,
         )
-        # Per mode: summed hard / soft losses over counted positions, and the count (see `log`).
-        self._distill_sums = {"train": defaultdict(float), "eval": defaultdict(float)}
-        self.teacher_cache = None
-        if self.task == "question-answering" and "start_positions" not in self.label_names:
-            self.label_names = ["start_positions", "end_positions"]
         if args.cache_teacher_logits and self.train_dataset is not None:
             self._cache_teacher_logits()
 
@@ -110,10 +148,56 @@ class DistillationMixin:
                 self.args.per_device_eval_batch_size, self.args.teacher_cache_dir, temperature=self.args.temperature,
                 dtype=dtype, width=width, padding_side=padding_side, columns=cols, positions=self._takes_positions,
             )
+        self._attach_teacher_cache(dataset, padding_side, dtype, width)
+
+    def _attach_teacher_cache(self, dataset, padding_side: str, dtype: str, width: int | None):
+        """Point every training row at its cache row and wrap the collator to place the cached logits."""
         self.train_dataset = dataset.add_column(teacher_cache.ROW, list(range(len(dataset))))
         self.data_collator = teacher_cache.TeacherCacheCollator(
             self.data_collator, self.task, self.teacher_cache, padding_side, dtype, width
         )
+
+    def _use_hub_teacher_logits(self, source: str, teacher_id: str | None):
+        """Download the Hub teacher cache `source`, check its key against this run, and train on it."""
+        import datasets
+
+        from ..distillation import hub_cache
+
+        if not isinstance(self.train_dataset, datasets.Dataset):
+            raise TypeError(
+                f"teacher_logits needs a `datasets.Dataset` train set, got `{type(self.train_dataset).__name__}`; "
+                "convert it with `Dataset.from_dict` / `from_list`."
+            )
+        tokenizer = _tokenizer_of(self.processing_class)
+        if tokenizer is None:
+            raise ValueError(
+                f"teacher_logits={source!r} needs `processing_class` (the tokenizer the cache was made with) to check "
+                "that the token ids mean the same; pass `processing_class=tokenizer`."
+            )
+        dataset = self.train_dataset.remove_columns([c for c in (teacher_cache.ROW,) if c in self.train_dataset.column_names])
+        expected = hub_cache.expected_key(dataset, tokenizer, self.task, self.args.temperature, teacher_id,
+                                          self.args.teacher_revision)
+        repo, revision = hub_cache.split_repo_revision(source)
+        with self.args.main_process_first(desc="teacher logits"):
+            cache, key = hub_cache.load_hub_teacher_cache(repo, revision)
+        hub_cache.check_hub_cache_key(key, expected, source)
+        student = self.accelerator.unwrap_model(self.model)
+        self.teacher_width = hub_cache.check_student_against_key(student, key, self.task, tokenizer, source)
+        # As with a live teacher: left-padded rows at unpadded positions when either model reads absolute positions
+        # and both take `position_ids`; the cache must have been computed the same way.
+        self._takes_positions = (
+            (teacher_cache.reads_absolute_positions(student) or key["teacher_reads_absolute_positions"])
+            and teacher_cache.accepts_position_ids(student) and key["teacher_accepts_position_ids"]
+        )
+        if bool(key["left_padding_positions"]) != bool(self._takes_positions):
+            raise ValueError(
+                f"The teacher logits {source} have `left_padding_positions` {key['left_padding_positions']!r} but this "
+                f"student needs {self._takes_positions!r}; push the cache with "
+                f"`push_teacher_cache(..., positions={self._takes_positions!r})`."
+            )
+        self.teacher_cache = cache
+        self._attach_teacher_cache(dataset, _padding_side(self.processing_class, self.data_collator), key["dtype"],
+                                   key["width"])
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
@@ -134,6 +218,11 @@ class DistillationMixin:
             # each row as if unpadded, as the cached teacher was computed.
             inputs["position_ids"] = positions
         outputs = model(**inputs)
+        if not cached and self.teacher is None:
+            raise ValueError(
+                f"This batch has no cached teacher logits and the run has no teacher (teacher_logits="
+                f"{self.args.teacher_logits!r} covers the training set only); evaluate the student with a plain `Trainer`."
+            )
         teacher_out = cached or teacher_cache.teacher_forward(self.teacher, inputs, self.task, self.teacher_width)
         teacher_out = {k: v.to(outputs[_student_key(k)].device) for k, v in teacher_out.items()}
         args = self.args

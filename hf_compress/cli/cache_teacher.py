@@ -1,0 +1,160 @@
+"""`hf-compress cache-teacher`: run a teacher once over a tokenized dataset and push its top-k logits to the Hub.
+
+    hf-compress cache-teacher --teacher <id or path> --dataset <tokenized set> --hub_repo user/name
+                              [--top_k 64] [--temperature 1.0] [--teacher_revision ...] [--batch_size 32]
+
+The pushed dataset repo is read by `DistillationTrainer(teacher_logits="user/name")` with no teacher loaded
+([`~hf_compress.distillation.hub_cache`]).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+
+
+@dataclass
+class CacheTeacherArguments:
+    r"""
+    Options of `hf-compress cache-teacher`.
+
+    Parameters:
+        teacher (`str`): Hub id or directory of the teacher.
+        dataset (`str`): the tokenized training set: a `save_to_disk` folder, a data file with `input_ids`, or a Hub id.
+        hub_repo (`str`): the dataset repo to push to, `namespace/name`.
+        split (`str`, *optional*, defaults to `"train"`): the split of `dataset`.
+        top_k (`int`, *optional*, defaults to `64`): classes kept per position; `0` stores full logits.
+        temperature (`float`, *optional*, defaults to `1.0`): the training run's distillation temperature.
+        teacher_revision (`str`, *optional*): revision of the teacher to load and record.
+        tokenizer (`str`, *optional*): the tokenizer; defaults to the teacher's.
+        task (`str`, *optional*, defaults to `"auto"`): inferred from the teacher's saved architecture.
+        batch_size (`int`, *optional*, defaults to `32`): teacher batch size.
+        dtype (`str`, *optional*, defaults to `"float32"`): stored dtype of full logits.
+        teacher_dtype (`str`, *optional*): cast the teacher to `float32`, `bfloat16` or `float16`.
+        device (`str`, *optional*): where the teacher runs; default `cuda` when available, else `cpu`.
+        private (`bool`, *optional*, defaults to `False`): create the repo private.
+        local_dir (`str`, *optional*): keep the pushed folder there.
+    """
+
+    teacher: str | None = field(default=None, metadata={"help": "Teacher Hub id or directory."})
+    dataset: str | None = field(default=None, metadata={"help": "Tokenized training set (save_to_disk folder, file or Hub id)."})
+    hub_repo: str | None = field(default=None, metadata={"help": "Dataset repo to push to, namespace/name."})
+    split: str = field(default="train", metadata={"help": "Split of the dataset."})
+    top_k: int = field(default=64, metadata={"help": "Classes kept per position (0: full logits)."})
+    temperature: float = field(default=1.0, metadata={"help": "Distillation temperature of the training run (> 0)."})
+    teacher_revision: str | None = field(default=None, metadata={"help": "Teacher revision to load and record."})
+    tokenizer: str | None = field(default=None, metadata={"help": "Tokenizer (default: the teacher's)."})
+    task: str = field(default="auto", metadata={"help": "Distillation task (default: from the teacher's architecture)."})
+    batch_size: int = field(default=32, metadata={"help": "Teacher batch size."})
+    dtype: str = field(default="float32", metadata={"help": "Stored dtype of full logits: float32, float16 or bfloat16."})
+    teacher_dtype: str | None = field(default=None, metadata={"help": "Teacher dtype: float32, bfloat16 or float16."})
+    device: str | None = field(default=None, metadata={"help": "Teacher device (default: cuda if available, else cpu)."})
+    private: bool = field(default=False, metadata={"help": "Create the dataset repo private."})
+    local_dir: str | None = field(default=None, metadata={"help": "Keep the pushed folder there."})
+
+
+def _fail(message: str) -> int:
+    print(f"hf-compress cache-teacher: error: {message}", file=sys.stderr)
+    return 2
+
+
+def main(argv: list[str]) -> int:
+    """Run `hf-compress cache-teacher` with `argv`; returns the exit code (2 for bad input, 1 for a failed push)."""
+    from transformers import HfArgumentParser
+
+    from ..distillation import hub_cache
+    from ..distillation.teacher import infer_task
+
+    class _Usage(Exception):
+        pass
+
+    parser = HfArgumentParser(CacheTeacherArguments, prog="hf-compress cache-teacher",
+                              description="Compute the top-k teacher logits of a dataset and push them as a Hub dataset repo.")
+
+    def error(message):  # one line instead of argparse's usage + exit
+        raise _Usage(message)
+
+    parser.error = error
+    try:
+        (a,) = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+        for name in ("teacher", "dataset", "hub_repo"):
+            if not getattr(a, name):
+                raise _Usage(f"--{name} is required, e.g. `hf-compress cache-teacher --teacher T --dataset D --hub_repo me/teacher-logits`.")
+        top_k = None if a.top_k == 0 else a.top_k
+        if a.top_k < 0:
+            raise _Usage(f"--top_k must be >= 1 (or 0 for full logits), got {a.top_k}.")
+        hub_cache.check_push_inputs(a.hub_repo, top_k, a.temperature, a.dtype, "causal-lm" if a.task == "auto" else a.task,
+                                    batch_size=a.batch_size)
+        if a.teacher_dtype is not None and a.teacher_dtype not in ("float32", "bfloat16", "float16"):
+            raise _Usage(f"--teacher_dtype must be float32, bfloat16 or float16, got {a.teacher_dtype!r}.")
+        dataset = _load_split(a.dataset, a.split)
+        tokenizer, teacher = _load_teacher(a)
+        task = infer_task(teacher) if a.task == "auto" else a.task
+        hub_cache.check_push_inputs(a.hub_repo, top_k, a.temperature, a.dtype, task, dataset, tokenizer, a.batch_size)
+    except (_Usage, ValueError, TypeError, OSError, ImportError) as err:
+        return _fail(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
+    from ..hub import HubPushError
+
+    try:
+        result, key = hub_cache.push_teacher_cache(
+            teacher, dataset, a.hub_repo, tokenizer, task, top_k, a.temperature, a.dtype, a.batch_size,
+            teacher_id=a.teacher, teacher_revision=a.teacher_revision, private=a.private, local_dir=a.local_dir,
+        )
+    except HubPushError as err:
+        print(f"hf-compress cache-teacher: {err}", file=sys.stderr)
+        return 1
+    what = f"top-{top_k}" if top_k else "full"
+    print(f"Pushed the {what} logits of {a.teacher} on {key['num_rows']} rows to {result.repo_id} at commit "
+          f"{result.commit_oid}: {result.commit_url}")
+    return 0
+
+
+def _load_split(name: str, split: str):
+    import datasets
+
+    from ..compression import CompressionInputError, load_dataset_any
+
+    try:
+        dsd = load_dataset_any(name)
+    except CompressionInputError as err:
+        raise ValueError(f"--dataset: {err}") from None
+    if isinstance(dsd, datasets.Dataset):
+        return dsd
+    if split not in dsd:
+        raise ValueError(f"--dataset {name!r} has no split {split!r} (splits: {', '.join(dsd)}); fix `--split`.")
+    ds = dsd[split]
+    if "input_ids" not in ds.column_names:
+        raise ValueError(
+            f"--dataset {name!r} has no `input_ids` column (columns: {ds.column_names}); tokenize it exactly as for "
+            "training and `save_to_disk` it, then pass that folder."
+        )
+    return ds
+
+
+def _load_teacher(a: CacheTeacherArguments):
+    import torch
+    import transformers
+    from transformers import AutoConfig, AutoTokenizer
+
+    from ..distillation.teacher import load_teacher
+
+    revision = {"revision": a.teacher_revision} if a.teacher_revision else {}
+    tokenizer = AutoTokenizer.from_pretrained(a.tokenizer or a.teacher, **({} if a.tokenizer else revision))
+    kwargs = dict(revision, **({"dtype": getattr(torch, a.teacher_dtype)} if a.teacher_dtype else {}))
+    if a.task == "auto":  # the class the teacher was saved as
+        arch = (AutoConfig.from_pretrained(a.teacher, **revision).architectures or [None])[0]
+        if arch is None or not hasattr(transformers, arch):
+            raise ValueError(f"--teacher {a.teacher!r} names no known architecture in its config; pass `--task`.")
+        teacher = getattr(transformers, arch).from_pretrained(a.teacher, **kwargs)
+    elif revision:
+        teacher = getattr(transformers, _auto_class(a.task)).from_pretrained(a.teacher, **kwargs)
+    else:
+        teacher = load_teacher(a.teacher, a.task, a.teacher_dtype)
+    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return tokenizer, teacher.to(device).eval()
+
+
+def _auto_class(task: str) -> str:
+    return {"sequence-classification": "AutoModelForSequenceClassification",
+            "token-classification": "AutoModelForTokenClassification",
+            "question-answering": "AutoModelForQuestionAnswering", "causal-lm": "AutoModelForCausalLM"}[task]
