@@ -254,3 +254,43 @@ def test_cli_refuses_bad_input_in_one_line(capsys):
     assert capsys.readouterr().err == "hf-compress cache-teacher: error: --top_k must be >= 1 (or 0 for full logits), got -1.\n"
     assert main(["cache-teacher", "--teacher", "t", "--dataset", "d", "--hub_repo", "me/x", "--temperature", "0"]) == 2
     assert "temperature must be a number > 0, got 0.0" in capsys.readouterr().err
+
+
+def test_the_pipeline_refuses_teacher_logits_in_one_line(tmp_path, capsys):
+    from hf_compress.cli.main import main
+
+    assert main(["--teacher_logits", "me/x", "--output_dir", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == (
+        "hf-compress: error: --teacher_logits is read by `DistillationTrainer(teacher_logits=...)` only; the "
+        "`hf-compress` pipeline distils with `--teacher`.\n"
+    )
+
+
+def test_sft_config_carries_the_field(tmp_path):
+    pytest.importorskip("trl")
+    from hf_compress.trainers import SFTDistillationConfig
+
+    cfg = SFTDistillationConfig(str(tmp_path), teacher_logits="me/x@abc", teacher_revision="rev-a", report_to="none",
+                                use_cpu=True, bf16=False)
+    assert (cfg.teacher_logits, cfg.teacher_revision) == ("me/x@abc", "rev-a")
+    assert hub_cache.split_repo_revision(cfg.teacher_logits) == ("me/x", "abc")
+
+
+def test_a_failed_commit_leaves_no_repo_behind(hub, tmp_path):
+    from transformers import LlamaForCausalLM
+
+    from hf_compress.hub import HubPushError
+
+    torch.manual_seed(0)
+    folder = str(tmp_path / "cache")
+    hub_cache.write_teacher_cache_folder(folder, LlamaForCausalLM(tiny_llama_config()), random_lm_dataset(4, 6),
+                                         tiny_tokenizer(), top_k=4)
+    hub.fail_with = {"commit": 500}
+    with pytest.raises(HubPushError, match=r"^Push to http://127.0.0.1:\d+ failed: HTTP 500: the Hub failed while "
+                       r"uploading; nothing was committed, retry the same call. The dataset repo acme/x that this push "
+                       r"created was deleted again.$"):
+        hub_cache.push_teacher_cache_folder(folder, "acme/x")
+    assert not hub.dataset_store.exists("acme/x")
+    hub.fail_with = {}
+    result = hub_cache.push_teacher_cache_folder(folder, "acme/x")  # the same call, retried
+    assert hub.commits("acme/x", repo_type="dataset")[-1]["id"] == result.commit_oid
