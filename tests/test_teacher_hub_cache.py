@@ -178,6 +178,8 @@ HEX = "'[0-9a-f]{32}'"
         ({"tokenizer": "other"}, rf"were made with tokenizer None \(`tokenizer_digest` [0-9a-f]{{32}}\) but "
          r"`processing_class` has `tokenizer_digest` [0-9a-f]{32}; pass the teacher's tokenizer as `processing_class`"),
         ({"teacher_model": "acme/other-teacher"}, r"have `teacher_id` None but this run has 'acme/other-teacher'"),
+        ({"student_vocab": 90}, r"^The student has input-embedding size 90 but the teacher of acme/llama-logits had 97 and "
+         r"the tokenizer has 97 tokens; use a student with the teacher's tokenizer.$"),
     ],
 )
 def test_a_cache_for_another_run_is_refused_in_one_line(change, message, pushed, tmp_path):
@@ -186,8 +188,13 @@ def test_a_cache_for_another_run_is_refused_in_one_line(change, message, pushed,
     tokenizer = _other_tokenizer() if change.get("tokenizer") else tok
     kw = {k: v for k, v in change.items() if k in ("teacher_revision", "temperature")}
     args = train_args(tmp_path, "run", teacher_logits="acme/llama-logits", **kw)
+    student = layer_dropped_student(teacher, [0, 2])
+    if "student_vocab" in change:
+        from transformers import LlamaForCausalLM
+
+        student = LlamaForCausalLM(tiny_llama_config(vocab_size=change["student_vocab"]))
     with pytest.raises(ValueError, match=message) as err:
-        DistillationTrainer(model=layer_dropped_student(teacher, [0, 2]), teacher_model=change.get("teacher_model"),
+        DistillationTrainer(model=student, teacher_model=change.get("teacher_model"),
                             args=args, train_dataset=data, processing_class=tokenizer)
     assert "\n" not in str(err.value)
 
@@ -205,6 +212,8 @@ def test_consumption_refuses_what_it_cannot_check(pushed, tmp_path):
                             train_dataset=ds, eval_dataset=ds, processing_class=tok)
     with pytest.raises(ValueError, match=r"replaces the teacher and its cache; drop `cache_teacher_logits`"):
         train_args(tmp_path, "c", teacher_logits="acme/llama-logits", cache_teacher_logits=True)
+    with pytest.raises(ValueError, match=r"is downloaded to the Hugging Face cache, not to teacher_cache_dir='d'"):
+        train_args(tmp_path, "d", teacher_logits="acme/llama-logits", teacher_cache_dir="d")
     with pytest.raises(ValueError, match=r"teacher_revision='x' is checked against Hub teacher logits only"):
         DistillationTrainer(model=student, teacher_model=teacher, args=train_args(tmp_path, "r", teacher_revision="x"),
                             train_dataset=ds, processing_class=tok)

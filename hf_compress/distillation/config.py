@@ -110,6 +110,11 @@ class DistillationArguments(TrainingArguments):
                     f"teacher_logits={self.teacher_logits!r} replaces the teacher and its cache; drop "
                     "`cache_teacher_logits` (and `teacher_logits_top_k`, which the pushed cache fixes)."
                 )
+            if self.teacher_cache_dir is not None:
+                raise ValueError(
+                    f"teacher_logits={self.teacher_logits!r} is downloaded to the Hugging Face cache, not to "
+                    f"teacher_cache_dir={self.teacher_cache_dir!r}; drop `teacher_cache_dir`."
+                )
         if self.teacher_dtype is not None and self.teacher_dtype not in TEACHER_DTYPES:
             raise ValueError(f"teacher_dtype must be one of {', '.join(TEACHER_DTYPES)}, got {self.teacher_dtype!r}.")
         if self.teacher_cache_dtype is not None and self.teacher_cache_dtype not in TEACHER_DTYPES:
