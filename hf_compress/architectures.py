@@ -173,3 +173,39 @@ def weight_layout(model, name: str) -> WeightLayout:
 def weight_layouts(model, names) -> dict[str, WeightLayout]:
     """`{name: weight_layout(model, name)}` for every name in `names`."""
     return {name: weight_layout(model, name) for name in names}
+
+
+# Model types whose block projections are `Conv1D` (compressed-tensors quantizes `nn.Linear` only).
+CONV1D_MODEL_TYPES = ("gpt2",)
+
+
+def compressed_tensors_refusal(model_type: str | None) -> str | None:
+    """
+    Why a compressed-tensors int export of a `model_type` model cannot be exact, or `None` when it can.
+
+    compressed-tensors (0.20) quantizes `nn.Linear` layers only: GPT-2's `Conv1D` projections would stay in full
+    precision (its export would quantize no block layer at all), and the stacked expert parameters of a mixture of
+    experts are neither quantized nor reloaded by transformers from such a checkpoint (tested: `from_pretrained`
+    stops with a conversion error on `experts.gate_up_proj`).
+    """
+    if model_type in CONV1D_MODEL_TYPES:
+        return (
+            f"The compressed-tensors export cannot quantize a `{model_type}` model: its block projections are "
+            "`transformers.pytorch_utils.Conv1D`, which compressed-tensors does not quantize (only `nn.Linear`); "
+            "use `--format bitsandbytes` (backend='bitsandbytes', which quantizes Conv1D) or `--no_quantize`."
+        )
+    if model_type in EXPERT_PARAMETERS:
+        return (
+            f"The compressed-tensors export cannot quantize a `{model_type}` model: its experts are stacked 3-D "
+            "parameters, which compressed-tensors does not quantize and transformers cannot reload from its "
+            "checkpoint; export it dense with `--no_quantize`."
+        )
+    return None
+
+
+def check_compressed_tensors(model_or_config) -> None:
+    """Raise the one-line `ValueError` of [`compressed_tensors_refusal`] for a model or a config."""
+    config = getattr(model_or_config, "config", model_or_config)
+    reason = compressed_tensors_refusal(getattr(config, "model_type", None))
+    if reason is not None:
+        raise ValueError(reason)

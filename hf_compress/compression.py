@@ -290,6 +290,12 @@ def prepare(model_args: ModelArguments, data_args: DataArguments, training_args,
         except CompressionInputError:
             has_head = False
     check_task_supported(config, task_name)
+    if model_args.quantize and model_args.format == "compressed-tensors":
+        from .architectures import compressed_tensors_refusal
+
+        reason = compressed_tensors_refusal(getattr(config, "model_type", None))
+        if reason is not None:  # GPT-2's Conv1D, stacked experts: refused before any data is read
+            raise CompressionInputError(reason)
     try:
         from transformers import AutoTokenizer
 
