@@ -125,3 +125,149 @@ def test_fused_layouts_match_the_forward(family):
         assert seen["v"] == model.config.num_hidden_layers and float(outputs["attn_in"].abs().max()) == 0.0
     if mlp:
         assert seen["up"] > 0 and float(outputs["mlp_out"].abs().max()) == 0.0
+
+
+def _dataset(family, n=16, seq=12):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, VOCAB, (n, seq), generator=g)
+    labels = (ids[:, 0] % 3).tolist() if family in ENCODERS else ids.tolist()
+    return Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist(), "labels": labels})
+
+
+class _Snapshot(TrainerCallback):
+    """The pruned weights right after the step that reaches the target."""
+
+    def __init__(self, names, step):
+        self.names, self.step, self.weights = names, step, None
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step == self.step:
+            self.weights = {n: model.get_parameter(n).detach().clone() for n in self.names}
+
+
+def _parts(model, name):
+    weight = model.get_parameter(name).detach()
+    return [(part, weight[index]) for part, index in weight_layout(model, name).parts]
+
+
+PRUNING = {
+    "layer": dict(target_sparsity=0.5, scope="layer", end_step=2, frequency=1),
+    "global": dict(target_sparsity=0.5, scope="global", end_step=2, frequency=1),
+    "2:4": dict(target_sparsity=0.5, pattern="2:4", start_step=2),
+}
+
+
+@pytest.mark.parametrize("mode", list(PRUNING))
+@pytest.mark.parametrize("family", FAMILY_LIST)
+def test_unstructured_pruning_is_exact(family, mode, tmp_path):
+    model = build(family).train()
+    names = default_targets(model)
+    snapshot = _Snapshot(names, step=2)
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "run"), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-2,
+        report_to="none", save_strategy="no", logging_strategy="no", use_cpu=True, disable_tqdm=True, seed=0,
+    )
+    Trainer(model=model, args=args, train_dataset=_dataset(family),
+            callbacks=[GradualPruningCallback(**PRUNING[mode]), snapshot]).train()
+    model.eval()
+    params = {n: model.get_parameter(n).detach() for n in names}
+    if mode == "layer":
+        for name, w in params.items():
+            assert int((w == 0).sum()) == round(0.5 * w.numel()), name
+            for part, piece in _parts(model, name):
+                assert int((piece == 0).sum()) == round(0.5 * piece.numel()), (name, part)
+    elif mode == "global":
+        total = sum(w.numel() for w in params.values())
+        assert sum(int((w == 0).sum()) for w in params.values()) == round(0.5 * total)
+    else:
+        layouts = weight_layouts(model, names)
+        for name, w in params.items():
+            groups = w.movedim(layouts[name].in_dim, -1).reshape(-1, 4)
+            assert bool(((groups != 0).sum(1) == 2).all()), name
+            for part, piece in _parts(model, name):
+                assert int((piece == 0).sum()) == piece.numel() // 2, (name, part)
+    # Masks held over the two steps after the target: same zeros, and the kept weights trained on.
+    moved = kept = 0
+    for name, w in params.items():
+        before = snapshot.weights[name]
+        assert torch.equal(w == 0, before == 0), name
+        kept += int((before != 0).sum())
+        moved += int(((w != before) & (before != 0)).sum())
+    assert moved > 0.5 * kept
+    stats = sparsity_stats(model, names)
+    assert set(stats["parts"]) == {f"{n}[{p}]" for n in names for p, _ in weight_layout(model, n).parts
+                                   if weight_layout(model, n).fused}
+    # The bitmask checkpoint reloads to the same function.
+    save_compressed(model, str(tmp_path / "pruned"))
+    reloaded = load_compressed(str(tmp_path / "pruned")).eval()
+    assert _rel(_logits(reloaded), _logits(model)) <= 1e-5
+
+
+CT4 = dict(backend="compressed-tensors", bits=4, group_size=32)
+
+
+@pytest.mark.parametrize("family", FAMILY_LIST)
+def test_int4_export_reloads_to_the_qat_logits(family, tmp_path):
+    """50 %-pruned, exported to compressed-tensors int4 (group 32), reloaded with plain `from_pretrained`: the
+    logits of the QAT fake-quantized model exactly (`torch.equal`), every block projection quantized, zeros kept."""
+    args = QuantizationArguments(**CT4)
+    model = build(family)
+    names = default_targets(model)
+    with torch.no_grad():
+        weights = {n: model.get_parameter(n) for n in names}
+        for n, m in magnitude_masks(weights, 0.5, layouts=weight_layouts(model, names)).items():
+            weights[n].masked_fill_(~m, 0.0)
+    if family in REFUSED_CT:
+        assert compressed_tensors_refusal(model.config.model_type).startswith(REFUSED_CT[family])
+        with pytest.raises(ValueError, match=REFUSED_CT[family].replace("(", r"\(").replace(")", r"\)")):
+            quantize_and_save(model, tmp_path / "ct", args)
+        assert not (tmp_path / "ct").exists()
+        return
+    fake = copy.deepcopy(model)
+    attach_fake_quant(fake, args, *quantization_targets(fake, args))
+    expected = _logits(fake)
+    info = quantize_and_save(model, tmp_path / "ct", args)
+    # Every block projection is quantized; besides them only an encoder's pooler (not a task head, not pruned).
+    poolers = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".pooler." in f".{n}."}
+    assert set(info["quantized_linear_modules"]) == {n.removesuffix(".weight") for n in names} | poolers
+    reloaded = model_class(family, default_head(family)).from_pretrained(tmp_path / "ct").eval()
+    assert torch.equal(_logits(reloaded), expected)
+    for n in names:
+        w = reloaded.get_parameter(n).detach()
+        assert torch.equal(w, fake_quantize_int(weights[n].detach(), 4, 32)), n
+        assert int((w == 0).sum()) >= round(0.5 * w.numel()), n
+        assert not torch.equal(w, weights[n].detach()), n  # the int4 rounding is really there
+
+
+@pytest.mark.parametrize("family", sorted(REFUSED_CT))
+def test_qat_callback_refuses_before_any_step(family, tmp_path):
+    from hf_compress.callbacks import QATCallback
+
+    model = build(family).train()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=4, per_device_train_batch_size=4,
+                             report_to="none", save_strategy="no", use_cpu=True, disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=_dataset(family),
+                      callbacks=[QATCallback(QuantizationArguments(**CT4))])
+    with pytest.raises(ValueError, match=REFUSED_CT[family].replace("(", r"\(").replace(")", r"\)")):
+        trainer.train()
+    assert trainer.state.global_step == 0
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_gpt2_conv1d_bitsandbytes_qat_equals_export(bits, tmp_path):
+    """bitsandbytes does quantize GPT-2's Conv1D (transposed); QAT fake-quantizes exactly those layers the same way."""
+    from hf_compress.quantization import load_quantized
+
+    args = QuantizationArguments(bits=bits)
+    model = build("gpt2")
+    fake = copy.deepcopy(model)
+    linears, _ = quantization_targets(fake, args)
+    assert sorted(linears) == sorted(n.removesuffix(".weight") for n in default_targets(model))
+    attach_fake_quant(fake, args, linears, [])
+    info = quantize_and_save(model, tmp_path / "bnb", args)
+    assert sorted(info["quantized_linear_modules"]) == sorted(linears)
+    reloaded = load_quantized(tmp_path / "bnb")
+    assert torch.equal(_logits(reloaded), _logits(fake))
+    assert not torch.equal(_logits(model), _logits(fake))
