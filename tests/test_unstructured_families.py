@@ -127,7 +127,7 @@ def test_fused_layouts_match_the_forward(family):
         assert seen["up"] > 0 and float(outputs["mlp_out"].abs().max()) == 0.0
 
 
-def _dataset(family, n=16, seq=12):
+def _dataset(family, n=8, seq=8):
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, VOCAB, (n, seq), generator=g)
     labels = (ids[:, 0] % 3).tolist() if family in ENCODERS else ids.tolist()
@@ -164,7 +164,7 @@ def test_unstructured_pruning_is_exact(family, mode, tmp_path):
     names = default_targets(model)
     snapshot = _Snapshot(names, step=2)
     args = TrainingArguments(
-        output_dir=str(tmp_path / "run"), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-2,
+        output_dir=str(tmp_path / "run"), max_steps=4, per_device_train_batch_size=2, learning_rate=1e-2,
         report_to="none", save_strategy="no", logging_strategy="no", use_cpu=True, disable_tqdm=True, seed=0,
     )
     Trainer(model=model, args=args, train_dataset=_dataset(family),
@@ -271,3 +271,21 @@ def test_gpt2_conv1d_bitsandbytes_qat_equals_export(bits, tmp_path):
     reloaded = load_quantized(tmp_path / "bnb")
     assert torch.equal(_logits(reloaded), _logits(fake))
     assert not torch.equal(_logits(model), _logits(fake))
+
+
+@pytest.mark.parametrize("family", sorted(REFUSED_CT))
+def test_cli_refuses_compressed_tensors_in_prepare(family, tmp_path, capsys):
+    """`hf-compress` (default format compressed-tensors) stops in one line before any data is read or step run."""
+    from hf_compress.cli.main import main
+    from task_helpers import tiny_tokenizer
+
+    folder = tmp_path / "model"
+    build(family, "seq-cls").save_pretrained(folder)
+    tiny_tokenizer(folder).save_pretrained(folder)
+    data = tmp_path / "data.csv"
+    data.write_text("text,label\n" + "".join(f"the movie was {'good' if i % 2 else 'bad'},{i % 2}\n" for i in range(20)))
+    capsys.readouterr()
+    assert main(["--model", str(folder), "--dataset", str(data), "--output_dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("hf-compress: error: " + REFUSED_CT[family]), err
+    assert not (tmp_path / "out").exists()
