@@ -51,6 +51,11 @@ FUSED_PROJECTIONS = {
     ("gpt_neox", "query_key_value"): lambda c: ("per_head", [("q", _head_dim(c)), ("k", _head_dim(c)), ("v", _head_dim(c))]),
 }
 
+# Module names that are fused projections in the families that use them (Falcon and BLOOM `query_key_value`, MPT and
+# Phi-1 `Wqkv`, Baichuan `W_pack`, ...): in a model type not listed in `FUSED_PROJECTIONS` their layout is unknown,
+# so they are refused rather than pruned as one matrix.
+FUSED_NAMES = ("qkv_proj", "gate_up_proj", "c_attn", "query_key_value", "Wqkv", "W_pack", "qkv")
+
 
 def _head_dim(config) -> int:
     head_dim = getattr(config, "head_dim", None)
@@ -66,12 +71,6 @@ def is_conv1d(module) -> bool:
     from transformers.pytorch_utils import Conv1D
 
     return isinstance(module, Conv1D)
-
-
-def model_type_of(model) -> str | None:
-    """`config.model_type` of a model (of the base model under a PEFT wrapper)."""
-    config = getattr(model, "config", None)
-    return getattr(config, "model_type", None)
 
 
 @dataclass(frozen=True)
@@ -96,6 +95,7 @@ class WeightLayout:
         return len(self.parts) > 1
 
 
+# The layout of a plain (not fused) weight: one part, all of it.
 WHOLE = (("", (Ellipsis,)),)
 
 
@@ -132,7 +132,8 @@ def weight_layout(model, name: str) -> WeightLayout:
 
     Raises:
         `ValueError`: for a stacked (3-D) expert parameter of a model type whose layout is not in
-        `EXPERT_PARAMETERS`.
+        `EXPERT_PARAMETERS`, or a module named like a fused projection (`FUSED_NAMES`) in a model type whose layout
+        is not in `FUSED_PROJECTIONS`.
     """
     module_name, _, param = name.rpartition(".")
     module = model.get_submodule(module_name) if module_name else model
@@ -161,6 +162,13 @@ def weight_layout(model, name: str) -> WeightLayout:
     conv1d = is_conv1d(module)
     in_dim, out_dim = (0, 1) if conv1d else (1, 0)
     fused = FUSED_PROJECTIONS.get((model_type, leaf)) if param == "weight" else None
+    if fused is None and leaf in FUSED_NAMES:
+        known = ", ".join(f"`{t}.{n}`" for t, n in FUSED_PROJECTIONS)
+        raise ValueError(
+            f"{name} looks like a fused projection (`{leaf}`) of a `{model_type}` model, whose layout hf_compress does "
+            f"not know (known: {known}), so its parts cannot each be pruned to the target; leave it out with "
+            "`target_modules`."
+        )
     if fused is None:
         return WeightLayout(in_dim=in_dim, parts=WHOLE)
     kind, sizes = fused(config)

@@ -118,7 +118,8 @@ def test_fused_layouts_match_the_forward(family):
             hooks.append(m.register_forward_hook(lambda mod, i, o: outputs.__setitem__("attn_in", i[0])))
         if mlp and n.endswith(f".0.{mlp}"):
             hooks.append(m.register_forward_hook(lambda mod, i, o: outputs.__setitem__("mlp_out", o)))
-    model(input_ids=IDS)
+    with torch.no_grad():
+        model(input_ids=IDS)
     for h in hooks:
         h.remove()
     if o_proj:
@@ -197,7 +198,10 @@ def test_unstructured_pruning_is_exact(family, mode, tmp_path):
     stats = sparsity_stats(model, names)
     assert set(stats["parts"]) == {f"{n}[{p}]" for n in names for p, _ in weight_layout(model, n).parts
                                    if weight_layout(model, n).fused}
-    # The bitmask checkpoint reloads to the same function.
+    # The dense and the bitmask checkpoints reload to the same function.
+    model.save_pretrained(tmp_path / "dense")
+    dense = model_class(family, default_head(family)).from_pretrained(tmp_path / "dense").eval()
+    assert _rel(_logits(dense), _logits(model)) <= 1e-5
     save_compressed(model, str(tmp_path / "pruned"))
     reloaded = load_compressed(str(tmp_path / "pruned")).eval()
     assert _rel(_logits(reloaded), _logits(model)) <= 1e-5
@@ -289,3 +293,21 @@ def test_cli_refuses_compressed_tensors_in_prepare(family, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("hf-compress: error: " + REFUSED_CT[family]), err
     assert not (tmp_path / "out").exists()
+
+
+def test_unknown_fused_projection_is_refused_before_any_step(tmp_path):
+    """Falcon's `query_key_value` is fused, with a layout not in the table: refused in `on_train_begin`."""
+    from transformers import FalconConfig, FalconForCausalLM
+
+    torch.manual_seed(0)
+    model = FalconForCausalLM(FalconConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2,
+                                           num_attention_heads=4, **{"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=4, per_device_train_batch_size=2,
+                             report_to="none", save_strategy="no", use_cpu=True, disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=_dataset("llama"), callbacks=[GradualPruningCallback()])
+    with pytest.raises(ValueError, match=r"transformer\.h\.0\.self_attention\.query_key_value\.weight looks like a fused "
+                                         r"projection \(`query_key_value`\) of a `falcon` model"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
