@@ -317,6 +317,12 @@ def prepare(model_args: ModelArguments, data_args: DataArguments, training_args,
         except CompressionInputError:
             has_head = False
     check_task_supported(config, task_name)
+    if model_args.quantize and model_args.format == "compressed-tensors":
+        from .architectures import compressed_tensors_refusal
+
+        reason = compressed_tensors_refusal(getattr(config, "model_type", None))
+        if reason is not None:  # GPT-2's Conv1D, stacked experts: refused before any data is read
+            raise CompressionInputError(reason)
     try:
         from transformers import AutoTokenizer
 
@@ -464,12 +470,14 @@ def _structured_pruning(model, sa, train_ds, collator, training_args, stages, te
 
 
 def _one_shot_prune(model, pruning_args) -> None:
+    from .architectures import weight_layouts
     from .pruning import magnitude_masks, resolve_targets
 
     names = resolve_targets(model, pruning_args.pruning_target_modules)
     params = dict(model.named_parameters())
     weights = {n: params[n].detach() for n in names}
-    masks = magnitude_masks(weights, pruning_args.target_sparsity, pruning_args.pruning_scope)
+    masks = magnitude_masks(weights, pruning_args.target_sparsity, pruning_args.pruning_scope,
+                            layouts=weight_layouts(model, names))
     with torch.no_grad():
         for n, m in masks.items():
             params[n].masked_fill_(~m, 0.0)

@@ -77,8 +77,12 @@ class QATCallback(TrainerCallback):
         """First optimizer step trained with fake quantization: the last `fraction` of `max_steps`."""
         return max(0, min(max_steps - 1, int(round(max_steps * (1.0 - fraction)))))
 
-    def on_train_begin(self, args, state, control, **kwargs):
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
         self.start_step = self.start_step_for(state.max_steps, self.quantization_args.qat_fraction)
+        if model is not None and self.quantization_args.backend == "compressed-tensors":
+            from ..architectures import check_compressed_tensors
+
+            check_compressed_tensors(model)  # before the first step, not when fake quantization starts
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         if model is None or self.num_fake_quantized or state.global_step < self.start_step:

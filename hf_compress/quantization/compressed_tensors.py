@@ -113,9 +113,15 @@ def targets(model, args: QuantizationArguments) -> tuple[list[str], list[str], l
     The task heads and output embeddings are skipped by default, as with bitsandbytes ([`resolve_skip_modules`]).
     With `quantize_embeddings`, a tied input embedding is quantized too (its tied output layer, e.g. `lm_head`,
     reads the same weights), which [`targets_for_qat`] leaves out because a parametrization would untie them.
+
+    Raises:
+        `ValueError`: for a family whose export cannot be exact ([`~hf_compress.architectures.compressed_tensors_refusal`]:
+        GPT-2's `Conv1D`, stacked experts).
     """
+    from ..architectures import check_compressed_tensors
     from .export import _base_skip_modules, _tied_names, should_quantize
 
+    check_compressed_tensors(model)  # GPT-2's Conv1D, stacked experts: refused, not silently kept dense
     skip = _base_skip_modules(model, args)
     tied = _tied_names(model)
     linears, embeddings, bad_shape = [], [], []

@@ -77,12 +77,15 @@ def unsupported_4bit_modules(model, embeddings: bool = True) -> list[str]:
     `out_features % 32 == 0` (it crashes otherwise). Such layers are kept in full precision: a checkpoint must give
     the same logits on every machine. Real transformer widths (384, 576, 768, 1536, ...) are all multiples.
     """
+    from ..architectures import is_conv1d
+
     names = []
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and (
-            module.in_features % BLOCKSIZE_4BIT or module.out_features % ROW_TILE_4BIT
-        ):
-            names.append(name)
+        if isinstance(module, nn.Linear) or is_conv1d(module):
+            # bitsandbytes quantizes a Conv1D [in, out] as the transposed nn.Linear [out, in].
+            out_features, in_features = module.weight.shape[:: -1 if is_conv1d(module) else 1]
+            if in_features % BLOCKSIZE_4BIT or out_features % ROW_TILE_4BIT:
+                names.append(name)
         elif embeddings and isinstance(module, nn.Embedding) and module.embedding_dim % BLOCKSIZE_4BIT:
             names.append(name)
     return names
@@ -135,8 +138,13 @@ def quantization_targets(model, args: QuantizationArguments) -> tuple[list[str],
         from .compressed_tensors import targets_for_qat
 
         return targets_for_qat(model, args)
+    from ..architectures import is_conv1d
+
     skip = resolve_skip_modules(model, args)
-    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and should_quantize(n, skip)]
+    # transformers' bitsandbytes integration replaces `Conv1D` (GPT-2) too, so QAT fake-quantizes it as well.
+    linears = [
+        n for n, m in model.named_modules() if (isinstance(m, nn.Linear) or is_conv1d(m)) and should_quantize(n, skip)
+    ]
     embeddings = []
     if args.quantize_embeddings:
         tied = _tied_names(model)
