@@ -11,6 +11,10 @@ BACKENDS = ("bitsandbytes", "compressed-tensors")
 # Task heads kept in full precision by default: a bnb-quantized head that was newly initialised breaks the
 # forward pass on CPU, and the head is a tiny share of the parameters anyway.
 DEFAULT_HEAD_MODULES = ("classifier", "qa_outputs", "lm_head", "score")
+# compressed-tensors group sizes that vLLM's WNA16 path runs: its Marlin kernels take `MARLIN_SUPPORTED_GROUP_SIZES =
+# [-1, 32, 64, 128]` (-1 is one scale per row, `None` here), vllm/model_executor/layers/quantization/utils/
+# marlin_utils.py at commit 007d50058a06dec0f82472d63c819244d460c40d. Others are refused: no engine we checked runs them.
+VLLM_GROUP_SIZES = (None, 32, 64, 128)
 
 
 @dataclass
@@ -84,6 +88,8 @@ class QuantizationArguments:
                 raise ValueError(f"group_size applies to backend='compressed-tensors', got backend={self.backend!r}; drop it or set `backend='compressed-tensors'`.")
             if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1:
                 raise ValueError(f"group_size must be a positive integer (e.g. 32, 64, 128) or None for per-channel, got {self.group_size!r}.")
+            if self.group_size not in VLLM_GROUP_SIZES:
+                raise ValueError(f"group_size {self.group_size} is not one vLLM's int kernels run; use 32, 64, 128 or None (per-channel).")
         if self.backend == "compressed-tensors" and self.double_quant:
             raise ValueError("double_quant is a bitsandbytes option, got backend='compressed-tensors'; drop it.")
         if isinstance(self.bits, bool) or self.bits not in BITS:
