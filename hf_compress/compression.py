@@ -656,12 +656,16 @@ def export_checkpoint(plan: CompressionPlan, model, tokenizer, ckpt: str, log) -
             # compressed-tensors decompressed on load: the same weights and logits as its compressed forward (the
             # loaders check compares both with the trained model), and the report then counts the model's weights
             # and zeros, not packed int32 words, scales and shapes.
+            import warnings
+
             kwargs = {}
             if qa.backend == "compressed-tensors":
                 from transformers import CompressedTensorsConfig
 
                 kwargs["quantization_config"] = CompressedTensorsConfig(dequantize=True)
-            result = load_quantized(ckpt, **kwargs)
+            with warnings.catch_warnings():  # "loading attributes (['dequantize', ...]) will be overwritten": asked for
+                warnings.filterwarnings("ignore", message="You passed `quantization_config`")
+                result = load_quantized(ckpt, **kwargs)
             bar.update()
         log(f"Exported {qa.bits}-bit weights ({qa.backend}).")
         return result.eval(), info
@@ -758,7 +762,7 @@ def _check_loaders(plan, trained, tokenizer, ckpt, log) -> dict:
     device = next(reference.parameters()).device
     inputs = tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
     with torch.no_grad():
-        logits = main_logits(reference(**{k: v.to(device) for k, v in inputs.items()})).float().cpu()
+        logits = main_logits(reference(**{k: v.to(device) for k, v in inputs.items()})).cpu()
     reference.train(was_training)
     loaders = check_loaders(ckpt, texts, logits)
     log("Loads with: " + (", ".join(k for k, v in loaders.items() if v["ok"]) or "none") +
