@@ -34,12 +34,16 @@ class QuantizationArguments:
             4-bit data type, `nf4` or `fp4`. Ignored with `bits=8`.
         group_size (`int`, *optional*):
             `compressed-tensors` only: one scale per `group_size` consecutive input weights of a row; `None` is one
-            scale per output channel (row). Layers whose input width is not a multiple stay in full precision.
+            scale per output channel (row). 32, 64, 128 or `None`: the group sizes vLLM's int kernels run
+            ([`VLLM_GROUP_SIZES`]); others are refused. Layers whose input width is not a multiple stay in full
+            precision.
         double_quant (`bool`, *optional*, defaults to `False`):
             4-bit only: also quantize the per-block absmax values (8-bit, blocks of 256).
         quantize_embeddings (`bool`, *optional*, defaults to `False`):
             Also store the input embeddings in `bits` bits (bitsandbytes `Embedding8bit` / `Embedding4bit`,
-            no double quantization). Reload such a checkpoint with [`load_quantized`].
+            no double quantization: reload with [`load_quantized`]; compressed-tensors: the tables, a tied one
+            included, which vLLM does not load). Off by default, so a compressed-tensors export keeps the embeddings
+            and `lm_head` in the model's dtype.
         skip_modules (`list[str]`, *optional*):
             Module names (or suffixes) to keep in full precision. Defaults to the task heads (`classifier`,
             `qa_outputs`, `lm_head`, `score`) plus the output embeddings.
