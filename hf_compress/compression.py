@@ -644,7 +644,7 @@ def run(plan: CompressionPlan) -> dict | None:
             if ma.quantize:
                 techniques.append("quantization")
             report = _evaluate_and_report(plan, result, ckpt, base, base_dir, tokenizer, eval_ds, base_metrics,
-                                          techniques, stages, log)
+                                          techniques, stages, log, trained=model)
             report["pipeline"]["wall_seconds"] = round(time.time() - t0, 1)
             from .model_cards import save_report
 
@@ -691,7 +691,19 @@ def export_checkpoint(plan: CompressionPlan, model, tokenizer, ckpt: str, log) -
             info = quantize_and_save(model, ckpt, qa, tokenizer=tokenizer)
             bar.update()
             # Evaluate what was written, reloaded the way a user loads it (low-bit embeddings need `load_quantized`).
-            result = load_quantized(ckpt)
+            # compressed-tensors decompressed on load: the same weights and logits as its compressed forward (the
+            # loaders check compares both with the trained model), and the report then counts the model's weights
+            # and zeros, not packed int32 words, scales and shapes.
+            import warnings
+
+            kwargs = {}
+            if qa.backend == "compressed-tensors":
+                from transformers import CompressedTensorsConfig
+
+                kwargs["quantization_config"] = CompressedTensorsConfig(dequantize=True)
+            with warnings.catch_warnings():  # "loading attributes (['dequantize', ...]) will be overwritten": asked for
+                warnings.filterwarnings("ignore", message="You passed `quantization_config`")
+                result = load_quantized(ckpt, **kwargs)
             bar.update()
         log(f"Exported {qa.bits}-bit weights ({qa.backend}).")
         return result.eval(), info
@@ -716,9 +728,13 @@ def _fmt_metrics(metrics: dict) -> str:
     return ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
 
 
-def _evaluate_and_report(plan, result, ckpt, base, base_dir, tokenizer, eval_ds, base_metrics, techniques, stages, log) -> dict:
-    """Main process: evaluate the exported model on the held-out split and measure everything into the report."""
+def _evaluate_and_report(plan, result, ckpt, base, base_dir, tokenizer, eval_ds, base_metrics, techniques, stages, log,
+                         trained=None) -> dict:
+    """Main process: evaluate the exported model on the held-out split and measure everything into the report; the
+    loaders check compares the written folder with `trained`, the in-memory model that was trained (`result` when
+    not given: the written folder is then only compared with itself)."""
     from .model_cards import build_report
+    from .model_cards.loading import serving_engines
 
     ma, task = plan.model_args, plan.task
     result_metrics = None
@@ -739,7 +755,8 @@ def _evaluate_and_report(plan, result, ckpt, base, base_dir, tokenizer, eval_ds,
     report["task"] = {"name": task.name, **meta, "columns": task.columns, "data_notes": task.data_notes,
                       "lower_is_better": list(task.lower_is_better)}
     report["format"] = ma.format
-    report["loaders"] = _check_loaders(plan, result, tokenizer, ckpt, log)
+    report["loaders"] = _check_loaders(plan, trained if trained is not None else result, tokenizer, ckpt, log)
+    report["serving"] = serving_engines(ckpt, report["loaders"])
     train_steps = stages.get("train", {}).get("steps", 0)
     report["pipeline"] = {"stages": _jsonable(stages), "train_steps": train_steps if ma.train else 0,
                           "base_finetune_steps": stages.get("base_finetune", {}).get("steps", 0),
@@ -760,20 +777,38 @@ def _probe_texts(plan, n: int = 4) -> list[str]:
     return []
 
 
-def _check_loaders(plan, result, tokenizer, ckpt, log) -> dict:
-    """Which loaders read the written folder, checked by loading it (see `model_cards.loading.check_loaders`)."""
+def _check_loaders(plan, trained, tokenizer, ckpt, log) -> dict:
+    """
+    Which loaders read the written folder, and whether what they compute is the model that was trained: each loader's
+    logits on a few held-out texts against `trained`'s, under the export's fake quantization when quantizing (QAT's
+    exact numerics, what the export must reproduce), within the format's tolerance
+    ([`model_cards.loading.logit_tolerance`]). A loader over tolerance is a failure, logged and shown in the card.
+    """
     from .model_cards.loading import check_loaders, main_logits
 
     texts = _probe_texts(plan)
     if not texts:
         log("Loaders not checked: the held-out split has no plain text column to feed them.")
         return {}
+    reference = trained
+    if plan.model_args.quantize:
+        from .quantization.export import fake_quantized_copy
+
+        reference = fake_quantized_copy(trained, plan.quantization_args)
+    was_training = reference.training
+    reference.eval()
+    device = next(reference.parameters()).device
+    inputs = tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
     with torch.no_grad():
-        reference = main_logits(result(**tokenizer(texts, padding=True, truncation=True, return_tensors="pt")))
-    atol = 2e-2 if plan.quantization_args.backend == "bitsandbytes" and plan.quantization_args.bits == 4 else 1e-4
-    loaders = check_loaders(ckpt, texts, reference, atol=atol)
-    log("Loads with: " + ", ".join(k for k, v in loaders.items() if v["ok"]) +
-        "; fails loudly with: " + (", ".join(k for k, v in loaders.items() if not v["ok"]) or "none") + ".")
+        logits = main_logits(reference(**{k: v.to(device) for k, v in inputs.items()})).cpu()
+    reference.train(was_training)
+    loaders = check_loaders(ckpt, texts, logits)
+    log("Loads with: " + (", ".join(k for k, v in loaders.items() if v["ok"]) or "none") +
+        "; fails loudly with: " + (", ".join(k for k, v in loaders.items() if v.get("status") == "error") or "none") + ".")
+    for name, v in loaders.items():
+        if v.get("status") == "mismatch":
+            log(f"FAILED verification: {name} loads the written folder but its logits differ from the trained model by "
+                f"{v.get('max_abs_logit_diff', float('nan')):.3g} (tolerance {v['tolerance']:.3g}); do not share this folder.")
     return loaders
 
 

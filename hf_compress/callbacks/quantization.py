@@ -54,10 +54,11 @@ class QuantizationCallback(TrainerCallback):
 class QATCallback(TrainerCallback):
     r"""
     Quantization-aware fine-tuning: over the last `qat_fraction` of the optimizer steps, the weights that the
-    export will quantize are replaced in the forward pass by exactly what bitsandbytes will compute
-    ([`BnbFakeQuantize`] parametrizations; in 8-bit also LLM.int8's activation quantization), while the
-    gradient reaches the full-precision weights unchanged (straight-through estimator). At the end of training
-    the fake quantizers are removed; exporting then gives the fake-quantized model's logits.
+    export will quantize ([`quantization_targets`]) are replaced in the forward pass by exactly what the export will
+    compute ([`BnbFakeQuantize`] parametrizations, in 8-bit also LLM.int8's activation quantization; or, with
+    `backend="compressed-tensors"`, [`IntFakeQuantize`], a tied input embedding and the `lm_head` that reads it
+    included), while the gradient reaches the full-precision weights unchanged (straight-through estimator). At the
+    end of training the fake quantizers are removed; exporting then gives the fake-quantized model's logits.
 
     Args:
         quantization_args ([`QuantizationArguments`]): The export settings to train for, and `qat_fraction`.

@@ -188,6 +188,20 @@ def _plain_copy(model):
     return plain.to(next(model.parameters()).dtype)
 
 
+def fake_quantized_copy(model, args: QuantizationArguments):
+    """
+    A copy of `model` (the caller's is not changed) whose forward pass is what the export of `model` with `args` must
+    compute: the export's fake quantizers ([`attach_fake_quant`] on [`quantization_targets`], QAT's exact numerics)
+    on its full-precision weights, in eval mode. The reference the loaders check compares a written checkpoint with.
+    """
+    from .qat import attach_fake_quant
+
+    plain, _ = _merge_adapters(model)
+    plain = _plain_copy(plain).eval()
+    attach_fake_quant(plain, args, *quantization_targets(plain, args))
+    return plain
+
+
 def _weight_bytes(model) -> int:
     return sum(t.numel() * t.element_size() for t in model.state_dict().values())
 
@@ -234,7 +248,9 @@ def _swap_embeddings(qmodel, embedding_tensors, bits: int, quant_type: str):
     device = next(qmodel.parameters()).device
     for name, tensors in embedding_tensors.items():
         old = qmodel.get_submodule(name)
-        new = backend.embedding_module(old.num_embeddings, old.embedding_dim, tensors, bits, quant_type, device)
+        # The table's output keeps the dtype of the module it replaces (the model's), as an unquantized one would.
+        dtype = old.weight.dtype if old.weight.is_floating_point() else qmodel.dtype
+        new = backend.embedding_module(old.num_embeddings, old.embedding_dim, tensors, bits, quant_type, device, dtype)
         qmodel.set_submodule(name, new)
     return qmodel
 
