@@ -96,9 +96,7 @@ FAMILIES: dict[str, Family] = {
     "cohere": Family(**_LLAMA, norm="mean", parallel=True, block_norms=("input_layernorm",)),
     "phi3": Family(layers="layers", qkv="self_attn.qkv_proj", attn_out="self_attn.o_proj", ffn_fused="mlp.gate_up_proj",
                    ffn_out="mlp.down_proj", norm="rms", block_norms=("input_layernorm", "post_attention_layernorm"),
-                   final_norm="norm", refused={
-                       "heads": "its fused `qkv_proj` is not sliced per head by hf_compress yet",
-                       "hidden": "its fused `qkv_proj` / `gate_up_proj` are not sliced by hf_compress yet"}),
+                   final_norm="norm"),
     "stablelm": Family(**_LLAMA, norm="mean", block_norms=("input_layernorm", "post_attention_layernorm"),
                        refused={"heads": _HEAD_DIM_FIXED, "hidden": _HEAD_DIM_FIXED}),
     "gpt2": Family(layers="h", qkv="attn.c_attn", attn_out="attn.c_proj", ffn_in=("mlp.c_fc",), ffn_out="mlp.c_proj",

@@ -50,7 +50,7 @@ FAMILIES = {
     "gemma3_text": ("Gemma3TextConfig", _GEMMA, "Gemma3", ALL),
     "olmo2": ("Olmo2Config", _DEC, "Olmo2", ALL),
     "cohere": ("CohereConfig", _DEC, "Cohere", ALL),
-    "phi3": ("Phi3Config", _DEC, "Phi3", ("ffn", "layers")),
+    "phi3": ("Phi3Config", dict(_DEC, partial_rotary_factor=0.5), "Phi3", ALL),
     "stablelm": ("StableLmConfig", dict(_DEC, use_qkv_bias=True), "StableLm", ("ffn", "layers")),
     "gpt2": ("GPT2Config", dict(vocab_size=VOCAB, n_embd=64, n_layer=4, n_head=4, n_inner=128, n_positions=64,
                                 pad_token_id=0), "GPT2", ("ffn", "layers")),

@@ -133,6 +133,7 @@ def _hidden_readers(blocks: _Blocks) -> list[nn.Module]:
     out = []
     for layer in blocks.layers:
         out += [_at(layer, p) for p in blocks.family.attn_in]
+        out += [_at(layer, blocks.family.qkv)] if blocks.family.qkv else []  # a fused q|k|v reads the stream too
         out += [m for m, _ in _ffn_in(blocks, layer)]
     return out
 
@@ -511,16 +512,26 @@ def prune_structures(model, plan: StructuredPlan):
             raise StructuredPruningError("plan.kv_groups must keep the same number of KV heads in every layer.")
         for layer, groups in zip(blocks.layers, plan.kv_groups):
             q_idx, kv_idx = _head_index(groups, n_q, n_kv, head_dim)
-            q, k, v = (_at(layer, p) for p in blocks.family.attn_in)
-            _slice_linear(q, 0, q_idx)
-            _slice_linear(k, 0, kv_idx)
-            _slice_linear(v, 0, kv_idx)
+            if blocks.family.attn_in:
+                q, k, v = (_at(layer, p) for p in blocks.family.attn_in)
+                _slice_linear(q, 0, q_idx)
+                _slice_linear(k, 0, kv_idx)
+                _slice_linear(v, 0, kv_idx)
+            else:  # fused q|k|v rows (Phi-3 `qkv_proj`): q (n_q x head_dim), then k and v (n_kv x head_dim each)
+                q_rows, kv_rows = n_q * head_dim, n_kv * head_dim
+                fused = torch.cat([q_idx, q_rows + kv_idx, q_rows + kv_rows + kv_idx])
+                _slice_linear(_at(layer, blocks.family.qkv), 0, fused)
             _slice_linear(_attn_out(blocks, layer), 1, q_idx)
             if blocks.family.qk_norm == "full":  # OLMo-2: one norm over all heads' rows
                 q_norm, k_norm = _qk_norms(blocks, layer)
                 _slice_vector(q_norm, "weight", q_idx)
                 _slice_vector(k_norm, "weight", kv_idx)
         kept = sizes.pop()
+        for layer in blocks.layers:  # head counts some attention modules cache from the config at init (Phi-3)
+            for module in layer.modules():
+                for name, value in (("num_key_value_heads", kept), ("num_heads", kept * (n_q // n_kv))):
+                    if isinstance(getattr(module, name, None), int):
+                        setattr(module, name, value)
         cfg.head_dim = head_dim  # explicit: hidden_size / heads no longer gives it
         cfg.num_key_value_heads = kept
         cfg.num_attention_heads = kept * (n_q // n_kv)
