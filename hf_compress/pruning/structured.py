@@ -12,11 +12,10 @@ Pure functions over an ordinary transformers model, after NVIDIA's Minitron
    checkpoint that plain `from_pretrained` loads. [`attach_structured_masks`] computes exactly what the pruned model
    computes while keeping the full shapes (the gradual callback trains under these masks, then prunes at the end).
 
-Supported: Llama-style decoders (Llama, Qwen2/3, Mistral, SmolLM2: `self_attn.{q,k,v,o}_proj`, `mlp.{gate,up,down}_proj`,
-RMSNorm) for `ffn`, `heads`, `hidden`, `layers`; BERT-style encoders (`attention.self`, `intermediate`, `output`) for
-`ffn` and `layers`. BERT heads cannot be removed through the config: `BertConfig` derives the head size as
-`hidden_size / num_attention_heads` and the attention output projection is `hidden_size x hidden_size`, so fewer
-heads would mean wider heads, not fewer of them (transformers 5 also removed `prune_heads`).
+Which families can express which structure, and where each keeps its blocks, norms, q/k norms, fused projections
+and heads, is read from [`hf_compress.architectures.FAMILIES`]; what a family cannot express is refused from the
+config alone ([`~hf_compress.architectures.check_structured_support`]). Every cut is checked against the masked
+model, in memory and after a reload ([`check_structured_cut`]).
 """
 
 from __future__ import annotations
