@@ -128,8 +128,8 @@ def test_pruned_and_reloaded_equal_masked(family, head, structure, tmp_path):
     full, ref = _logits(model, batch), _logits(masked, batch)
     assert (full - ref).abs().max() > 1e-3 * ref.abs().max()  # the masks removed something
     pruned = copy.deepcopy(model)
-    figures = cut_and_check(pruned, plan, batch)  # the run's own self-check, including its reload
-    assert figures["pruned_vs_masked"] <= TOL and figures["reloaded_vs_masked"] <= TOL
+    figures = cut_and_check(pruned, plan, batch, reload=False)  # the run's own self-check (its reload: below)
+    assert figures["pruned_vs_masked"] <= TOL
     assert _rel(_logits(pruned, batch), ref) <= TOL
     assert pruned.num_parameters() < model.num_parameters()
     pruned.save_pretrained(tmp_path)

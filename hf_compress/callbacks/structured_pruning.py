@@ -109,6 +109,7 @@ class StructuredPruningCallback(TrainerCallback):
         self.plan: StructuredPlan | None = None
         self._sizes: dict = {}
         self._end_step = None
+        self._check_batch: dict | None = None  # what the final cut is checked on
         self.history: list[tuple[int, float]] = []
 
     @classmethod

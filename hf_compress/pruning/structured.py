@@ -861,6 +861,7 @@ def structured_prune(model, structures, keep: dict | None = None, batches=None, 
     structures = check_structures(model, structures)
     if (keep is None) == (target_params is None):
         raise StructuredPruningError("pass exactly one of `keep` (kept fraction per structure) and `target_params`.")
+    batches = None if batches is None else list(batches)  # read twice: importance, then the self-check
     if keep is None:
         keep = keep_for_parameter_budget(model, structures, target_params)
     missing = [s for s in structures if s not in keep]
@@ -881,11 +882,12 @@ def tolerance_for(dtype: torch.dtype) -> float:
     return 1e-4 if dtype in (torch.float32, torch.float64) else 2e-2
 
 
-def check_batch(model, batches=None) -> dict:
-    """The batch the self-check runs on: the first calibration batch, else 2 x 16 seeded random token ids."""
+def check_batch(model, batches=None, rows: int = 2, tokens: int = 64) -> dict:
+    """The batch the self-check runs on: the first `rows` x `tokens` of the first calibration batch (small, so that
+    three sets of logits over a large vocabulary stay small), else 2 x 16 seeded random token ids."""
     if batches:
-        first = list(batches)[0] if not isinstance(batches, list) else batches[0]
-        return _model_inputs(first, labels=False)
+        first = _model_inputs(batches[0], labels=False)
+        return {k: v[:rows, :tokens] if v.dim() >= 2 else v[:rows] for k, v in first.items()}
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=g)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
@@ -905,7 +907,7 @@ def _logits(model, batch) -> torch.Tensor:
         logits = torch.stack([out.start_logits, out.end_logits], dim=-1)
     logits = logits.detach().float().cpu()
     mask = batch.get("attention_mask")
-    if mask is not None and logits.dim() >= 2 and tuple(logits.shape[:2]) == tuple(mask.shape):
+    if mask is not None and logits.dim() >= 3 and tuple(logits.shape[:2]) == tuple(mask.shape):
         logits = logits[mask.bool().cpu()]  # real tokens only: padded positions are nobody's output
     return logits
 
