@@ -260,3 +260,19 @@ def test_self_check_stops_a_wrong_cut_in_one_line():
                                                      r"masked 0\.0\d+ \(relative to the logit scale .+; tolerance "
                                                      r"0\.0001\); nothing was written\."):
         check_structured_cut(model, batch, wrong, reload=False)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_every_supported_structure_at_once_by_weight_magnitude(family):
+    """No calibration data: magnitude scores, all the family's structures in one cut, self-checked (with its
+    reload) on seeded random ids."""
+    head = next(h for h in HEADS if _model_class(FAMILIES[family][2], h))
+    model = _build(family, head)
+    supported = FAMILIES[family][3]
+    before = model.num_parameters()
+    plan = structured_prune(model, ",".join(supported), keep={s: KEEP for s in supported})
+    assert plan.scores["method"] == "magnitude"
+    assert plan.check["pruned_vs_masked"] <= TOL and plan.check["reloaded_vs_masked"] <= TOL
+    assert model.num_parameters() < before
+    assert model.config.num_hidden_layers == 2 and len(model.base_model.get_submodule(
+        {"gpt2": "h", "bert": "encoder.layer", "roberta": "encoder.layer", "deberta-v2": "encoder.layer"}.get(family, "layers"))) == 2
