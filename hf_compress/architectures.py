@@ -137,8 +137,6 @@ def structured_refusals(config) -> dict[str, str]:
         out.setdefault("layers", "`scale_attn_by_inverse_layer_idx` makes each block's attention depend on its index")
     if getattr(config, "conv_kernel_size", 0):  # DeBERTa-v2's convolution after the first block
         out.setdefault("layers", "its `conv_kernel_size` convolution is tied to the first block")
-    if getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None):
-        out.setdefault("ffn", "its FFN is a mixture of experts")
     return out
 
 

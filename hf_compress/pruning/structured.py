@@ -32,6 +32,7 @@ from ..architectures import (
     StructuredPruningError,
     check_structured_support,
     family_of,
+    fused_parts,
 )
 
 _MASK_HOOKS = "_hf_compress_structured_hooks"
@@ -55,13 +56,6 @@ class _Blocks:
     family: Family
     base: nn.Module  # the module holding the embeddings and the layer list
     layers: nn.ModuleList
-
-    def get(self, layer, path):
-        return _at(layer, path)
-
-    @property
-    def encoder(self) -> bool:
-        return self.family.layers == "encoder.layer"
 
 
 def _blocks(model) -> _Blocks:
@@ -516,9 +510,9 @@ def prune_structures(model, plan: StructuredPlan):
                 _slice_linear(q, 0, q_idx)
                 _slice_linear(k, 0, kv_idx)
                 _slice_linear(v, 0, kv_idx)
-            else:  # fused q|k|v rows (Phi-3 `qkv_proj`): q (n_q x head_dim), then k and v (n_kv x head_dim each)
-                q_rows, kv_rows = n_q * head_dim, n_kv * head_dim
-                fused = torch.cat([q_idx, q_rows + kv_idx, q_rows + kv_rows + kv_idx])
+            else:  # one fused q|k|v projection: its layout from `FUSED_PROJECTIONS`
+                parts = {k: torch.tensor(v) for k, v in fused_parts(blocks.family.qkv.split(".")[-1], cfg).items()}
+                fused = torch.cat([parts["q"][q_idx], parts["k"][kv_idx], parts["v"][kv_idx]])
                 _slice_linear(_at(layer, blocks.family.qkv), 0, fused)
             _slice_linear(_attn_out(blocks, layer), 1, q_idx)
             if blocks.family.qk_norm == "full":  # OLMo-2: one norm over all heads' rows
