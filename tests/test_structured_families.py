@@ -276,3 +276,17 @@ def test_every_supported_structure_at_once_by_weight_magnitude(family):
     assert model.num_parameters() < before
     assert model.config.num_hidden_layers == 2 and len(model.base_model.get_submodule(
         {"gpt2": "h", "bert": "encoder.layer", "roberta": "encoder.layer", "deberta-v2": "encoder.layer"}.get(family, "layers"))) == 2
+
+
+def test_cli_refuses_in_one_line_before_any_work(tmp_path, capsys):
+    from hf_compress.cli.main import main
+
+    _build("gpt_neox", "seq-cls").save_pretrained(tmp_path / "model")  # no tokenizer: refused before it is needed
+    capsys.readouterr()  # the save's own progress bar
+    rc = main(["--model", str(tmp_path / "model"), "--dataset", str(tmp_path / "missing.csv"), "--output_dir",
+               str(tmp_path / "out"), "--prune_structure", "ffn,hidden", "--prune_keep", "0.5"])
+    assert rc == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("hf-compress: error: `hidden` pruning is not supported for `gpt_neox` (its attention derives head_dim "
+                   "as hidden_size / num_attention_heads (no `head_dim` in the config)); use ffn,layers.")
+    assert not (tmp_path / "out").exists()
