@@ -290,3 +290,35 @@ def test_cli_refuses_in_one_line_before_any_work(tmp_path, capsys):
     assert err == ("hf-compress: error: `hidden` pruning is not supported for `gpt_neox` (its attention derives head_dim "
                    "as hidden_size / num_attention_heads (no `head_dim` in the config)); use ffn,layers.")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("family, name, path, attn_out", [
+    ("phi3", "qkv_proj", "self_attn.qkv_proj", "self_attn.o_proj"),
+    ("gpt2", "c_attn", "attn.c_attn", "attn.c_proj"),
+    ("gpt_neox", "query_key_value", "attention.query_key_value", "attention.dense"),
+])
+def test_fused_projection_layout_matches_the_model(family, name, path, attn_out):
+    """Zeroing the `v` outputs that `fused_parts` names zeroes the attention output (its values are all gone);
+    zeroing the same number of other outputs does not."""
+    from hf_compress.architectures import fused_parts
+
+    def attention_input(zero: list[int]):
+        model = _build(family, "causal-lm")
+        layer = model.base_model.get_submodule("h" if family == "gpt2" else "layers")[0]
+        fused = layer.get_submodule(path)
+        with torch.no_grad():
+            if family == "gpt2":  # Conv1D: outputs are weight columns
+                fused.weight[:, zero] = 0
+            else:
+                fused.weight[zero] = 0
+            if fused.bias is not None:
+                fused.bias[zero] = 0
+        seen = {}
+        handle = layer.get_submodule(attn_out).register_forward_pre_hook(lambda m, a: seen.setdefault("x", a[0]))
+        _logits(model, _batch(model.config))
+        handle.remove()
+        return seen["x"]
+
+    parts = fused_parts(name, _config(family))
+    assert attention_input(parts["v"]).abs().max() == 0
+    assert attention_input(parts["k"]).abs().max() > 1e-3
