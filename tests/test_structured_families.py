@@ -72,8 +72,15 @@ def _model_class(prefix: str, head: str):
     return getattr(transformers, name, None) if name else None
 
 
-EXACT = [(f, h, s) for f, (_, _, prefix, ok) in FAMILIES.items() for h in HEADS if _model_class(prefix, h)
-         for s in ok]
+def _heads_of(prefix: str, structure: str) -> list[str]:
+    """Every head the family has for `hidden` (the only cut that slices a head); for the other structures, which
+    leave the heads as they are, the first head and sequence classification (a decoder classifier), to keep the
+    file's runtime near a minute."""
+    heads = [h for h in HEADS if _model_class(prefix, h)]
+    return heads if structure == "hidden" else list(dict.fromkeys([heads[0]] + [h for h in heads if h == "seq-cls"]))
+
+
+EXACT = [(f, h, s) for f, (_, _, prefix, ok) in FAMILIES.items() for s in ok for h in _heads_of(prefix, s)]
 REFUSED = [(f, s) for f, (_, _, _, ok) in FAMILIES.items() for s in ALL if s not in ok]
 
 
