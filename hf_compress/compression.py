@@ -323,6 +323,13 @@ def prepare(model_args: ModelArguments, data_args: DataArguments, training_args,
         reason = compressed_tensors_refusal(getattr(config, "model_type", None))
         if reason is not None:  # GPT-2's Conv1D, stacked experts: refused before any data is read
             raise CompressionInputError(reason)
+    if structured_args is not None and structured_args.enabled:
+        from .architectures import StructuredPruningError, check_structured_support
+
+        try:  # from the config alone, before any data is read or tokenized
+            check_structured_support(config, structured_args.structures)
+        except StructuredPruningError as err:
+            raise CompressionInputError(str(err)) from None
     try:
         from transformers import AutoTokenizer
 
@@ -537,9 +544,13 @@ def describe_plan(plan: CompressionPlan, train_rows: int, eval_rows: int, steps:
     if ma.evaluate:
         stages.append("evaluate base")
     pruning = ma.prune and pa.target_sparsity > 0
+    sa = plan.structured_args
+    if sa is not None and sa.enabled and sa.prune_schedule == "oneshot":
+        stages.append(f"structured pruning of {sa.prune_structure} one-shot (checked against its masked model)")
     if ma.train:
         what = ("distil" if ma.teacher else "fine-tune") + f" {steps} steps"
         what += f" with gradual pruning to {pa.target_sparsity:.0%}" if pruning else ""
+        what += f" with gradual structured pruning of {sa.prune_structure}" if sa is not None and sa.enabled and sa.prune_schedule == "gradual" else ""
         what += f" (last {qa.qat_fraction:.0%} fake-quantized)" if ma.quantize and ma.qat else ""
         stages.append(what)
     elif pruning:
