@@ -317,12 +317,6 @@ def prepare(model_args: ModelArguments, data_args: DataArguments, training_args,
         except CompressionInputError:
             has_head = False
     check_task_supported(config, task_name)
-    if model_args.quantize and model_args.format == "compressed-tensors":
-        from .architectures import compressed_tensors_refusal
-
-        reason = compressed_tensors_refusal(getattr(config, "model_type", None))
-        if reason is not None:  # GPT-2's Conv1D, stacked experts: refused before any data is read
-            raise CompressionInputError(reason)
     if structured_args is not None and structured_args.enabled:
         from .architectures import StructuredPruningError, check_structured_support
 
@@ -330,6 +324,12 @@ def prepare(model_args: ModelArguments, data_args: DataArguments, training_args,
             check_structured_support(config, structured_args.structures)
         except StructuredPruningError as err:
             raise CompressionInputError(str(err)) from None
+    if model_args.quantize and model_args.format == "compressed-tensors":
+        from .architectures import compressed_tensors_refusal
+
+        reason = compressed_tensors_refusal(getattr(config, "model_type", None))
+        if reason is not None:  # GPT-2's Conv1D, stacked experts: refused before any data is read
+            raise CompressionInputError(reason)
     try:
         from transformers import AutoTokenizer
 
