@@ -134,7 +134,11 @@ def parse(argv: list[str]):
     if rest:
         raise UsageError(f"unknown options {' '.join(rest)}; see `hf-compress --help` for the options.")
     recipe = _recipe(parser, argv, defaults, groups)
-    command = "hf-compress " + shlex.join((["demo"] if demo else []) + ([f"--config={config_path}"] if config_path else []) + argv)
+    from ..redact import redact_command
+
+    # The card and report show this command: every token- or password-like option value is redacted.
+    shown = (["demo"] if demo else []) + ([f"--config={config_path}"] if config_path else []) + argv
+    command = "hf-compress " + shlex.join(redact_command(shown))
     return groups, recipe, command.strip()
 
 
@@ -153,11 +157,10 @@ def _recipe(parser, argv, defaults, groups) -> dict:
     for group in groups:
         for f in dataclasses.fields(group):
             if f.name in keep or (isinstance(group, ModelArguments) and f.name in ("train", "prune", "quantize", "evaluate", "qat")):
-                value = getattr(group, f.name)
-                if f.name in ("hub_token",):
-                    continue  # never write a token
-                recipe[f.name] = _plain(value)
-    return recipe
+                recipe[f.name] = _plain(getattr(group, f.name))
+    from ..redact import redact_mapping
+
+    return redact_mapping(recipe)  # never write a token: secret options dropped, token-like values redacted
 
 
 def _plain(value):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 
 import torch
 
@@ -420,18 +419,11 @@ def build_report(
 
 
 def save_report(report: dict, output_dir: str) -> str:
-    """Write `report` to `<output_dir>/compression_report.json` through a temporary file (never half written)."""
-    path = os.path.join(output_dir, REPORT_NAME)
-    fd, tmp = tempfile.mkstemp(prefix=".report-", suffix=".json", dir=output_dir)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(report, f, indent=2, sort_keys=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    """Write `report` to `<output_dir>/compression_report.json` through a temporary file (never half written), with
+    the ordinary mode `0o666 & ~umask` ([`hf_compress.atomic.write_json`])."""
+    from ..atomic import write_json
+
+    return write_json(os.path.join(output_dir, REPORT_NAME), report, indent=2, sort_keys=False)
 
 
 def load_report(folder: str) -> dict:
