@@ -2,9 +2,10 @@
 
 Every writer of hf_compress goes through the two helpers here: [`atomic_output_dir`] for a folder (a new folder is
 written beside the old one and swapped in whole; nothing is merged) and [`atomic_file`] / [`write_text`] for one
-file. Temporary names come from `tempfile` (mode 0600 / 0700); the helpers give the result the ordinary modes
-(`0o666 & ~umask` for files, `0o777 & ~umask` for folders), so another user of a shared machine or a serving
-container reads the weights exactly as it reads a `save_pretrained` folder.
+file. Temporary names come from `tempfile` (mode 0600 / 0700), and transformers 5's `save_pretrained` writes
+`model.safetensors` with mode 0600; the helpers give the result the ordinary modes (`0o666 & ~umask` for files,
+`0o777 & ~umask` for folders, as `open` and `os.makedirs` give), so another user of a shared machine or a serving
+container can read the weights as it reads `config.json`.
 
 A folder written by hf_compress holds [`OUTPUT_MARKER`], a small JSON file listing the files that run wrote.
 [`is_own_output`] reads it: the pipeline's `--overwrite` only replaces a folder that holds the marker and nothing
@@ -87,6 +88,20 @@ def replace_dir(new: str, dest: str) -> None:
     shutil.rmtree(aside, ignore_errors=True)
 
 
+def normalize_modes(folder: str) -> None:
+    """Give `folder`, its sub-folders and its files the ordinary modes ([`dir_mode`], [`file_mode`]). Needed even
+    after `save_pretrained`: transformers 5 writes `model.safetensors` with mode 0600 (config.json gets 0644)."""
+    fmode, dmode = file_mode(), dir_mode()
+    os.chmod(folder, dmode)
+    for dirpath, dirnames, names in os.walk(folder):
+        for d in dirnames:
+            if not os.path.islink(os.path.join(dirpath, d)):
+                os.chmod(os.path.join(dirpath, d), dmode)
+        for n in names:
+            if not os.path.islink(os.path.join(dirpath, n)):
+                os.chmod(os.path.join(dirpath, n), fmode)
+
+
 def write_marker(folder: str) -> None:
     """Record in `folder/OUTPUT_MARKER` that hf_compress wrote `folder` and which files it holds."""
     files = []
@@ -129,7 +144,8 @@ def atomic_output_dir(path: str, overwrite: bool = True, marker: bool = False):
     is deleted and `path` is left as it was. An interrupted export therefore never leaves a half-written `path`, and
     nothing of an older `path` survives in the new one (no stale shard, index or tokenizer file).
 
-    The folder gets the ordinary mode (`0o777 & ~umask`), not `tempfile`'s 0700.
+    The folder and everything in it get the ordinary modes ([`normalize_modes`]: `0o777 & ~umask` for folders,
+    `0o666 & ~umask` for files), not `tempfile`'s 0700 or the 0600 that transformers 5 gives `model.safetensors`.
 
     Args:
         path (`str`): the final folder.
@@ -150,6 +166,7 @@ def atomic_output_dir(path: str, overwrite: bool = True, marker: bool = False):
         yield tmp
         if marker:
             write_marker(tmp)
+        normalize_modes(tmp)
         replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -203,6 +220,7 @@ __all__ = [
     "foreign_files",
     "is_own_output",
     "is_temporary_name",
+    "normalize_modes",
     "replace_dir",
     "write_json",
     "write_marker",

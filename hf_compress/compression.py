@@ -518,17 +518,17 @@ def _barrier() -> None:
 
 def _replace_output(new: str, dest: str, work: str) -> None:
     """Put the finished folder `new` at `dest` whole: it gets the ownership marker listing its files and the
-    ordinary folder mode, then one atomic swap ([`hf_compress.atomic.replace_dir`]) replaces an old `dest`
+    ordinary modes, then one atomic swap ([`hf_compress.atomic.replace_dir`]) replaces an old `dest`
     (`--overwrite`, checked again here: the folder may have changed since [`prepare`]); the old content is deleted.
     `work` is the run's scratch folder, deleted afterwards."""
-    from .atomic import dir_mode, replace_dir, write_marker
+    from .atomic import normalize_modes, replace_dir, write_marker
 
     if os.path.isdir(dest) and os.listdir(dest):
         check_output_dir(dest, True, {})  # still ours, and nothing added to it meanwhile
     elif os.path.isdir(dest):
         os.rmdir(dest)  # an empty folder: nothing to keep
-    os.chmod(new, dir_mode())
     write_marker(new)
+    normalize_modes(new)  # 0o755 / 0o644 under umask 022, as `config.json` (transformers 5 gives the weights 0600)
     replace_dir(new, dest)
 
 

@@ -311,9 +311,11 @@ def verify_pushed(folder: str, repo_id: str, revision: str, endpoint: str | None
     for name in sample["metrics"]:
         metrics.update(load_metric(name).compute(predictions=preds, references=sample["labels"]))
     if preds != sample["predictions"] or diff > atol or any(abs(metrics[k] - v) > 1e-9 for k, v in sample["metrics"].items()):
+        changed = sum(p != q for p, q in zip(preds, sample["predictions"]))
         raise HubPushError(
-            f"Verification failed: the downloaded model gives {metrics} (max logit diff {diff:.2e}) on the "
-            f"{len(preds)} recorded examples, the report says {sample['metrics']}."
+            f"Verification failed: the downloaded model gives {metrics} (max logit diff {diff:.2e}, {changed} of "
+            f"{len(preds)} predictions differ from the recorded ones) on the {len(preds)} recorded examples, the "
+            f"report says {sample['metrics']}."
         )
     return {"files_checked": len(local_files), "examples": len(preds), "metrics": metrics,
             "recorded_metrics": sample["metrics"], "max_abs_logit_diff": diff}
