@@ -49,7 +49,9 @@ def dir_mode() -> int:
 
 def is_temporary_name(name: str) -> bool:
     """Whether `name` is one of the helpers' temporary or bookkeeping names (never pushed, never counted)."""
-    return name == OUTPUT_MARKER or name.startswith(_TMP_PREFIXES) or ".tmp-" in name or ".old-" in name
+    # Our temporary names: `.tmp-<name>.XXXX` (files), `.<name>.tmp-XXXX` / `.<name>.old-XXXX` (folders), `.report-*`.
+    hidden_tmp = name.startswith(".") and (".tmp-" in name or ".old-" in name)
+    return name == OUTPUT_MARKER or name.startswith(_TMP_PREFIXES) or hidden_tmp
 
 
 def _exchange(a: str, b: str) -> bool:

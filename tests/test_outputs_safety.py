@@ -105,6 +105,14 @@ def test_cli_token_in_argv_lands_in_no_file_and_no_log_line(tmp_path, capsys, ca
     assert f"--run_name '{REDACTED}'" in card
 
 
+def test_error_lines_hold_no_token(tmp_path, capsys):
+    """A mistyped secret option is an unknown option: the one error line names it without its value."""
+    argv = ["--model", str(tmp_path / "nope"), "--my_secret_token", "plain-value", "--output_dir", str(tmp_path / "out")]
+    assert main(argv) == 2
+    line = _one_error_line(capsys)
+    assert line == f"hf-compress: error: unknown options --my_secret_token {REDACTED}; see `hf-compress --help` for the options."
+
+
 def test_compress_api_records_no_token(monkeypatch):
     """`compress(hub_token=...)`: the command string and the recipe handed to the card and report hold no token."""
     import hf_compress.compression as compression

@@ -132,7 +132,9 @@ def parse(argv: list[str]):
     # argparse converts string defaults with the option's type only; YAML already gives typed values.
     *groups, rest = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False, return_remaining_strings=True)
     if rest:
-        raise UsageError(f"unknown options {' '.join(rest)}; see `hf-compress --help` for the options.")
+        from ..redact import redact_command
+
+        raise UsageError(f"unknown options {' '.join(redact_command(rest))}; see `hf-compress --help` for the options.")
     recipe = _recipe(parser, argv, defaults, groups)
     from ..redact import redact_command
 
@@ -253,13 +255,17 @@ def main(argv: list[str] | None = None) -> int:
         plan = prepare(model_args, data_args, training_args, pruning_args, quantization_args, structured_args,
                        command=command, recipe=recipe)
     except (UsageError, CompressionInputError, ValueError, TypeError, ImportError) as err:
+        from ..redact import redact_value
+
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        print(f"hf-compress: error: {message}", file=sys.stderr)
+        print(f"hf-compress: error: {redact_value(message)}", file=sys.stderr)  # never a token on the console
         return 2
     try:
         report = run(plan)
     except CompressionInputError as err:  # found while preprocessing (e.g. no token left to predict)
-        print(f"hf-compress: error: {str(err).strip().splitlines()[0]}", file=sys.stderr)
+        from ..redact import redact_value
+
+        print(f"hf-compress: error: {redact_value(str(err).strip().splitlines()[0])}", file=sys.stderr)
         return 2
     if report is not None:  # None on the non-main ranks of a distributed launch
         _print_summary(report, plan.output_dir, time.time() - start)

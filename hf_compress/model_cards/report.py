@@ -12,6 +12,7 @@ import os
 
 import torch
 
+from ..atomic import OUTPUT_MARKER
 from ..quantization.precision import precision_summary
 
 REPORT_NAME = "compression_report.json"
@@ -29,7 +30,8 @@ def checkpoint_bytes(folder: str) -> dict:
 
     Returns:
         `dict`: `weights_bytes` (weight files: `*.safetensors`, `*.bin`, ...), `total_bytes` (every file, the
-        report and card excluded so that the numbers do not depend on themselves) and `weight_files`.
+        report, card and ownership marker excluded so that the numbers do not depend on themselves) and
+        `weight_files`.
     """
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"Checkpoint folder {folder!r} does not exist; save the model there first.")
@@ -37,7 +39,7 @@ def checkpoint_bytes(folder: str) -> dict:
     files = []
     for dirpath, _, names in os.walk(folder):
         for name in sorted(names):
-            if name in (REPORT_NAME, "README.md") or name.endswith(".png"):
+            if name in (REPORT_NAME, "README.md", OUTPUT_MARKER) or name.endswith(".png"):
                 continue
             size = os.path.getsize(os.path.join(dirpath, name))
             total += size
