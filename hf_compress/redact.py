@@ -2,7 +2,7 @@
 
 A secret option is one whose name has a `token`, `password`, `passwd`, `secret`, `apikey`, `api_key` or
 `credentials` word (`--hub_token`, `--db-password`, `--api_secret`; not `--max_tokens` or `--tokenizer_name`, whose
-words are `tokens` / `tokenizer`). A secret value is a Hub token (`hf_` and at least 8 letters or digits), the value
+words are `tokens` / `tokenizer`). A secret value is a Hub token (`hf_` and at least 20 letters or digits), the value
 of `HF_TOKEN` / `HUGGING_FACE_HUB_TOKEN` in the environment wherever it appears, and the value of a
 `HF_TOKEN=...`-style assignment.
 """
@@ -14,7 +14,8 @@ import re
 
 REDACTED = "<redacted>"
 _SECRET_WORDS = {"token", "password", "passwd", "secret", "apikey", "credentials"}
-_HF_TOKEN_RE = re.compile(r"hf_[A-Za-z0-9]{8,}")
+# Hub tokens are `hf_` and 34 letters and digits; 20+ keeps words such as `hf_compress_bitmask` readable.
+_HF_TOKEN_RE = re.compile(r"hf_[A-Za-z0-9]{20,}")
 _ASSIGNMENT_RE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)=(.*)$", re.S)
 _ENV_TOKENS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 
@@ -41,7 +42,7 @@ def redact_command(argv: list[str]) -> list[str]:
     `--opt=value`), of every `NAME=value` assignment whose name is a secret, and every token-looking value
     anywhere is replaced by `<redacted>`; the option names stay, so the command still reads as what was run.
 
-    Example: `["--hub_token", "hf_abc12345678", "--run_name=x"]` -> `["--hub_token", "<redacted>", "--run_name=x"]`.
+    Example: `["--hub_token", "abc", "--run_name=x"]` -> `["--hub_token", "<redacted>", "--run_name=x"]`.
     """
     out, i = [], 0
     while i < len(argv):

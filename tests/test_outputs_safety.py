@@ -70,6 +70,8 @@ def umask_022():
     (["--max_tokens", "5", "--tokenizer_name", "t", "--average_tokens_across_devices", "true"],
      ["--max_tokens", "5", "--tokenizer_name", "t", "--average_tokens_across_devices", "true"]),
     (["--hub_token", "--next"], ["--hub_token", "--next"]),  # no value followed: nothing to hide, nothing eaten
+    (["--format", "hf_compress_bitmask", "--output_dir", "hf_compress_output"],  # `hf_` words, not tokens
+     ["--format", "hf_compress_bitmask", "--output_dir", "hf_compress_output"]),
 ])
 def test_redact_command(argv, expected, monkeypatch):
     monkeypatch.delenv("HF_TOKEN", raising=False)
