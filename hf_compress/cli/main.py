@@ -14,6 +14,8 @@ import os
 import shlex
 import sys
 
+from ..redact import redact_command, redact_mapping, redact_value  # light: os and re only
+
 # Short spellings of the command line -> the dataclass field they set.
 ALIASES = {"--sparsity": "--target_sparsity"}
 YAML_ALIASES = {"sparsity": "target_sparsity"}
@@ -132,12 +134,8 @@ def parse(argv: list[str]):
     # argparse converts string defaults with the option's type only; YAML already gives typed values.
     *groups, rest = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False, return_remaining_strings=True)
     if rest:
-        from ..redact import redact_command
-
         raise UsageError(f"unknown options {' '.join(redact_command(rest))}; see `hf-compress --help` for the options.")
     recipe = _recipe(parser, argv, defaults, groups)
-    from ..redact import redact_command
-
     # The card and report show this command: every token- or password-like option value is redacted.
     shown = (["demo"] if demo else []) + ([f"--config={config_path}"] if config_path else []) + argv
     command = "hf-compress " + shlex.join(redact_command(shown))
@@ -160,8 +158,6 @@ def _recipe(parser, argv, defaults, groups) -> dict:
         for f in dataclasses.fields(group):
             if f.name in keep or (isinstance(group, ModelArguments) and f.name in ("train", "prune", "quantize", "evaluate", "qat")):
                 recipe[f.name] = _plain(getattr(group, f.name))
-    from ..redact import redact_mapping
-
     return redact_mapping(recipe)  # never write a token: secret options dropped, token-like values redacted
 
 
@@ -255,16 +251,12 @@ def main(argv: list[str] | None = None) -> int:
         plan = prepare(model_args, data_args, training_args, pruning_args, quantization_args, structured_args,
                        command=command, recipe=recipe)
     except (UsageError, CompressionInputError, ValueError, TypeError, ImportError) as err:
-        from ..redact import redact_value
-
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         print(f"hf-compress: error: {redact_value(message)}", file=sys.stderr)  # never a token on the console
         return 2
     try:
         report = run(plan)
     except CompressionInputError as err:  # found while preprocessing (e.g. no token left to predict)
-        from ..redact import redact_value
-
         print(f"hf-compress: error: {redact_value(str(err).strip().splitlines()[0])}", file=sys.stderr)
         return 2
     if report is not None:  # None on the non-main ranks of a distributed launch
