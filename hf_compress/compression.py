@@ -283,6 +283,54 @@ class CompressionPlan:
         return self.task.label_names
 
 
+def _inside(path: str, folder: str) -> bool:
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def check_output_dir(output_dir: str, overwrite: bool, inputs: dict[str, str | None]) -> None:
+    """
+    Refuse, in one line, an `output_dir` that the run would have to destroy: a file; a non-empty folder without
+    `--overwrite`; and even with `--overwrite`, a folder that holds one of the `inputs` (`{option: path}`: the model,
+    the teacher, the dataset) or anything that an earlier run of hf_compress did not write (its
+    [`hf_compress.atomic.OUTPUT_MARKER`] lists the files it wrote). `--overwrite` therefore only ever replaces an
+    earlier output of ours, whole.
+
+    Raises:
+        `CompressionInputError`: naming the folder, what is in the way and the fix.
+    """
+    from .atomic import OUTPUT_MARKER, foreign_files
+
+    if not os.path.exists(output_dir):
+        return
+    if not os.path.isdir(output_dir):
+        raise CompressionInputError(f"output_dir {output_dir!r} is a file; pass a directory path.")
+    if not os.listdir(output_dir):
+        return
+    if not overwrite:
+        raise CompressionInputError(
+            f"output_dir {output_dir!r} exists and is not empty; pass `--overwrite` or another `--output_dir`."
+        )
+    for option, path in inputs.items():
+        if path and os.path.exists(path) and _inside(path, output_dir):
+            raise CompressionInputError(
+                f"`{option}` {path!r} is inside output_dir {output_dir!r}, which `--overwrite` would replace; "
+                "choose another `--output_dir`."
+            )
+    foreign = foreign_files(output_dir)
+    if foreign is None:
+        raise CompressionInputError(
+            f"output_dir {output_dir!r} was not written by hf-compress (no `{OUTPUT_MARKER}` in it), so `--overwrite` "
+            "will not replace it; choose another `--output_dir`."
+        )
+    if foreign:
+        raise CompressionInputError(
+            f"output_dir {output_dir!r} holds {len(foreign)} file(s) hf-compress did not write ({', '.join(foreign[:3])}"
+            f"{', ...' if len(foreign) > 3 else ''}), so `--overwrite` will not replace it; move them or choose "
+            "another `--output_dir`."
+        )
+
+
 def prepare(model_args: ModelArguments, data_args: DataArguments, training_args, pruning_args, quantization_args,
             structured_args=None, command: str = "hf-compress", recipe: dict | None = None) -> CompressionPlan:
     """
@@ -294,13 +342,8 @@ def prepare(model_args: ModelArguments, data_args: DataArguments, training_args,
     from .models import default_model_path
 
     output_dir = os.path.abspath(training_args.output_dir or DEFAULT_OUTPUT_DIR)
-    if os.path.exists(output_dir):
-        if not os.path.isdir(output_dir):
-            raise CompressionInputError(f"output_dir {output_dir!r} is a file; pass a directory path.")
-        if os.listdir(output_dir) and not model_args.overwrite:
-            raise CompressionInputError(
-                f"output_dir {output_dir!r} exists and is not empty; pass `--overwrite` or another `--output_dir`."
-            )
+    check_output_dir(output_dir, model_args.overwrite,
+                     {"--model": model_args.model, "--teacher": model_args.teacher, "--dataset": data_args.dataset})
     if not 0.0 <= pruning_args.target_sparsity < 1.0:  # PruningArguments checks it too; kept for built objects
         raise CompressionInputError(f"target_sparsity must be in [0, 1), got {pruning_args.target_sparsity}.")
     if quantization_args.bits not in (4, 8):
@@ -516,11 +559,19 @@ def _barrier() -> None:
 
 
 def _replace_output(new: str, dest: str, work: str) -> None:
-    """Put the finished folder `new` at `dest`. An old `dest` (`--overwrite`) is renamed aside into `work` first and
-    deleted with it afterwards, so at no moment is there a half-deleted old output or a half-written new one."""
-    if os.path.exists(dest):
-        os.rename(dest, os.path.join(work, "previous-output"))
-    os.rename(new, dest)
+    """Put the finished folder `new` at `dest` whole: it gets the ownership marker listing its files and the
+    ordinary modes, then one atomic swap ([`hf_compress.atomic.replace_dir`]) replaces an old `dest`
+    (`--overwrite`, checked again here: the folder may have changed since [`prepare`]); the old content is deleted.
+    `work` is the run's scratch folder, deleted afterwards."""
+    from .atomic import normalize_modes, replace_dir, write_marker
+
+    if os.path.isdir(dest) and os.listdir(dest):
+        check_output_dir(dest, True, {})  # still ours, and nothing added to it meanwhile
+    elif os.path.isdir(dest):
+        os.rmdir(dest)  # an empty folder: nothing to keep
+    write_marker(new)
+    normalize_modes(new)  # 0o755 / 0o644 under umask 022, as `config.json` (transformers 5 gives the weights 0600)
+    replace_dir(new, dest)
 
 
 def describe_plan(plan: CompressionPlan, train_rows: int, eval_rows: int, steps: int, base_steps: int) -> list[str]:
@@ -889,6 +940,9 @@ def compress(model: str | None = None, dataset: str = "rotten_tomatoes", output_
     unknown = sorted(set(values) - known)
     if unknown:
         raise TypeError(f"compress() got unknown options {unknown}; see `hf-compress --help` for the names.")
-    recipe = {k: v for k, v in values.items() if v is not None}
-    command = "compress(" + ", ".join(f"{k}={v!r}" for k, v in recipe.items()) + ")"
-    return run(prepare(*groups, command=command, recipe=recipe))
+    from .redact import redact_mapping
+
+    given = {k: v for k, v in values.items() if v is not None}
+    # The card and report record these: a token passed as `hub_token=` (or any secret-looking value) is redacted.
+    command = "compress(" + ", ".join(f"{k}={v!r}" for k, v in redact_mapping(given, drop=False).items()) + ")"
+    return run(prepare(*groups, command=command, recipe=redact_mapping(given)))

@@ -161,8 +161,14 @@ def test_overwrite_replaces_output(tiny_setup):
     args = ["--model", model, "--dataset", data, "--output_dir", str(out), "--no_quantize", "--no_train", "--sparsity", "0.5", "--use_cpu", "true"]
     assert main(args) == 2
     assert (out / "old.txt").exists()
-    assert main(args + ["--overwrite"]) == 0
-    assert not (out / "old.txt").exists() and (out / "compression_report.json").exists()
+    # A folder hf-compress did not write is never replaced, even with --overwrite (tests/test_outputs_safety.py).
+    assert main(args + ["--overwrite"]) == 2
+    assert (out / "old.txt").read_text() == "x"
+    (out / "old.txt").unlink()
+    assert main(args) == 0  # an empty folder is filled
+    first = (out / "compression_report.json").stat().st_ino
+    assert main(args + ["--overwrite"]) == 0  # an earlier output of ours is replaced
+    assert (out / "compression_report.json").stat().st_ino != first
 
 
 # --- bad input: one line on stderr, exit code 2, nothing trained or written --------------------------------------

@@ -273,9 +273,10 @@ class GradualPruningCallback(TrainerCallback):
         if state.is_world_process_zero and self._pairs:
             folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
             if os.path.isdir(folder):
-                tmp = os.path.join(folder, MASKS_NAME + ".tmp")
-                save_masks({name: mask for name, _, mask in self._pairs}, tmp)
-                os.replace(tmp, os.path.join(folder, MASKS_NAME))
+                from ..atomic import atomic_file
+
+                with atomic_file(os.path.join(folder, MASKS_NAME)) as tmp:  # whole or absent, mode 0o666 & ~umask
+                    save_masks({name: mask for name, _, mask in self._pairs}, tmp)
 
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):
         if logs is None or model is None or not self._pairs:

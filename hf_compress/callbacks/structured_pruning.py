@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import json
 import os
 
 import torch
@@ -157,8 +156,6 @@ class StructuredPruningCallback(TrainerCallback):
         # The cut is checked against the fully masked model (and its reload): a wrong cut stops here, loudly.
         cut_and_check(model, self.plan, self._check_batch)
         if state.is_world_process_zero and args.output_dir:
-            os.makedirs(args.output_dir, exist_ok=True)
-            tmp = os.path.join(args.output_dir, REPORT_FILE + ".tmp")
-            with open(tmp, "w") as f:
-                json.dump({"schedule": self.history, **self.plan.to_dict()}, f)
-            os.replace(tmp, os.path.join(args.output_dir, REPORT_FILE))
+            from ..atomic import write_json
+
+            write_json(os.path.join(args.output_dir, REPORT_FILE), {"schedule": self.history, **self.plan.to_dict()})

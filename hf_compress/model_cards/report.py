@@ -10,10 +10,10 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 
 import torch
 
+from ..atomic import OUTPUT_MARKER
 from ..quantization.precision import precision_summary
 
 REPORT_NAME = "compression_report.json"
@@ -31,7 +31,8 @@ def checkpoint_bytes(folder: str) -> dict:
 
     Returns:
         `dict`: `weights_bytes` (weight files: `*.safetensors`, `*.bin`, ...), `total_bytes` (every file, the
-        report and card excluded so that the numbers do not depend on themselves) and `weight_files`.
+        report, card and ownership marker excluded so that the numbers do not depend on themselves) and
+        `weight_files`.
     """
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"Checkpoint folder {folder!r} does not exist; save the model there first.")
@@ -39,7 +40,7 @@ def checkpoint_bytes(folder: str) -> dict:
     files = []
     for dirpath, _, names in os.walk(folder):
         for name in sorted(names):
-            if name in (REPORT_NAME, "README.md") or name.endswith(".png"):
+            if name in (REPORT_NAME, "README.md", OUTPUT_MARKER) or name.endswith(".png"):
                 continue
             size = os.path.getsize(os.path.join(dirpath, name))
             total += size
@@ -475,18 +476,11 @@ def build_report(
 
 
 def save_report(report: dict, output_dir: str) -> str:
-    """Write `report` to `<output_dir>/compression_report.json` through a temporary file (never half written)."""
-    path = os.path.join(output_dir, REPORT_NAME)
-    fd, tmp = tempfile.mkstemp(prefix=".report-", suffix=".json", dir=output_dir)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(report, f, indent=2, sort_keys=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    """Write `report` to `<output_dir>/compression_report.json` through a temporary file (never half written), with
+    the ordinary mode `0o666 & ~umask` ([`hf_compress.atomic.write_json`])."""
+    from ..atomic import write_json
+
+    return write_json(os.path.join(output_dir, REPORT_NAME), report, indent=2, sort_keys=False)
 
 
 def load_report(folder: str) -> dict:

@@ -240,7 +240,7 @@ def save(model, output_dir, args: QuantizationArguments, tokenizer=None) -> dict
 
     output_dir = Path(output_dir)
     qmodel, compressor, info = quantize_model(model, args)
-    with atomic_output_dir(str(output_dir)) as tmp_name:  # whole or absent, as every other export
+    with atomic_output_dir(str(output_dir), marker=True) as tmp_name:  # whole or absent, as every other export
         tmp = Path(tmp_name)
         state = qmodel.state_dict()
         tied_outputs = _tied_output_keys(qmodel, info["quantized_embeddings"])

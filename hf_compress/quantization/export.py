@@ -5,10 +5,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
-import os
-import shutil
 import tempfile
-import uuid
 from pathlib import Path
 
 import torch
@@ -369,8 +366,10 @@ def quantize_and_save(model, output_dir, args: QuantizationArguments, tokenizer=
     output_dir = Path(output_dir)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     qmodel, info, embedding_tensors = _quantize_linears(model, args, device)
-    tmp = output_dir.parent / f".{output_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
+    from ..atomic import atomic_output_dir
+
+    with atomic_output_dir(str(output_dir), marker=True) as tmp_name:  # written beside, swapped in whole
+        tmp = Path(tmp_name)
         qmodel.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -384,16 +383,6 @@ def quantize_and_save(model, output_dir, args: QuantizationArguments, tokenizer=
         info.update(folder_bytes(tmp))
         info["output_dir"] = str(output_dir)
         (tmp / REPORT_FILE).write_text(json.dumps(info, indent=2))
-        if output_dir.exists():
-            old = output_dir.parent / f".{output_dir.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(output_dir, old)
-            os.replace(tmp, output_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, output_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return info
 
 
