@@ -86,10 +86,9 @@ def weight_bytes(folder: str) -> int:
 def write_text(path: str, text: str) -> None:
     """Write `text` to a temporary name beside `path` and rename it into place: a killed run leaves the previous
     file whole."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
+    from hf_compress.atomic import write_text as _write
+
+    _write(path, text)
 
 
 def write_results(output_dir: str, name: str, result: dict, text: str) -> None:

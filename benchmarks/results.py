@@ -20,7 +20,7 @@ import statistics
 import tempfile
 import time
 
-from benchmarks.common import OUTPUT_DIRS, print_table, real_data, weight_bytes
+from benchmarks.common import OUTPUT_DIRS, print_table, real_data, weight_bytes, write_text
 
 GOAL = "combined checkpoint >= 8x smaller than the fp32 baseline with accuracy within 1.0 point of it"
 MODES = {
@@ -209,10 +209,8 @@ def run(mode: str = "quick", output_dir: str | None = None, base_model: str | No
     table = print_table(rows, cols)
     summary = f"Goal: {GOAL}: {'met' if goal_met else 'not met'} (combined: {combined['ratio_to_baseline']:.2f}x smaller, {combined['accuracy_delta_pts']:+.1f} points)."
     print(summary)
-    with open(os.path.join(output_dir, "results.json"), "w") as f:
-        json.dump(result, f, indent=2)
-    with open(os.path.join(output_dir, "results.md"), "w") as f:
-        f.write(f"{result['data']}; mode `{mode}` {cfg}.\n\n{table}\n\n{summary}\n")
+    write_text(os.path.join(output_dir, "results.json"), json.dumps(result, indent=2))
+    write_text(os.path.join(output_dir, "results.md"), f"{result['data']}; mode `{mode}` {cfg}.\n\n{table}\n\n{summary}\n")
     plot(rows, os.path.join(output_dir, "accuracy_vs_size.png"))
     if mode == "full" and os.path.abspath(output_dir) == os.path.abspath(OUTPUT_DIRS["full"]):
         update_readme(f"{result['data']}; {cfg['base_steps']} fine-tuning steps for the baseline and the student, "
@@ -236,9 +234,7 @@ def update_readme(text: str, path: str = "README.md") -> None:
         return
     head, rest = readme.split(start, 1)
     tail = rest.split(end, 1)[1]
-    with open(path + ".tmp", "w") as f:
-        f.write(f"{head}{start}\n{text}\n{end}{tail}")
-    os.replace(path + ".tmp", path)
+    write_text(path, f"{head}{start}\n{text}\n{end}{tail}")
 
 
 def plot(rows, path):

@@ -283,6 +283,54 @@ class CompressionPlan:
         return self.task.label_names
 
 
+def _inside(path: str, folder: str) -> bool:
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def check_output_dir(output_dir: str, overwrite: bool, inputs: dict[str, str | None]) -> None:
+    """
+    Refuse, in one line, an `output_dir` that the run would have to destroy: a file; a non-empty folder without
+    `--overwrite`; and even with `--overwrite`, a folder that holds one of the `inputs` (`{option: path}`: the model,
+    the teacher, the dataset) or anything that an earlier run of hf_compress did not write (its
+    [`hf_compress.atomic.OUTPUT_MARKER`] lists the files it wrote). `--overwrite` therefore only ever replaces an
+    earlier output of ours, whole.
+
+    Raises:
+        `CompressionInputError`: naming the folder, what is in the way and the fix.
+    """
+    from .atomic import OUTPUT_MARKER, foreign_files
+
+    if not os.path.exists(output_dir):
+        return
+    if not os.path.isdir(output_dir):
+        raise CompressionInputError(f"output_dir {output_dir!r} is a file; pass a directory path.")
+    if not os.listdir(output_dir):
+        return
+    if not overwrite:
+        raise CompressionInputError(
+            f"output_dir {output_dir!r} exists and is not empty; pass `--overwrite` or another `--output_dir`."
+        )
+    for option, path in inputs.items():
+        if path and os.path.exists(path) and _inside(path, output_dir):
+            raise CompressionInputError(
+                f"`{option}` {path!r} is inside output_dir {output_dir!r}, which `--overwrite` would replace; "
+                "choose another `--output_dir`."
+            )
+    foreign = foreign_files(output_dir)
+    if foreign is None:
+        raise CompressionInputError(
+            f"output_dir {output_dir!r} was not written by hf-compress (no `{OUTPUT_MARKER}` in it), so `--overwrite` "
+            "will not replace it; choose another `--output_dir`."
+        )
+    if foreign:
+        raise CompressionInputError(
+            f"output_dir {output_dir!r} holds {len(foreign)} file(s) hf-compress did not write ({', '.join(foreign[:3])}"
+            f"{', ...' if len(foreign) > 3 else ''}), so `--overwrite` will not replace it; move them or choose "
+            "another `--output_dir`."
+        )
+
+
 def prepare(model_args: ModelArguments, data_args: DataArguments, training_args, pruning_args, quantization_args,
             structured_args=None, command: str = "hf-compress", recipe: dict | None = None) -> CompressionPlan:
     """
@@ -294,13 +342,8 @@ def prepare(model_args: ModelArguments, data_args: DataArguments, training_args,
     from .models import default_model_path
 
     output_dir = os.path.abspath(training_args.output_dir or DEFAULT_OUTPUT_DIR)
-    if os.path.exists(output_dir):
-        if not os.path.isdir(output_dir):
-            raise CompressionInputError(f"output_dir {output_dir!r} is a file; pass a directory path.")
-        if os.listdir(output_dir) and not model_args.overwrite:
-            raise CompressionInputError(
-                f"output_dir {output_dir!r} exists and is not empty; pass `--overwrite` or another `--output_dir`."
-            )
+    check_output_dir(output_dir, model_args.overwrite,
+                     {"--model": model_args.model, "--teacher": model_args.teacher, "--dataset": data_args.dataset})
     if not 0.0 <= pruning_args.target_sparsity < 1.0:  # PruningArguments checks it too; kept for built objects
         raise CompressionInputError(f"target_sparsity must be in [0, 1), got {pruning_args.target_sparsity}.")
     if quantization_args.bits not in (4, 8):
@@ -317,6 +360,19 @@ def prepare(model_args: ModelArguments, data_args: DataArguments, training_args,
         except CompressionInputError:
             has_head = False
     check_task_supported(config, task_name)
+    if structured_args is not None and structured_args.enabled:
+        from .architectures import StructuredPruningError, check_structured_support
+
+        try:  # from the config alone, before any data is read or tokenized
+            check_structured_support(config, structured_args.structures)
+        except StructuredPruningError as err:
+            raise CompressionInputError(str(err)) from None
+    if model_args.quantize and model_args.format == "compressed-tensors":
+        from .architectures import compressed_tensors_refusal
+
+        reason = compressed_tensors_refusal(getattr(config, "model_type", None))
+        if reason is not None:  # GPT-2's Conv1D, stacked experts: refused before any data is read
+            raise CompressionInputError(reason)
     try:
         from transformers import AutoTokenizer
 
@@ -469,12 +525,14 @@ def _structured_pruning(model, sa, train_ds, collator, training_args, stages, te
 
 
 def _one_shot_prune(model, pruning_args) -> None:
+    from .architectures import weight_layouts
     from .pruning import magnitude_masks, resolve_targets
 
     names = resolve_targets(model, pruning_args.pruning_target_modules)
     params = dict(model.named_parameters())
     weights = {n: params[n].detach() for n in names}
-    masks = magnitude_masks(weights, pruning_args.target_sparsity, pruning_args.pruning_scope)
+    masks = magnitude_masks(weights, pruning_args.target_sparsity, pruning_args.pruning_scope,
+                            layouts=weight_layouts(model, names))
     with torch.no_grad():
         for n, m in masks.items():
             params[n].masked_fill_(~m, 0.0)
@@ -506,11 +564,19 @@ def _barrier() -> None:
 
 
 def _replace_output(new: str, dest: str, work: str) -> None:
-    """Put the finished folder `new` at `dest`. An old `dest` (`--overwrite`) is renamed aside into `work` first and
-    deleted with it afterwards, so at no moment is there a half-deleted old output or a half-written new one."""
-    if os.path.exists(dest):
-        os.rename(dest, os.path.join(work, "previous-output"))
-    os.rename(new, dest)
+    """Put the finished folder `new` at `dest` whole: it gets the ownership marker listing its files and the
+    ordinary modes, then one atomic swap ([`hf_compress.atomic.replace_dir`]) replaces an old `dest`
+    (`--overwrite`, checked again here: the folder may have changed since [`prepare`]); the old content is deleted.
+    `work` is the run's scratch folder, deleted afterwards."""
+    from .atomic import normalize_modes, replace_dir, write_marker
+
+    if os.path.isdir(dest) and os.listdir(dest):
+        check_output_dir(dest, True, {})  # still ours, and nothing added to it meanwhile
+    elif os.path.isdir(dest):
+        os.rmdir(dest)  # an empty folder: nothing to keep
+    write_marker(new)
+    normalize_modes(new)  # 0o755 / 0o644 under umask 022, as `config.json` (transformers 5 gives the weights 0600)
+    replace_dir(new, dest)
 
 
 def describe_plan(plan: CompressionPlan, train_rows: int, eval_rows: int, steps: int, base_steps: int) -> list[str]:
@@ -534,9 +600,13 @@ def describe_plan(plan: CompressionPlan, train_rows: int, eval_rows: int, steps:
     if ma.evaluate:
         stages.append("evaluate base")
     pruning = ma.prune and pa.target_sparsity > 0
+    sa = plan.structured_args
+    if sa is not None and sa.enabled and sa.prune_schedule == "oneshot":
+        stages.append(f"structured pruning of {sa.prune_structure} one-shot (checked against its masked model)")
     if ma.train:
         what = ("distil" if ma.teacher else "fine-tune") + f" {steps} steps"
         what += f" with gradual pruning to {pa.target_sparsity:.0%}" if pruning else ""
+        what += f" with gradual structured pruning of {sa.prune_structure}" if sa is not None and sa.enabled and sa.prune_schedule == "gradual" else ""
         what += f" (last {qa.qat_fraction:.0%} fake-quantized)" if ma.quantize and ma.qat else ""
         stages.append(what)
     elif pruning:
@@ -641,7 +711,7 @@ def run(plan: CompressionPlan) -> dict | None:
             if ma.quantize:
                 techniques.append("quantization")
             report = _evaluate_and_report(plan, result, ckpt, base, base_dir, tokenizer, eval_ds, base_metrics,
-                                          techniques, stages, log)
+                                          techniques, stages, log, trained=model)
             report["pipeline"]["wall_seconds"] = round(time.time() - t0, 1)
             from .model_cards import save_report
 
@@ -688,7 +758,19 @@ def export_checkpoint(plan: CompressionPlan, model, tokenizer, ckpt: str, log) -
             info = quantize_and_save(model, ckpt, qa, tokenizer=tokenizer)
             bar.update()
             # Evaluate what was written, reloaded the way a user loads it (low-bit embeddings need `load_quantized`).
-            result = load_quantized(ckpt)
+            # compressed-tensors decompressed on load: the same weights and logits as its compressed forward (the
+            # loaders check compares both with the trained model), and the report then counts the model's weights
+            # and zeros, not packed int32 words, scales and shapes.
+            import warnings
+
+            kwargs = {}
+            if qa.backend == "compressed-tensors":
+                from transformers import CompressedTensorsConfig
+
+                kwargs["quantization_config"] = CompressedTensorsConfig(dequantize=True)
+            with warnings.catch_warnings():  # "loading attributes (['dequantize', ...]) will be overwritten": asked for
+                warnings.filterwarnings("ignore", message="You passed `quantization_config`")
+                result = load_quantized(ckpt, **kwargs)
             bar.update()
         log(f"Exported {qa.bits}-bit weights ({qa.backend}).")
         return result.eval(), info
@@ -713,9 +795,13 @@ def _fmt_metrics(metrics: dict) -> str:
     return ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
 
 
-def _evaluate_and_report(plan, result, ckpt, base, base_dir, tokenizer, eval_ds, base_metrics, techniques, stages, log) -> dict:
-    """Main process: evaluate the exported model on the held-out split and measure everything into the report."""
+def _evaluate_and_report(plan, result, ckpt, base, base_dir, tokenizer, eval_ds, base_metrics, techniques, stages, log,
+                         trained=None) -> dict:
+    """Main process: evaluate the exported model on the held-out split and measure everything into the report; the
+    loaders check compares the written folder with `trained`, the in-memory model that was trained (`result` when
+    not given: the written folder is then only compared with itself)."""
     from .model_cards import build_report
+    from .model_cards.loading import serving_engines
 
     ma, task = plan.model_args, plan.task
     result_metrics = None
@@ -736,7 +822,8 @@ def _evaluate_and_report(plan, result, ckpt, base, base_dir, tokenizer, eval_ds,
     report["task"] = {"name": task.name, **meta, "columns": task.columns, "data_notes": task.data_notes,
                       "lower_is_better": list(task.lower_is_better)}
     report["format"] = ma.format
-    report["loaders"] = _check_loaders(plan, result, tokenizer, ckpt, log)
+    report["loaders"] = _check_loaders(plan, trained if trained is not None else result, tokenizer, ckpt, log)
+    report["serving"] = serving_engines(ckpt, report["loaders"])
     train_steps = stages.get("train", {}).get("steps", 0)
     report["pipeline"] = {"stages": _jsonable(stages), "train_steps": train_steps if ma.train else 0,
                           "base_finetune_steps": stages.get("base_finetune", {}).get("steps", 0),
@@ -757,20 +844,38 @@ def _probe_texts(plan, n: int = 4) -> list[str]:
     return []
 
 
-def _check_loaders(plan, result, tokenizer, ckpt, log) -> dict:
-    """Which loaders read the written folder, checked by loading it (see `model_cards.loading.check_loaders`)."""
+def _check_loaders(plan, trained, tokenizer, ckpt, log) -> dict:
+    """
+    Which loaders read the written folder, and whether what they compute is the model that was trained: each loader's
+    logits on a few held-out texts against `trained`'s, under the export's fake quantization when quantizing (QAT's
+    exact numerics, what the export must reproduce), within the format's tolerance
+    ([`model_cards.loading.logit_tolerance`]). A loader over tolerance is a failure, logged and shown in the card.
+    """
     from .model_cards.loading import check_loaders, main_logits
 
     texts = _probe_texts(plan)
     if not texts:
         log("Loaders not checked: the held-out split has no plain text column to feed them.")
         return {}
+    reference = trained
+    if plan.model_args.quantize:
+        from .quantization.export import fake_quantized_copy
+
+        reference = fake_quantized_copy(trained, plan.quantization_args)
+    was_training = reference.training
+    reference.eval()
+    device = next(reference.parameters()).device
+    inputs = tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
     with torch.no_grad():
-        reference = main_logits(result(**tokenizer(texts, padding=True, truncation=True, return_tensors="pt")))
-    atol = 2e-2 if plan.quantization_args.backend == "bitsandbytes" and plan.quantization_args.bits == 4 else 1e-4
-    loaders = check_loaders(ckpt, texts, reference, atol=atol)
-    log("Loads with: " + ", ".join(k for k, v in loaders.items() if v["ok"]) +
-        "; fails loudly with: " + (", ".join(k for k, v in loaders.items() if not v["ok"]) or "none") + ".")
+        logits = main_logits(reference(**{k: v.to(device) for k, v in inputs.items()})).cpu()
+    reference.train(was_training)
+    loaders = check_loaders(ckpt, texts, logits)
+    log("Loads with: " + (", ".join(k for k, v in loaders.items() if v["ok"]) or "none") +
+        "; fails loudly with: " + (", ".join(k for k, v in loaders.items() if v.get("status") == "error") or "none") + ".")
+    for name, v in loaders.items():
+        if v.get("status") == "mismatch":
+            log(f"FAILED verification: {name} loads the written folder but its logits differ from the trained model by "
+                f"{v.get('max_abs_logit_diff', float('nan')):.3g} (tolerance {v['tolerance']:.3g}); do not share this folder.")
     return loaders
 
 
@@ -840,6 +945,9 @@ def compress(model: str | None = None, dataset: str = "rotten_tomatoes", output_
     unknown = sorted(set(values) - known)
     if unknown:
         raise TypeError(f"compress() got unknown options {unknown}; see `hf-compress --help` for the names.")
-    recipe = {k: v for k, v in values.items() if v is not None}
-    command = "compress(" + ", ".join(f"{k}={v!r}" for k, v in recipe.items()) + ")"
-    return run(prepare(*groups, command=command, recipe=recipe))
+    from .redact import redact_mapping
+
+    given = {k: v for k, v in values.items() if v is not None}
+    # The card and report record these: a token passed as `hub_token=` (or any secret-looking value) is redacted.
+    command = "compress(" + ", ".join(f"{k}={v!r}" for k, v in redact_mapping(given, drop=False).items()) + ")"
+    return run(prepare(*groups, command=command, recipe=redact_mapping(given)))

@@ -15,14 +15,11 @@ What works where (see the README section "Distributed and interrupted runs"):
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import re
-import shutil
 import struct
-import tempfile
 
 # Callbacks that read or rewrite whole weight tensors, and why they cannot run on sharded parameters.
 _NEEDS_FULL_WEIGHTS = {
@@ -255,38 +252,8 @@ def last_valid_checkpoint(output_dir: str) -> str | None:
     return None
 
 
-# ---- output folders that are whole or absent -----------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def atomic_output_dir(path: str, overwrite: bool = True):
-    """
-    Yield a temporary folder beside `path`; on success it replaces `path` in one rename, on any error it is
-    deleted and `path` is left as it was. An interrupted export therefore never leaves a half-written `path`.
-
-    Args:
-        path (`str`): the final folder.
-        overwrite (`bool`, *optional*, defaults to `True`): replace an existing `path`; otherwise raise.
-    """
-    path = os.path.abspath(path)
-    if os.path.exists(path) and not overwrite:
-        raise ValueError(f"Output folder {path} already exists; pass `overwrite=True` or choose another folder.")
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
-    try:
-        yield tmp
-        if os.path.exists(path):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=parent)
-            os.replace(path, os.path.join(old, "x"))
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
+# The atomic folder writer lives in `atomic.py` (one home for every writer); re-exported for older imports.
+from .atomic import atomic_output_dir  # noqa: E402
 
 __all__ = [
     "atomic_output_dir",

@@ -7,8 +7,13 @@ stored on disk (its files as git blobs named by their git SHA-1, its tree and pa
 base64-encoded inside the commit payload and no LFS or Xet transfer is involved. Dataset repos (`repo_type="dataset"`)
 are kept apart from model repos and served under the Hub's `/api/datasets/...` and `/datasets/.../resolve/...` routes.
 
+Branches are refs to commits (`refs.json`): `create_branch` / `delete_branch` and commits to a branch work as on the
+Hub, and `main` moves only when a commit is made to it.
+
 Switches simulate failures: `fail_with = {"commit": 500}` answers the next commit with HTTP 500 after its preupload
-went through (a failure mid-upload); `fail_with = {"*": 401}` refuses everything; `require_token` makes every
+went through (a failure mid-upload); `fail_paths = {r"/commit/main$": 500}` fails the requests whose path matches a
+regular expression (e.g. the commit to `main` only, after a commit to a branch went through); `fail_with = {"*": 401}`
+refuses everything; `require_token` makes every
 request without `Authorization: Bearer <that token>` a 401. `requests` logs method, path and (lower-cased) headers of each
 request, so tests can check what the client sent.
 
@@ -107,9 +112,56 @@ class _Store:
     def exists(self, repo_id: str) -> bool:
         return os.path.isfile(os.path.join(self.repo_dir(repo_id), "commits.json"))
 
-    def commits(self, repo_id: str) -> list[dict]:
+    def all_commits(self, repo_id: str) -> list[dict]:
+        """Every commit of `repo_id`, on any branch, in the order they were made."""
         with open(os.path.join(self.repo_dir(repo_id), "commits.json")) as f:
             return json.load(f)
+
+    def refs(self, repo_id: str) -> dict[str, str]:
+        """`{branch: commit id}`; a repo stored before branches existed has its last commit as `main`."""
+        path = os.path.join(self.repo_dir(repo_id), "refs.json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                return json.load(f)
+        commits = self.all_commits(repo_id)
+        return {"main": commits[-1]["id"]} if commits else {}
+
+    def _write_refs(self, repo_id: str, refs: dict[str, str]) -> None:
+        path = os.path.join(self.repo_dir(repo_id), "refs.json")
+        with open(path + ".tmp", "w") as f:
+            json.dump(refs, f, indent=1)
+        os.replace(path + ".tmp", path)
+
+    def commits(self, repo_id: str, branch: str = "main") -> list[dict]:
+        """The commits reachable from `branch`, oldest first."""
+        by_id = {c["id"]: c for c in self.all_commits(repo_id)}
+        out, cid = [], self.refs(repo_id).get(branch)
+        while cid is not None:
+            out.append(by_id[cid])
+            cid = by_id[cid]["parent"]
+        return out[::-1]
+
+    def create_branch(self, repo_id: str, branch: str, start: str | None) -> str | None:
+        """Point a new `branch` at `start` (a revision; default `main`); returns None if it exists already."""
+        with self.lock:
+            refs = self.refs(repo_id)
+            if branch in refs:
+                return None
+            commit = self.resolve(repo_id, start or "main")
+            if commit is None:
+                raise KeyError(start)
+            refs[branch] = commit["id"]
+            self._write_refs(repo_id, refs)
+            return commit["id"]
+
+    def delete_branch(self, repo_id: str, branch: str) -> bool:
+        with self.lock:
+            refs = self.refs(repo_id)
+            if branch not in refs or branch == "main":
+                return False
+            del refs[branch]
+            self._write_refs(repo_id, refs)
+            return True
 
     def _write_commits(self, repo_id: str, commits: list[dict]) -> None:
         path = os.path.join(self.repo_dir(repo_id), "commits.json")
@@ -123,9 +175,11 @@ class _Store:
 
     def resolve(self, repo_id: str, revision: str) -> dict | None:
         """The commit that `revision` (a branch name, a full or a short commit id) points to."""
-        commits = self.commits(repo_id)
-        if revision in ("main", "HEAD"):
-            return commits[-1]
+        commits = self.all_commits(repo_id)
+        refs = self.refs(repo_id)
+        revision = "main" if revision == "HEAD" else revision
+        if revision in refs:
+            return next(c for c in commits if c["id"] == refs[revision])
         for c in commits:
             if len(revision) >= 7 and c["id"].startswith(revision):
                 return c
@@ -137,18 +191,22 @@ class _Store:
                 return False
             os.makedirs(os.path.join(self.repo_dir(repo_id), "blobs"), exist_ok=True)
             self._write_commits(repo_id, [])
+            self._write_refs(repo_id, {})
             self.commit(repo_id, "initial commit", {".gitattributes": b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"}, [], private=private, locked=True)
             return True
 
     def commit(self, repo_id: str, title: str, added: dict[str, bytes], deleted: list[str], parent: str | None = None,
-               private: bool | None = None, locked: bool = False) -> dict:
+               private: bool | None = None, locked: bool = False, branch: str = "main") -> dict:
         if not locked:
             self.lock.acquire()
         try:
-            commits = self.commits(repo_id)
-            head = commits[-1] if commits else None
+            commits = self.all_commits(repo_id)
+            refs = self.refs(repo_id)
+            if commits and branch not in refs:
+                raise KeyError(branch)
+            head = next(c for c in commits if c["id"] == refs[branch]) if commits else None
             if parent is not None and head is not None and not head["id"].startswith(parent):
-                raise ValueError(f"parent commit {parent} is not the head of main ({head['id']})")
+                raise ValueError(f"parent commit {parent} is not the head of {branch} ({head['id']})")
             files = dict(head["files"]) if head else {}
             for path in deleted:
                 files = {p: s for p, s in files.items() if p != path and not p.startswith(path.rstrip("/") + "/")}
@@ -171,6 +229,8 @@ class _Store:
             }
             commits.append(commit)
             self._write_commits(repo_id, commits)
+            refs[branch] = commit["id"]
+            self._write_refs(repo_id, refs)
             return commit
         finally:
             if not locked:
@@ -222,6 +282,11 @@ class _Handler(BaseHTTPRequestHandler):
                 if srv.fail_once:
                     srv.fail_with.pop(key)
                 return self._error(status, "Simulated failure" if status != 401 else "Invalid credentials in Authorization header", head_only=head_only)
+        for pattern, status in list(srv.fail_paths.items()):
+            if re.search(pattern, path):
+                if srv.fail_once:
+                    srv.fail_paths.pop(pattern)
+                return self._error(status, "Simulated failure", head_only=head_only)
         # Like the Hub, metadata validation is open to anonymous calls (`ModelCard.validate` sends no token).
         if srv.require_token is not None and path != "/api/validate-yaml" and self.headers.get("Authorization") != f"Bearer {srv.require_token}":
             return self._error(401, "Invalid credentials in Authorization header", head_only=head_only)
@@ -280,14 +345,29 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._send(400, {"errors": [{"message": e} for e in errors], "warnings": []})
             return self._send(200, {"errors": [], "warnings": []})
 
-        m = re.fullmatch(r"/api/models/([^/]+/[^/]+)(?:/(preupload|commit|revision|tree|commits|refs)(?:/([^/]+))?(?:/(.*))?)?", path)
+        m = re.fullmatch(r"/api/models/([^/]+/[^/]+)(?:/(preupload|commit|revision|tree|commits|refs|branch)(?:/([^/]+))?(?:/(.*))?)?", path)
         if m:
             repo_id, action, rev, rest = m.groups()
             if not store.exists(repo_id):
                 return self._error(404, f"Repository not found: {repo_id}", "RepoNotFound", head_only)
+            if action == "branch" and method == "POST":
+                try:
+                    made = store.create_branch(repo_id, rev, json.loads(body or b"{}").get("startingPoint"))
+                except KeyError:
+                    return self._error(404, "Invalid rev id", "RevisionNotFound")
+                if made is None:
+                    return self._error(409, f"Branch {rev} already exists")
+                return self._send(200, {})
+            if action == "branch" and method == "DELETE":
+                if not store.delete_branch(repo_id, rev):
+                    return self._error(404 if rev != "main" else 403, f"Cannot delete branch {rev}")
+                return self._send(200, {})
             rev = rev or "main"
             if action == "preupload" and method == "POST":
-                head = store.commits(repo_id)[-1]["files"]
+                base = store.resolve(repo_id, rev)
+                if base is None:
+                    return self._error(404, f"Invalid rev id: {rev}", "RevisionNotFound")
+                head = base["files"]
                 files = json.loads(body)["files"]
                 return self._send(200, {"files": [
                     {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False,
@@ -309,13 +389,14 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._send(200, self._tree(commit, rest or "", query.get("recursive", ["false"])[0] in ("1", "true", "True")))
             if action == "commits":
                 out, c = [], commit
-                by_id = {x["id"]: x for x in store.commits(repo_id)}
+                by_id = {x["id"]: x for x in store.all_commits(repo_id)}
                 while c is not None:
                     out.append({"id": c["id"], "title": c["title"], "message": "", "date": c["date"], "authors": [{"user": "user"}]})
                     c = by_id.get(c["parent"])
                 return self._send(200, out)
             if action == "refs":
-                return self._send(200, {"branches": [{"name": "main", "ref": "refs/heads/main", "targetCommit": store.commits(repo_id)[-1]["id"]}],
+                return self._send(200, {"branches": [{"name": b, "ref": f"refs/heads/{b}", "targetCommit": c}
+                                                     for b, c in sorted(store.refs(repo_id).items())],
                                         "tags": [], "converts": []})
 
         m = re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
@@ -354,8 +435,9 @@ class _Handler(BaseHTTPRequestHandler):
         return out
 
     def _commit(self, repo_id: str, rev: str, body: bytes, store=None):
-        if rev != "main":
-            return self._error(400, "this test server only commits to main")
+        store = store or self.server.store
+        if rev not in store.refs(repo_id):
+            return self._error(404, f"Invalid rev id: {rev} is not a branch", "RevisionNotFound")
         header, added, deleted = {}, {}, []
         for line in body.splitlines():
             if not line.strip():
@@ -377,7 +459,8 @@ class _Handler(BaseHTTPRequestHandler):
             if errors:
                 return self._error(400, "Invalid metadata in README.md: " + "; ".join(errors))
         try:
-            commit = (store or self.server.store).commit(repo_id, header.get("summary", ""), added, deleted, parent=header.get("parentCommit"))
+            commit = store.commit(repo_id, header.get("summary", ""), added, deleted, parent=header.get("parentCommit"),
+                                  branch=rev)
         except ValueError as err:
             return self._error(412, str(err))
         return self._send(200, {"commitUrl": f"{self.server.url}/{repo_id}/commit/{commit['id']}", "commitOid": commit["id"],
@@ -396,7 +479,8 @@ class HubServer(ThreadingHTTPServer):
         url (`str`): the endpoint to give the client (`HfApi(endpoint=hub.url)`).
         fail_with (`dict[str, int]`): `{route key: HTTP status}` to fail requests with; the key is the path segment
             before the last one (`"commit"`, `"preupload"`, `"repos"` for create, ...) or `"*"` for every request.
-        fail_once (`bool`): drop a `fail_with` entry after it fired once.
+        fail_paths (`dict[str, int]`): `{regular expression: HTTP status}`: fail the requests whose path matches.
+        fail_once (`bool`): drop a `fail_with` or `fail_paths` entry after it fired once.
         requests (`list[dict]`): method, path and headers of every request received.
     """
 
@@ -409,13 +493,18 @@ class HubServer(ThreadingHTTPServer):
         self.url = f"http://127.0.0.1:{self.server_address[1]}"
         self.require_token = require_token
         self.fail_with: dict[str, int] = {}
+        self.fail_paths: dict[str, int] = {}
         self.fail_once = False
         self.requests: list[dict] = []
         self._thread = None
 
-    def commits(self, repo_id: str, repo_type: str = "model") -> list[dict]:
-        """Commits of `repo_id` on main, oldest first (the first is the repo's initial commit)."""
-        return (self.dataset_store if repo_type == "dataset" else self.store).commits(repo_id)
+    def commits(self, repo_id: str, branch: str = "main", repo_type: str = "model") -> list[dict]:
+        """Commits of `repo_id` on `branch` (default main), oldest first (the first is the repo's initial commit)."""
+        return (self.dataset_store if repo_type == "dataset" else self.store).commits(repo_id, branch)
+
+    def branches(self, repo_id: str) -> dict[str, str]:
+        """`{branch: commit id}` of `repo_id`."""
+        return self.store.refs(repo_id)
 
     def start(self) -> "HubServer":
         self._thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)

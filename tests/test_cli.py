@@ -161,8 +161,14 @@ def test_overwrite_replaces_output(tiny_setup):
     args = ["--model", model, "--dataset", data, "--output_dir", str(out), "--no_quantize", "--no_train", "--sparsity", "0.5", "--use_cpu", "true"]
     assert main(args) == 2
     assert (out / "old.txt").exists()
-    assert main(args + ["--overwrite"]) == 0
-    assert not (out / "old.txt").exists() and (out / "compression_report.json").exists()
+    # A folder hf-compress did not write is never replaced, even with --overwrite (tests/test_outputs_safety.py).
+    assert main(args + ["--overwrite"]) == 2
+    assert (out / "old.txt").read_text() == "x"
+    (out / "old.txt").unlink()
+    assert main(args) == 0  # an empty folder is filled
+    first = (out / "compression_report.json").stat().st_ino
+    assert main(args + ["--overwrite"]) == 0  # an earlier output of ours is replaced
+    assert (out / "compression_report.json").stat().st_ino != first
 
 
 # --- bad input: one line on stderr, exit code 2, nothing trained or written --------------------------------------
@@ -350,7 +356,10 @@ def test_quantized_embeddings_card_loads_with_load_quantized(tiny_setup):
     # Checked by loading: plain from_pretrained fails loudly (never silently wrong), load_quantized reproduces.
     assert report["loaders"]["from_pretrained (without hf_compress)"]["ok"] is False
     assert "RuntimeError" in report["loaders"]["from_pretrained (without hf_compress)"]["error"]
-    assert report["loaders"]["load_quantized"] == {"ok": True, "max_abs_logit_diff": 0.0}
+    # ... against the trained model under the export's fake quantization: exactly (tolerance 1e-4 x the logit scale)
+    loader = report["loaders"]["load_quantized"]
+    assert loader["ok"] is True and loader["status"] == "match" and loader["max_abs_logit_diff"] == 0.0
+    assert loader["tolerance"] == 1e-4
     # A local dataset is named by its file name in the metadata, not by a path on this machine.
     from huggingface_hub import ModelCard
 
@@ -362,6 +371,11 @@ def test_quantized_embeddings_card_loads_with_load_quantized(tiny_setup):
     torch.testing.assert_close(right, torch.tensor(v["logits"]), atol=1e-5, rtol=0)
     with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):  # no silent re-initialisation
         AutoModelForSequenceClassification.from_pretrained(str(out))
+
+
+def _assert_exact(loader: dict) -> None:
+    """The loader reproduces the trained model (under the export's fake quantization) exactly."""
+    assert loader["ok"] is True and loader["status"] == "match" and loader["max_abs_logit_diff"] == 0.0, loader
 
 
 @pytest.mark.parametrize("fmt", ["compressed-tensors", "bitmask"])
@@ -379,12 +393,12 @@ def test_format_loads_with_plain_from_pretrained(tiny_setup, fmt):
     assert report["format"] == fmt
     plain = report["loaders"]["from_pretrained (without hf_compress)"]
     if fmt == "compressed-tensors":
-        assert plain == {"ok": True, "max_abs_logit_diff": 0.0}
+        _assert_exact(plain)
         assert json.load(open(out / "config.json"))["quantization_config"]["quant_method"] == "compressed-tensors"
     else:
         assert plain["ok"] is False and "RuntimeError" in plain["error"]
-        assert report["loaders"]["load_compressed"] == {"ok": True, "max_abs_logit_diff": 0.0}
-    assert report["loaders"]["pipeline()"] == {"ok": True, "max_abs_logit_diff": 0.0}
+        _assert_exact(report["loaders"]["load_compressed"])
+    _assert_exact(report["loaders"]["pipeline()"])
     v = report["verification"]
     pipe = pipeline("text-classification", model=str(out))
     with torch.no_grad():

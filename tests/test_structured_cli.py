@@ -36,6 +36,9 @@ def test_cli_structured_pruning_distilled_from_base(setup, schedule, capsys):
     if schedule == "oneshot":
         assert len(stage["scores"]["ffn"]) == 2 and len(stage["scores"]["ffn"][0]) == 128  # saved importance scores
         assert stage["parameters_after"] == reloaded.num_parameters()
+        # the run's self-check of the cut (pruned and reloaded vs masked, relative to the logit scale)
+        assert stage["check"]["tolerance"] == 1e-4
+        assert stage["check"]["pruned_vs_masked"] <= 1e-5 and stage["check"]["reloaded_vs_masked"] <= 1e-5
 
 
 def test_cli_structured_pruning_bad_target_is_one_line(setup, capsys):

@@ -8,6 +8,7 @@ import torch
 from transformers import TrainerCallback
 from transformers.utils import logging
 
+from ..architectures import weight_layouts
 from ..pruning.config import PruningArguments
 from ..pruning.masks import (
     attach_masks,
@@ -72,8 +73,10 @@ class GradualPruningCallback(TrainerCallback):
         frequency (`int`, *optional*, defaults to `10`): optimizer steps between mask updates.
         scope (`str`, *optional*, defaults to `"layer"`): `"layer"` or `"global"` magnitude threshold.
         pattern (`str`, *optional*): `"N:M"` semi-structured pruning (e.g. `"2:4"`), applied at `start_step`.
-        target_modules (`list[str]`, *optional*): regexes over module names; defaults to every `nn.Linear` in
-            the encoder/decoder blocks.
+        target_modules (`list[str]`, *optional*): regexes over module names; defaults to every `nn.Linear` and
+            `Conv1D` in the encoder/decoder blocks ([`default_targets`]). Each part of a fused projection (q, k, v of
+            `qkv_proj` / `c_attn` / `query_key_value`, gate and up of `gate_up_proj`, each expert of a known
+            mixture of experts) is pruned to the target on its own with `scope="layer"`.
         log_per_layer (`bool`, *optional*, defaults to `True`): log each pruned tensor's sparsity too.
 
     Example:
@@ -116,6 +119,7 @@ class GradualPruningCallback(TrainerCallback):
         self._pairs: list[tuple[str, torch.nn.Parameter, torch.Tensor]] = []
         self._active = False
         self._hooks: list = []
+        self._layouts: dict = {}
 
     @classmethod
     def from_args(cls, args: PruningArguments) -> GradualPruningCallback:
@@ -171,9 +175,11 @@ class GradualPruningCallback(TrainerCallback):
         weights = {name: p for name, p, _ in self._pairs}
         current = {name: m for name, _, m in self._pairs}
         if self.config.pruning_pattern is not None:
-            new = nm_masks(weights, self.config.pruning_pattern)
+            new = nm_masks(weights, self.config.pruning_pattern, layouts=self._layouts)
         else:
-            new = magnitude_masks(weights, sparsity, self.config.pruning_scope, current_masks=current)
+            new = magnitude_masks(
+                weights, sparsity, self.config.pruning_scope, current_masks=current, layouts=self._layouts
+            )
         for name, _, mask in self._pairs:
             mask.copy_(new[name])  # in place: the buffer object (and the cached pair) stays the same
         self._apply(optimizer)
@@ -212,6 +218,8 @@ class GradualPruningCallback(TrainerCallback):
         masks = attach_masks(model, names)
         params = dict(model.named_parameters(remove_duplicate=False))
         self._pairs = [(name, params[name], masks[name]) for name in names]
+        # Conv1D's input axis and the parts of fused projections / stacked experts, read once from the architecture.
+        self._layouts = weight_layouts(model, names)
         if state.global_step > 0:
             self._restore(args, state, model, optimizer)
         elif self._is_event(0) and self.sparsity_at(0) > 0:
@@ -265,9 +273,10 @@ class GradualPruningCallback(TrainerCallback):
         if state.is_world_process_zero and self._pairs:
             folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
             if os.path.isdir(folder):
-                tmp = os.path.join(folder, MASKS_NAME + ".tmp")
-                save_masks({name: mask for name, _, mask in self._pairs}, tmp)
-                os.replace(tmp, os.path.join(folder, MASKS_NAME))
+                from ..atomic import atomic_file
+
+                with atomic_file(os.path.join(folder, MASKS_NAME)) as tmp:  # whole or absent, mode 0o666 & ~umask
+                    save_masks({name: mask for name, _, mask in self._pairs}, tmp)
 
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):
         if logs is None or model is None or not self._pairs:

@@ -54,10 +54,11 @@ class QuantizationCallback(TrainerCallback):
 class QATCallback(TrainerCallback):
     r"""
     Quantization-aware fine-tuning: over the last `qat_fraction` of the optimizer steps, the weights that the
-    export will quantize are replaced in the forward pass by exactly what bitsandbytes will compute
-    ([`BnbFakeQuantize`] parametrizations; in 8-bit also LLM.int8's activation quantization), while the
-    gradient reaches the full-precision weights unchanged (straight-through estimator). At the end of training
-    the fake quantizers are removed; exporting then gives the fake-quantized model's logits.
+    export will quantize ([`quantization_targets`]) are replaced in the forward pass by exactly what the export will
+    compute ([`BnbFakeQuantize`] parametrizations, in 8-bit also LLM.int8's activation quantization; or, with
+    `backend="compressed-tensors"`, [`IntFakeQuantize`], a tied input embedding and the `lm_head` that reads it
+    included), while the gradient reaches the full-precision weights unchanged (straight-through estimator). At the
+    end of training the fake quantizers are removed; exporting then gives the fake-quantized model's logits.
 
     Args:
         quantization_args ([`QuantizationArguments`]): The export settings to train for, and `qat_fraction`.
@@ -77,8 +78,12 @@ class QATCallback(TrainerCallback):
         """First optimizer step trained with fake quantization: the last `fraction` of `max_steps`."""
         return max(0, min(max_steps - 1, int(round(max_steps * (1.0 - fraction)))))
 
-    def on_train_begin(self, args, state, control, **kwargs):
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
         self.start_step = self.start_step_for(state.max_steps, self.quantization_args.qat_fraction)
+        if model is not None and self.quantization_args.backend == "compressed-tensors":
+            from ..architectures import check_compressed_tensors
+
+            check_compressed_tensors(model)  # before the first step, not when fake quantization starts
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         if model is None or self.num_fake_quantized or state.global_step < self.start_step:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import json
 import os
 
 import torch
@@ -12,11 +11,12 @@ from transformers import TrainerCallback
 from ..pruning.structured import (
     StructuredPlan,
     attach_structured_masks,
+    check_batch,
     check_structures,
+    cut_and_check,
+    ffn_size,
     keep_for_parameter_budget,
     plan_masks,
-    prune_structures,
-    remove_structured_masks,
     select_structures,
     structured_importance,
 )
@@ -84,8 +84,10 @@ class StructuredPruningCallback(TrainerCallback):
         end_fraction (`float`, *optional*, defaults to `0.5`): share of `max_steps` by which all are masked.
         frequency (`int`, *optional*, defaults to `10`): optimizer steps between mask updates.
 
-    After training, `callback.plan` holds the plan and the importance scores; `on_train_end` also writes them to
-    `output_dir/structured_pruning.json` on the main process.
+    After training, `callback.plan` holds the plan, the importance scores and the self-check's figures
+    ([`~hf_compress.pruning.structured.check_structured_cut`]: pruned vs masked and reloaded vs masked on the first
+    calibration batch; beyond the tolerance `on_train_end` raises and writes nothing); `on_train_end` also writes
+    them to `output_dir/structured_pruning.json` on the main process.
     """
 
     def __init__(self, structures, keep: dict | None = None, target_params: int | None = None, calibration_batches: int = 16,
@@ -106,6 +108,7 @@ class StructuredPruningCallback(TrainerCallback):
         self.plan: StructuredPlan | None = None
         self._sizes: dict = {}
         self._end_step = None
+        self._check_batch: dict | None = None  # what the final cut is checked on
         self.history: list[tuple[int, float]] = []
 
     @classmethod
@@ -129,8 +132,9 @@ class StructuredPruningCallback(TrainerCallback):
             batches = first_batches(train_dataloader, self.calibration_batches)
         scores = structured_importance(model, batches, structures, self.layer_metric)
         self.plan = select_structures(model, scores, keep)
+        self._check_batch = check_batch(model, batches)
         cfg = model.config
-        self._sizes = {"ffn": cfg.intermediate_size, "hidden": cfg.hidden_size, "layers": cfg.num_hidden_layers,
+        self._sizes = {"ffn": ffn_size(model), "hidden": cfg.hidden_size, "layers": cfg.num_hidden_layers,
                        "heads": getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads}
         self._end_step = max(1, int(self.end_fraction * state.max_steps))
         self._apply(model, 0)
@@ -149,11 +153,9 @@ class StructuredPruningCallback(TrainerCallback):
     def on_train_end(self, args, state, control, model=None, **kwargs):
         if self.plan is None:
             return
-        remove_structured_masks(model)
-        prune_structures(model, self.plan)
+        # The cut is checked against the fully masked model (and its reload): a wrong cut stops here, loudly.
+        cut_and_check(model, self.plan, self._check_batch)
         if state.is_world_process_zero and args.output_dir:
-            os.makedirs(args.output_dir, exist_ok=True)
-            tmp = os.path.join(args.output_dir, REPORT_FILE + ".tmp")
-            with open(tmp, "w") as f:
-                json.dump({"schedule": self.history, **self.plan.to_dict()}, f)
-            os.replace(tmp, os.path.join(args.output_dir, REPORT_FILE))
+            from ..atomic import write_json
+
+            write_json(os.path.join(args.output_dir, REPORT_FILE), {"schedule": self.history, **self.plan.to_dict()})

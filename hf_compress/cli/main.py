@@ -15,6 +15,8 @@ import os
 import shlex
 import sys
 
+from ..redact import redact_command, redact_mapping, redact_value  # light: os and re only
+
 # Short spellings of the command line -> the dataclass field they set.
 ALIASES = {"--sparsity": "--target_sparsity"}
 YAML_ALIASES = {"sparsity": "target_sparsity"}
@@ -133,9 +135,11 @@ def parse(argv: list[str]):
     # argparse converts string defaults with the option's type only; YAML already gives typed values.
     *groups, rest = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False, return_remaining_strings=True)
     if rest:
-        raise UsageError(f"unknown options {' '.join(rest)}; see `hf-compress --help` for the options.")
+        raise UsageError(f"unknown options {' '.join(redact_command(rest))}; see `hf-compress --help` for the options.")
     recipe = _recipe(parser, argv, defaults, groups)
-    command = "hf-compress " + shlex.join((["demo"] if demo else []) + ([f"--config={config_path}"] if config_path else []) + argv)
+    # The card and report show this command: every token- or password-like option value is redacted.
+    shown = (["demo"] if demo else []) + ([f"--config={config_path}"] if config_path else []) + argv
+    command = "hf-compress " + shlex.join(redact_command(shown))
     return groups, recipe, command.strip()
 
 
@@ -154,11 +158,8 @@ def _recipe(parser, argv, defaults, groups) -> dict:
     for group in groups:
         for f in dataclasses.fields(group):
             if f.name in keep or (isinstance(group, ModelArguments) and f.name in ("train", "prune", "quantize", "evaluate", "qat")):
-                value = getattr(group, f.name)
-                if f.name in ("hub_token",):
-                    continue  # never write a token
-                recipe[f.name] = _plain(value)
-    return recipe
+                recipe[f.name] = _plain(getattr(group, f.name))
+    return redact_mapping(recipe)  # never write a token: secret options dropped, token-like values redacted
 
 
 def _plain(value):
@@ -256,12 +257,12 @@ def main(argv: list[str] | None = None) -> int:
                        command=command, recipe=recipe)
     except (UsageError, CompressionInputError, ValueError, TypeError, ImportError) as err:
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        print(f"hf-compress: error: {message}", file=sys.stderr)
+        print(f"hf-compress: error: {redact_value(message)}", file=sys.stderr)  # never a token on the console
         return 2
     try:
         report = run(plan)
     except CompressionInputError as err:  # found while preprocessing (e.g. no token left to predict)
-        print(f"hf-compress: error: {str(err).strip().splitlines()[0]}", file=sys.stderr)
+        print(f"hf-compress: error: {redact_value(str(err).strip().splitlines()[0])}", file=sys.stderr)
         return 2
     if report is not None:  # None on the non-main ranks of a distributed launch
         _print_summary(report, plan.output_dir, time.time() - start)

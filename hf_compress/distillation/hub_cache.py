@@ -178,7 +178,7 @@ def write_teacher_cache_folder(folder: str, teacher, dataset, tokenizer, task: s
     `folder` gets `README.md` (the card, with the key in its metadata) and `data/train-XXXXX-of-YYYYY.parquet`; it is
     written whole or not at all (a temporary folder renamed into place). Returns the key.
     """
-    from ..distributed import atomic_output_dir
+    from ..atomic import atomic_output_dir
     from .teacher import infer_task
 
     task = task or infer_task(teacher)

@@ -2,6 +2,11 @@
 
 The folder is only read: a failed push leaves it whole and the same call can simply be repeated. The token is
 passed to `huggingface_hub` and never put into a message, a log line or a file.
+
+A failed push or a failed verification leaves the remote as it was before the call: a repo that this call created
+is deleted; in a repo that existed, a verified push commits to a temporary branch, verifies that commit and only
+then commits the same files to `main` (whose head it checks has not moved), so `main` never holds an unverified
+commit. The error says in one line which of these happened.
 """
 
 from __future__ import annotations
@@ -44,11 +49,13 @@ def _resolve_endpoint(endpoint: str | None) -> str:
 
 
 def _local_files(folder: str) -> list[str]:
+    from ..atomic import is_temporary_name
+
     files = []
     for dirpath, dirnames, names in os.walk(folder):
-        dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS and not d.startswith(".tmp"))
+        dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS and not is_temporary_name(d))
         for name in sorted(names):
-            if name.startswith((".tmp", ".report-")):
+            if is_temporary_name(name):  # temporary files and the local ownership marker stay local
                 continue
             files.append(os.path.relpath(os.path.join(dirpath, name), folder).replace(os.sep, "/"))
     return files
@@ -115,10 +122,12 @@ def push_to_hub(
         [`PushResult`]: the commit id and URL, the files, and the verification figures.
 
     Raises:
-        `HubPushError`: the server is down, refused the token (401), or failed (500): one line; nothing was
-            committed and the local folder is unchanged, so the same call can be retried.
+        `HubPushError`: the server is down, refused the token (401), failed (500), or the verification failed: one
+            line, which ends by saying where the remote stands. The remote is as it was before the call (a repo this
+            call created is deleted; an existing repo's `main` is not moved) and the local folder is unchanged, so
+            the same call can be retried.
     """
-    from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
     from huggingface_hub.utils import validate_repo_id
 
@@ -139,20 +148,75 @@ def push_to_hub(
     files = _local_files(folder)
 
     api = HfApi(endpoint=endpoint, token=token)
+    state = {"created": False, "branch": None}
     try:
-        api.create_repo(repo_id, private=private, exist_ok=True)
-        # One `create_commit` with every file: the Hub gets a single commit, or none if anything fails before it.
-        operations = [CommitOperationAdd(path_in_repo=f, path_or_fileobj=os.path.join(folder, f)) for f in files]
-        info = api.create_commit(repo_id, operations, commit_message=commit_message)
-    except HfHubHTTPError as err:
-        raise HubPushError(_describe_failure(err, endpoint, token)) from None
-    except _transport_errors() as err:
-        raise HubPushError(_describe_failure(err, endpoint, token)) from None
-    logger.info("Pushed %d files of %s to %s/%s at %s", len(files), folder, endpoint, repo_id, info.oid)
-    result = PushResult(repo_id=repo_id, endpoint=endpoint, commit_oid=info.oid, commit_url=info.commit_url, files=files)
-    if verify:
-        result.verified = verify_pushed(folder, repo_id, revision=info.oid, endpoint=endpoint, token=token, atol=verify_atol)
+        result = _push(api, folder, repo_id, files, private, verify, commit_message, endpoint, token, verify_atol, state)
+    except HubPushError as err:
+        raise HubPushError(f"{err} {_rollback(api, repo_id, state)}") from None
+    except (HfHubHTTPError, *_transport_errors()) as err:
+        raise HubPushError(f"{_describe_failure(err, endpoint, token)} {_rollback(api, repo_id, state)}") from None
+    except ValueError as err:  # e.g. the client's own README metadata check, before any upload
+        reason = " ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
+        raise ValueError(f"{reason} {_rollback(api, repo_id, state)}") from None
+    except BaseException:  # interrupted (Ctrl-C) or a bug: still undo what this call did
+        _rollback(api, repo_id, state)
+        raise
+    logger.info("Pushed %d files of %s to %s/%s at %s", len(files), folder, endpoint, repo_id, result.commit_oid)
     return result
+
+
+def _push(api, folder, repo_id, files, private, verify, commit_message, endpoint, token, verify_atol, state) -> PushResult:
+    """The push itself; `state` records what to undo on failure (`created`: the repo; `branch`: the upload branch)."""
+    import uuid
+
+    from huggingface_hub import CommitOperationAdd
+
+    def operations():  # fresh objects for each commit (the client records upload state on them)
+        return [CommitOperationAdd(path_in_repo=f, path_or_fileobj=os.path.join(folder, f)) for f in files]
+
+    if not api.repo_exists(repo_id):
+        api.create_repo(repo_id, private=private, exist_ok=False)
+        state["created"] = True  # from here on, a failure deletes the repo again
+    if verify and not state["created"]:
+        # An existing repo: stage the commit on a branch, verify it there, and only then move `main`.
+        head = next(b.target_commit for b in api.list_repo_refs(repo_id).branches if b.name == "main")
+        branch = f"hf-compress-upload-{uuid.uuid4().hex[:12]}"
+        api.create_branch(repo_id, branch=branch, revision=head)
+        state["branch"] = branch
+        staged = api.create_commit(repo_id, operations(), commit_message=commit_message, revision=branch,
+                                   parent_commit=head)
+        verified = verify_pushed(folder, repo_id, revision=staged.oid, endpoint=endpoint, token=token, atol=verify_atol)
+        # One commit on `main` with the same files; `parent_commit` makes it fail if `main` moved meanwhile.
+        info = api.create_commit(repo_id, operations(), commit_message=commit_message, parent_commit=head)
+        state["branch"] = None
+        try:
+            api.delete_branch(repo_id, branch=branch)
+        except Exception as err:  # main holds the verified files already: a leftover branch is only untidy
+            logger.warning("Pushed and verified, but the upload branch %s of %s was not deleted (%s).", branch, repo_id,
+                           type(err).__name__)
+    else:
+        # One `create_commit` with every file: the Hub gets a single commit, or none if anything fails before it.
+        info = api.create_commit(repo_id, operations(), commit_message=commit_message)
+        verified = None
+        if verify:  # a repo this call created: a failure deletes it whole
+            verified = verify_pushed(folder, repo_id, revision=info.oid, endpoint=endpoint, token=token, atol=verify_atol)
+    return PushResult(repo_id=repo_id, endpoint=endpoint, commit_oid=info.oid, commit_url=info.commit_url, files=files,
+                      verified=verified)
+
+
+def _rollback(api, repo_id: str, state: dict) -> str:
+    """Undo what a failed push did (see the module docstring); returns the sentence that says what the remote is now."""
+    try:
+        if state.get("created"):
+            api.delete_repo(repo_id)
+            return f"The repo {repo_id} that this push created was deleted again."
+        if state.get("branch"):
+            api.delete_branch(repo_id, branch=state["branch"])
+            return f"`main` of {repo_id} was not moved (the upload branch was deleted)."
+    except Exception as err:  # the message must still say where the remote stands
+        what = f"delete the repo {repo_id}" if state.get("created") else f"delete the branch {state['branch']} of {repo_id}"
+        return f"Undoing it failed too ({type(err).__name__}): {what} by hand."
+    return f"{repo_id} is as it was (nothing was committed to `main`)."
 
 
 def _sha256(path: str) -> str:
@@ -247,9 +311,11 @@ def verify_pushed(folder: str, repo_id: str, revision: str, endpoint: str | None
     for name in sample["metrics"]:
         metrics.update(load_metric(name).compute(predictions=preds, references=sample["labels"]))
     if preds != sample["predictions"] or diff > atol or any(abs(metrics[k] - v) > 1e-9 for k, v in sample["metrics"].items()):
+        changed = sum(p != q for p, q in zip(preds, sample["predictions"]))
         raise HubPushError(
-            f"Verification failed: the downloaded model gives {metrics} (max logit diff {diff:.2e}) on the "
-            f"{len(preds)} recorded examples, the report says {sample['metrics']}."
+            f"Verification failed: the downloaded model gives {metrics} (max logit diff {diff:.2e}, {changed} of "
+            f"{len(preds)} predictions differ from the recorded ones) on the {len(preds)} recorded examples, the "
+            f"report says {sample['metrics']}."
         )
     return {"files_checked": len(local_files), "examples": len(preds), "metrics": metrics,
             "recorded_metrics": sample["metrics"], "max_abs_logit_diff": diff}

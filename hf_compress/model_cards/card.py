@@ -28,6 +28,18 @@ def base_model_relation(report: dict) -> str:
     return "quantized" if report.get("quantization") else "finetune"
 
 
+def format_tags(report: dict) -> list[str]:
+    """Hub tags of the format actually written: the quantization method read from the saved `quantization_config`
+    (`bitsandbytes` with `8-bit` / `4-bit`, or `compressed-tensors`), nothing for dense or bitmask weights."""
+    quant = report.get("quantization") or {}
+    method = quant.get("method")
+    if method == "bitsandbytes":
+        return ["bitsandbytes"] + [f"{b}-bit" for b in quant.get("bits") or []]
+    if method == "compressed-tensors":
+        return ["compressed-tensors"]
+    return []
+
+
 def _fmt_bytes(n) -> str:
     return "n/a" if n is None else f"{n / 1e6:.1f} MB"
 
@@ -174,7 +186,7 @@ def build_model_card(
                 ))
 
     techniques = list(report.get("techniques") or [])
-    all_tags = ["hf-compress"] + [t for t in techniques if t] + (["bitsandbytes"] if report.get("quantization") else [])
+    all_tags = ["hf-compress"] + [t for t in techniques if t] + format_tags(report)
     for t in tags or []:
         if t not in all_tags:
             all_tags.append(t)
@@ -243,6 +255,8 @@ def build_model_card(
         table=table,
         plot_file=plot_file,
         quantization=report.get("quantization"),
+        loaders=report.get("loaders"),
+        serving=report.get("serving"),
         sparsest_layers=[(k, f"{v:.4f}") for k, v in shown] if any(v > 0 for v in per_layer.values()) else None,
         global_sparsity=_fmt(report["sparsity"].get("global")),
         linear_sparsity=_fmt(report["sparsity"].get("linear_weights")),

@@ -92,6 +92,102 @@ def format_note(report: dict, folder=None) -> str:
     }[info["format"]]
 
 
+# vLLM's code as read for the serving claims (not run: no vLLM is installed here). Its Llama builds the input
+# embedding as `VocabParallelEmbedding(vocab_size, hidden_size, org_num_embeddings=...)`, with no quant config and no
+# prefix, and a tied head as `self.lm_head.weight = self.model.embed_tokens.weight` (vllm/model_executor/models/llama.py
+# at commit 0035bdf2b1ac243ef6f31eef27411b022461df8e), so a checkpoint whose `embed_tokens` is stored as
+# `weight_packed` / `weight_scale` has no parameter to load into. Its compressed-tensors WNA16 scheme runs int4 / int8
+# weights (`WNA16_SUPPORTED_BITS = [4, 8]`, schemes/compressed_tensors_wNa16.py) on the Marlin kernels:
+# `MARLIN_SUPPORTED_GROUP_SIZES = [-1, 32, 64, 128]` (-1: one scale per row) and, per tensor-parallel shard,
+# out_features % 64 == 0 and in_features % 128 == 0 (`GPTQ_MARLIN_MIN_THREAD_N`, `GPTQ_MARLIN_MIN_THREAD_K`,
+# vllm/model_executor/layers/quantization/utils/marlin_utils.py at commit 007d50058a06dec0f82472d63c819244d460c40d).
+VLLM_SOURCE = ("vLLM source read (not run): models/llama.py @ 0035bdf2, quantization/compressed_tensors/schemes/"
+               "compressed_tensors_wNa16.py, quantization/utils/marlin_utils.py @ 007d5005")
+VLLM_ARCHITECTURES_READ = ("LlamaForCausalLM",)
+MARLIN_MIN_OUT, MARLIN_MIN_IN = 64, 128
+
+
+_EMBEDDING_NAMES = ("embed_tokens", "word_embeddings", "wte", "wpe", "position_embeddings", "token_type_embeddings",
+                    "embed_positions")
+
+
+def _export_info(folder: str) -> dict:
+    from ..quantization.export import REPORT_FILE
+
+    try:
+        with open(os.path.join(folder, REPORT_FILE)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def vllm_support(folder: str) -> dict:
+    """
+    Whether vLLM serves the checkpoint in `folder`, from what was read in vLLM's code ([`VLLM_SOURCE`]):
+    `{"serves": True | False | None, "why": str, "source": str}`; `None` is "not established" (not read or not run),
+    never assumed either way.
+    """
+    from ..quantization.config import VLLM_GROUP_SIZES
+    from .files import describe_stored
+
+    fmt = checkpoint_format(folder)
+    config = _config(folder)
+    arch = (config.get("architectures") or [None])[0]
+    out = {"source": VLLM_SOURCE}
+    if fmt["format"] == "bitmask":
+        return {**out, "serves": False, "why": "`hf_compress_bitmask` is hf_compress' own format; vLLM has no loader for it."}
+    if fmt["format"] == "bitsandbytes" and fmt["low_bit_embeddings"]:
+        return {**out, "serves": False, "why": "the low-bit embedding tables sit in `quantized_embeddings.safetensors`, "
+                                              "hf_compress' own file, behind empty sentinels in `model.safetensors`."}
+    if fmt["format"] != "compressed-tensors":
+        return {**out, "serves": None, "why": f"not checked: vLLM's loader for {fmt['format']} checkpoints was not read or run here."}
+    qc = config.get("quantization_config") or {}
+    stored = describe_stored(folder)
+    packed = {n: m for n, m in stored["modules"].items() if "shape" in m}
+    embeddings = set(_export_info(folder).get("quantized_embeddings") or ())
+    embeddings |= {n for n in packed if n.rsplit(".", 1)[-1] in _EMBEDDING_NAMES}
+    if embeddings & set(packed):
+        name = sorted(embeddings & set(packed))[0]
+        return {**out, "serves": False, "why": f"the input embedding is stored quantized (`{name}.weight_packed`): vLLM's "
+                "Llama builds its embedding without a quantization config, so those weights have nowhere to load, and a "
+                "tied `lm_head` reads the embedding's `weight`. Export without `--quantize_embeddings` for vLLM."}
+    for group in (qc.get("config_groups") or {}).values():
+        w = group.get("weights") or {}
+        if w.get("num_bits") not in (4, 8) or not w.get("symmetric", False):
+            return {**out, "serves": False, "why": f"{w.get('num_bits')}-bit {'symmetric' if w.get('symmetric') else 'asymmetric'} "
+                    "weights: vLLM's WNA16 scheme runs symmetric 4 and 8 bits."}
+        if w.get("group_size") not in VLLM_GROUP_SIZES:
+            return {**out, "serves": False, "why": f"group_size {w.get('group_size')}: vLLM's Marlin kernels run "
+                    + ", ".join("per-channel" if g is None else str(g) for g in VLLM_GROUP_SIZES) + "."}
+    bad = sorted(n for n, m in packed.items() if m["shape"][0] % MARLIN_MIN_OUT or m["shape"][1] % MARLIN_MIN_IN)
+    if bad:
+        return {**out, "serves": None, "why": f"not established: {len(bad)} quantized layers (e.g. `{bad[0]}`) miss Marlin's "
+                f"shape rule (out % {MARLIN_MIN_OUT}, in % {MARLIN_MIN_IN}); vLLM may choose another kernel, not read here."}
+    if arch not in VLLM_ARCHITECTURES_READ:
+        return {**out, "serves": None, "why": f"the format is one vLLM's WNA16 scheme runs; its `{arch}` model code was not read here."}
+    return {**out, "serves": True, "why": "Linear-only pack-quantized int weights with a group size and layer shapes vLLM's "
+            "WNA16 / Marlin path runs, embedding and `lm_head` in 16-bit (read in vLLM's code, not run here)."}
+
+
+def serving_engines(folder: str, loaders: dict | None = None) -> dict:
+    """
+    The engines the folder is for, each `{"serves": True | False | None, "why", "source"}`: transformers from the
+    loaders check (measured by loading the folder), vLLM from its code as read ([`vllm_support`]).
+    """
+    engines = {}
+    if loaders:
+        plain = {k: v for k, v in loaders.items() if k in PLAIN_LOADERS}
+        ok = bool(plain) and all(v["ok"] for v in plain.values())
+        own = [k for k in loaders if k not in PLAIN_LOADERS and loaders[k]["ok"]]
+        why = ("plain `from_pretrained` and `pipeline()` load it and reproduce the trained model's logits" if ok else
+               "plain loaders: " + "; ".join(f"{k} {v.get('status', 'error')}" for k, v in plain.items()))
+        if own:
+            why += "; " + ", ".join(f"`{k}`" for k in own) + " reproduces them"
+        engines["transformers"] = {"serves": ok or bool(own), "why": why + ".", "source": "checked by loading the written folder"}
+    engines["vLLM"] = vllm_support(folder)
+    return engines
+
+
 def python_without_hf_compress() -> list[str]:
     """A command prefix running Python with the installed packages but without hf_compress importable: no site
     processing (so no editable-install hook), site-packages appended by hand; run it with a `cwd` outside the repo."""
@@ -130,11 +226,53 @@ def main_logits(output):
     return torch.stack([output.start_logits, output.end_logits], -1)
 
 
-def check_loaders(folder: str, texts: list[str], reference_logits, atol: float = 1e-4) -> dict:
+# Max |logit difference| allowed between a loader's output and the trained in-memory model (under the export's fake
+# quantization when quantized), relative to the logit scale `max(1, max |reference logit|)`. What bounds each:
+# - dense, bitmask: the same float weights through the same kernels; only float reassociation differs (1e-5).
+# - compressed-tensors: the loader dequantizes to exactly the weights `IntFakeQuantize` computes (bit for bit,
+#   tested), then runs the same float forward (1e-5).
+# - bitsandbytes through `load_quantized`: the float32 reference path that `BnbFakeQuantize` replays op for op; LLM.int8
+#   rounds activations to int8 per row at run time, so a one-ulp float difference upstream can move an activation one
+#   int8 step (1e-4).
+# - bitsandbytes 4-bit through plain `from_pretrained` / `pipeline()`: those may take bitsandbytes' AVX512-BF16 CPU
+#   kernel, which rounds activations and block scales to bfloat16 (8-bit mantissa, 2^-8 ~ 4e-3 per product,
+#   accumulated over a layer stack), so 2e-2; 8-bit through them runs the same LLM.int8 kernels (1e-4).
+# - bitsandbytes in a bf16 / fp16 model: the replay and bitsandbytes' kernels round the 16-bit activations at different
+#   points (LLM.int8 casts them to float16 first), so they differ by a few units in the last place of the model's
+#   dtype: at least 2 x its machine epsilon (bf16: 1.6e-2, fp16: 2e-3; 3.9e-3 measured on a tiny bf16 Llama).
+RELATIVE_LOGIT_TOLERANCE = {"dense": 1e-5, "bitmask": 1e-5, "compressed-tensors": 1e-5, "bitsandbytes": 1e-4}
+BNB_4BIT_BF16_KERNEL_TOLERANCE = 2e-2
+PLAIN_LOADERS = ("from_pretrained (without hf_compress)", "pipeline()")
+
+
+def logit_tolerance(fmt: str, loader: str, logit_scale: float, bits: int | None = None, dtype=None) -> float:
+    """The absolute logit tolerance of `loader` reading a `fmt` checkpoint of a model whose logits come in `dtype`
+    ([`RELATIVE_LOGIT_TOLERANCE`] times the logit scale `max(1, logit_scale)`)."""
+    import torch
+
+    relative = RELATIVE_LOGIT_TOLERANCE[fmt]
+    if fmt == "bitsandbytes" and bits == 4 and loader in PLAIN_LOADERS:
+        relative = BNB_4BIT_BF16_KERNEL_TOLERANCE
+    if fmt == "bitsandbytes" and dtype in (torch.bfloat16, torch.float16):
+        relative = max(relative, 2 * torch.finfo(dtype).eps)
+    return relative * max(1.0, float(logit_scale))
+
+
+def _bits(folder: str) -> int | None:
+    qc = _config(folder).get("quantization_config") or {}
+    return 4 if qc.get("load_in_4bit") else 8 if qc.get("load_in_8bit") else None
+
+
+def check_loaders(folder: str, texts: list[str], reference_logits, atol: float | None = None) -> dict:
     """
     Load `folder` with every loader and compare the logits of `texts` (tokenized by the folder's tokenizer) with
-    `reference_logits`. Returns `{loader: {"ok": bool, "max_abs_logit_diff" or "error"}}` for
-    `from_pretrained (without hf_compress)` (a clean subprocess), `pipeline()` and the hf_compress loader.
+    `reference_logits` (in the model's dtype, which sets the tolerance of 16-bit bitsandbytes models), which should come from the trained in-memory model (under the export's fake quantization
+    when the folder is quantized): what the written files must reproduce.
+
+    Returns `{loader: {...}}` for `from_pretrained (without hf_compress)` (a clean subprocess), `pipeline()` and the
+    hf_compress loader: `ok`, `status` (`match`; `mismatch`, the failure that matters: it loads and computes something
+    else; or `error`, a loud refusal), `max_abs_logit_diff` and `tolerance` (`atol`, or [`logit_tolerance`] of the
+    folder's format), or `error`.
     """
     import tempfile
 
@@ -143,17 +281,26 @@ def check_loaders(folder: str, texts: list[str], reference_logits, atol: float =
     folder = os.path.abspath(folder)
     info = checkpoint_format(folder)
     auto = auto_class_name((_config(folder).get("architectures") or [None])[0])
+    dtype = reference_logits.dtype if isinstance(reference_logits, torch.Tensor) else torch.float32
     ref = torch.as_tensor(reference_logits, dtype=torch.float32)
+    scale = float(ref.abs().max()) if ref.numel() else 1.0
+    bits = _bits(folder)
     out = {}
 
-    def compare(logits):
-        diff = float((torch.as_tensor(logits, dtype=torch.float32) - ref).abs().max())
-        return {"ok": diff <= atol, "max_abs_logit_diff": diff}
+    def compare(logits, loader):
+        tol = atol if atol is not None else logit_tolerance(info["format"], loader, scale, bits, dtype)
+        logits = torch.as_tensor(logits, dtype=torch.float32)
+        if logits.shape != ref.shape:
+            return {"ok": False, "status": "mismatch", "error": f"logits of shape {list(logits.shape)}, expected {list(ref.shape)}",
+                    "tolerance": tol}
+        diff = float((logits - ref).abs().max())
+        ok = diff <= tol  # NaN compares False: a failure
+        return {"ok": ok, "status": "match" if ok else "mismatch", "max_abs_logit_diff": diff, "tolerance": tol}
 
     code = (f"import json, torch, transformers\nfrom transformers import AutoTokenizer\n"
             f"tok = AutoTokenizer.from_pretrained({folder!r})\n"
             f"try:\n    m = transformers.{auto}.from_pretrained({folder!r}).eval()\n"
-            f"    with torch.no_grad():\n        o = m(**tok({texts!r}, padding=True, return_tensors='pt'))\n"
+            f"    with torch.no_grad():\n        o = m(**tok({texts!r}, padding=True, truncation=True, return_tensors='pt'))\n"
             f"    l = o.logits if getattr(o, 'logits', None) is not None else torch.stack([o.start_logits, o.end_logits], -1)\n"
             f"    print('RESULT', json.dumps({{'logits': l.tolist()}}))\n"
             f"except Exception as e:\n    print('RESULT', json.dumps({{'error': type(e).__name__ + ': ' + str(e).splitlines()[0][:200]}}))\n")
@@ -162,7 +309,7 @@ def check_loaders(folder: str, texts: list[str], reference_logits, atol: float =
     line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
     result = json.loads(line[7:]) if line else {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:200]}
     key = "from_pretrained (without hf_compress)"
-    out[key] = compare(result["logits"]) if "logits" in result else {"ok": False, "error": result["error"]}
+    out[key] = compare(result["logits"], key) if "logits" in result else {"ok": False, "status": "error", "error": result["error"]}
 
     from transformers import AutoTokenizer, pipeline
 
@@ -172,15 +319,15 @@ def check_loaders(folder: str, texts: list[str], reference_logits, atol: float =
         try:
             pipe = pipeline(task, model=folder, tokenizer=tok)
             with torch.no_grad():
-                logits = main_logits(pipe.model(**tok(texts, padding=True, return_tensors="pt")))
-            out["pipeline()"] = compare(logits)
+                logits = main_logits(pipe.model(**tok(texts, padding=True, truncation=True, return_tensors="pt")))
+            out["pipeline()"] = compare(logits, "pipeline()")
         except Exception as err:  # the expected loud errors are recorded, not raised
-            out["pipeline()"] = {"ok": False, "error": f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"}
+            out["pipeline()"] = {"ok": False, "status": "error", "error": f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"}
     if info["format"] in ("bitmask", "bitsandbytes"):
         from ..hub.push import load_checkpoint
 
         name = "load_compressed" if info["format"] == "bitmask" else "load_quantized"
         model = load_checkpoint(folder)
         with torch.no_grad():
-            out[name] = compare(main_logits(model(**tok(texts, padding=True, return_tensors="pt"))))
+            out[name] = compare(main_logits(model(**tok(texts, padding=True, truncation=True, return_tensors="pt"))), name)
     return out

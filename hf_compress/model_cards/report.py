@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import re
 
 import torch
 
+from ..atomic import OUTPUT_MARKER
 from ..quantization.precision import precision_summary
 
 REPORT_NAME = "compression_report.json"
@@ -30,7 +31,8 @@ def checkpoint_bytes(folder: str) -> dict:
 
     Returns:
         `dict`: `weights_bytes` (weight files: `*.safetensors`, `*.bin`, ...), `total_bytes` (every file, the
-        report and card excluded so that the numbers do not depend on themselves) and `weight_files`.
+        report, card and ownership marker excluded so that the numbers do not depend on themselves) and
+        `weight_files`.
     """
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"Checkpoint folder {folder!r} does not exist; save the model there first.")
@@ -38,7 +40,7 @@ def checkpoint_bytes(folder: str) -> dict:
     files = []
     for dirpath, _, names in os.walk(folder):
         for name in sorted(names):
-            if name in (REPORT_NAME, "README.md") or name.endswith(".png"):
+            if name in (REPORT_NAME, "README.md", OUTPUT_MARKER) or name.endswith(".png"):
                 continue
             size = os.path.getsize(os.path.join(dirpath, name))
             total += size
@@ -137,11 +139,34 @@ def weight_stats(model: torch.nn.Module) -> dict:
     }
 
 
+def _tied_labels(model: torch.nn.Module, precision: dict) -> dict:
+    """Add `"lm_head (tied to model.embed_tokens)"` to the group of the module a tied weight is stored under: the
+    files store a tied tensor once, and the card names the module that reads it too."""
+    owner: dict[int, str] = {}
+    for mod_name, module in model.named_modules():
+        for _, p in module.named_parameters(recurse=False):
+            if id(p) not in owner:
+                owner[id(p)] = mod_name
+                continue
+            first = re.sub(r"\.\d+(?=\.|$)", ".*", owner[id(p)])
+            for group in precision.values():
+                if first in group["modules"] and f"{mod_name} (tied to {owner[id(p)]})" not in group["modules"]:
+                    group["modules"].append(f"{mod_name} (tied to {owner[id(p)]})")
+    return precision
+
+
 def quantization_summary(model: torch.nn.Module, folder: str | None = None) -> dict | None:
     """
-    What was quantized: the `quantization_config` of the saved `config.json` (or of `model.config`) and the
-    bitsandbytes layers found in the model. `None` when nothing is quantized.
+    What was quantized, read from the written files where there are any ([`describe_stored`]: the safetensors headers
+    and `config.json`'s `quantization_config`), else from the model (its `quantization_config` and bitsandbytes
+    layers). `None` when nothing is quantized.
+
+    `num_quantized_modules` counts the modules whose weight is stored quantized; `precision` gives, for each storage
+    kind (`int8`, `int4`, `nf4 (4-bit)`, ..., or a dtype), the parameters stored that way and the modules holding
+    them; scales, zero points, shapes and quantization states are not parameters (`auxiliary_tensors`).
     """
+    from .files import describe_stored
+
     qconfig = None
     if folder and os.path.isfile(os.path.join(folder, "config.json")):
         with open(os.path.join(folder, "config.json")) as f:
@@ -153,26 +178,52 @@ def quantization_summary(model: torch.nn.Module, folder: str | None = None) -> d
         if cfg is not None:
             qconfig = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
     modules = {n: type(m).__name__ for n, m in model.named_modules() if type(m).__name__ in _BNB_BITS}
-    if qconfig is None and not modules:
+    stored = describe_stored(folder) if folder and os.path.isdir(folder) else None
+    if stored is not None and not stored["parameters"]:
+        stored = None  # no safetensors file (e.g. `.bin` only): describe the model instead
+    if qconfig is None and not modules and not (stored and stored["quantized"]):
         return None
-    bits = sorted({_BNB_BITS[c] for c in modules.values()})
-    if not bits and qconfig and qconfig.get("quant_method") == "compressed-tensors":
-        bits = sorted({g["weights"]["num_bits"] for g in (qconfig.get("config_groups") or {}).values() if g.get("weights")})
-    if not bits and qconfig:
-        bits = [4] if qconfig.get("load_in_4bit") else [8] if qconfig.get("load_in_8bit") else []
-    skipped = (qconfig or {}).get("llm_int8_skip_modules") or []
-    return {
-        "method": (qconfig or {}).get("quant_method", "bitsandbytes"),
+    method = (qconfig or {}).get("quant_method", "bitsandbytes")
+    ct = method == "compressed-tensors"
+    if stored is not None:
+        kinds = sorted({m["stored_as"] for m in stored["modules"].values() if m["stored_as"] in stored["quantized"]})
+        bits = sorted({4 if "4" in k else 8 for k in kinds})
+        quantized = sorted(n for n, m in stored["modules"].items() if m["stored_as"] in stored["quantized"])
+        # bitsandbytes: the layer classes a user gets back; compressed-tensors: the stored scheme (transformers
+        # rebuilds plain `nn.Linear` / `nn.Embedding` layers).
+        types = sorted(set(modules.values())) if modules and not ct else [f"{k} {(qconfig or {}).get('format', 'pack-quantized')}" if ct else k for k in kinds]
+        precision = _tied_labels(model, stored["precision"])
+    else:
+        bits = sorted({_BNB_BITS[c] for c in modules.values()})
+        if not bits and ct:
+            bits = sorted({g["weights"]["num_bits"] for g in (qconfig.get("config_groups") or {}).values() if g.get("weights")})
+        if not bits and qconfig:
+            bits = [4] if qconfig.get("load_in_4bit") else [8] if qconfig.get("load_in_8bit") else []
+        quantized, types, precision = sorted(modules), sorted(set(modules.values())), precision_summary(model)
+    skipped = (qconfig or {}).get("ignore" if ct else "llm_int8_skip_modules") or []
+    groups = [g["weights"] for g in ((qconfig or {}).get("config_groups") or {}).values() if g.get("weights")] if ct else []
+    if ct:
+        quant_type = "int (symmetric)" if all(g.get("symmetric") for g in groups) else "int"
+    else:
+        quant_type = (qconfig or {}).get("bnb_4bit_quant_type") if 4 in bits else "int8" if 8 in bits else None
+    out = {
+        "method": method,
         "bits": bits,
-        "quant_type": (qconfig or {}).get("bnb_4bit_quant_type") if 4 in bits else "int8" if 8 in bits else None,
-        "double_quant": (qconfig or {}).get("bnb_4bit_use_double_quant") if 4 in bits else None,
-        "num_quantized_modules": len(modules),
-        "quantized_module_types": sorted(set(modules.values())),
+        "quant_type": quant_type,
+        "double_quant": (qconfig or {}).get("bnb_4bit_use_double_quant") if 4 in bits and not ct else None,
+        "num_quantized_modules": len(quantized),
+        "quantized_module_types": types,
+        "quantized_modules": quantized,
         "skip_modules": list(skipped),
-        # What each weight is stored in (int8, nf4, bfloat16, ...), tied weights named once.
-        "precision": precision_summary(model),
+        # What each weight is stored in (int8, int4, nf4, bfloat16, ...), tied weights named once.
+        "precision": precision,
         "quantization_config": qconfig,
     }
+    if ct:
+        out["group_size"] = sorted({g.get("group_size") for g in groups}, key=lambda g: -1 if g is None else g)
+    if stored is not None:
+        out["auxiliary_tensors"] = stored["auxiliary"]
+    return out
 
 
 def _batches(dataset, tokenizer, batch_size: int):
@@ -356,9 +407,14 @@ def build_report(
     compressed_files = checkpoint_bytes(output_dir)
     base_files = checkpoint_bytes(base_dir) if base_dir is not None else None
 
+    from .files import describe_stored
+
     stats = weight_stats(model)
     base_stats = weight_stats(base_model) if base_model is not None else None
     quant = quantization_summary(model, output_dir)
+    # The model's parameters as the files store them (logical weights, tied ones once; never scales, zero points or
+    # shapes, which a reloaded compressed-tensors model holds as parameters); the model's own count without safetensors.
+    stored_params = describe_stored(output_dir)["parameters"] or stats["parameters"]
 
     if eval_dataset is not None:
         if compressed_metrics is None:
@@ -378,7 +434,7 @@ def build_report(
         size.update(base_weights_bytes=base_files["weights_bytes"], base_total_bytes=base_files["total_bytes"],
                     ratio=round(base_files["weights_bytes"] / compressed_files["weights_bytes"], 4))
     # The bits each logical weight costs on disk: what a reader of the card compares across formats.
-    size["bits_per_weight_on_disk"] = round(8 * compressed_files["weights_bytes"] / stats["parameters"], 4)
+    size["bits_per_weight_on_disk"] = round(8 * compressed_files["weights_bytes"] / stored_params, 4)
     if base_files and base_stats:
         size["base_bits_per_weight_on_disk"] = round(8 * base_files["weights_bytes"] / base_stats["parameters"], 4)
 
@@ -395,7 +451,7 @@ def build_report(
         "architecture": type(model).__name__,
         "techniques": found,
         "size": size,
-        "parameters": {"compressed": stats["parameters"], "base": base_stats["parameters"] if base_stats else None},
+        "parameters": {"compressed": stored_params, "base": base_stats["parameters"] if base_stats else None},
         "nonzeros": {"compressed": stats["nonzeros"], "base": base_stats["nonzeros"] if base_stats else None},
         "sparsity": {
             "global": stats["sparsity"],
@@ -420,18 +476,11 @@ def build_report(
 
 
 def save_report(report: dict, output_dir: str) -> str:
-    """Write `report` to `<output_dir>/compression_report.json` through a temporary file (never half written)."""
-    path = os.path.join(output_dir, REPORT_NAME)
-    fd, tmp = tempfile.mkstemp(prefix=".report-", suffix=".json", dir=output_dir)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(report, f, indent=2, sort_keys=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    """Write `report` to `<output_dir>/compression_report.json` through a temporary file (never half written), with
+    the ordinary mode `0o666 & ~umask` ([`hf_compress.atomic.write_json`])."""
+    from ..atomic import write_json
+
+    return write_json(os.path.join(output_dir, REPORT_NAME), report, indent=2, sort_keys=False)
 
 
 def load_report(folder: str) -> dict:

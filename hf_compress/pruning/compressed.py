@@ -11,8 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
-import tempfile
+import logging
 
 import torch
 
@@ -24,6 +23,7 @@ SAFE_WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_NAME = "model.compressed.safetensors"
 FORMAT = "hf_compress.bitmask.v1"
 FORMAT_V2 = "hf_compress.bitmask.v2"
+logger = logging.getLogger(__name__)
 _INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
@@ -65,26 +65,12 @@ def size_report(model: torch.nn.Module) -> dict:
     return {"dense_bytes": dense // 8, "information_limit_bytes": -(-limit // 8)}
 
 
-def _write_atomic(output_dir: str, write) -> None:
-    output_dir = os.path.abspath(output_dir)
-    parent = os.path.dirname(output_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-compressed-", dir=parent)
-    try:
-        write(tmp)
-        if not os.path.exists(output_dir):
-            os.rename(tmp, output_dir)
-            return
-        for name in os.listdir(tmp):
-            os.replace(os.path.join(tmp, name), os.path.join(output_dir, name))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def save_compressed(model: torch.nn.Module, output_dir: str, tokenizer=None) -> dict:
     """
-    Save `model` (its config and weights) in the bitmask + nonzero-values format. Written to a temporary
-    folder first and moved into place, so a failure never leaves half a checkpoint. The dense
+    Save `model` (its config and weights) in the bitmask + nonzero-values format. Written to a new folder beside
+    `output_dir` and swapped in whole ([`hf_compress.atomic.atomic_output_dir`]): a failure never leaves half a
+    checkpoint, and nothing of an older save in `output_dir` survives (no stale shard, index, tokenizer file or
+    v1 `model.compressed.safetensors`: an existing `output_dir` is replaced, not merged into). The dense
     `save_pretrained` stays available and is unaffected (and is the one to share where size is not the point: it
     loads without hf_compress).
 
@@ -104,6 +90,7 @@ def save_compressed(model: torch.nn.Module, output_dir: str, tokenizer=None) -> 
     """
     from safetensors.torch import save_file
 
+    from ..atomic import atomic_output_dir
     from .hf_quantizer import BITMASK_SUFFIX, BitmaskConfig
 
     if not hasattr(model, "config"):
@@ -131,13 +118,11 @@ def save_compressed(model: torch.nn.Module, output_dir: str, tokenizer=None) -> 
     config.architectures = [type(model).__name__]  # as save_pretrained does, so load_compressed finds the class
     config.quantization_config = BitmaskConfig().to_dict()
 
-    def write(folder):
+    with atomic_output_dir(str(output_dir), marker=True) as folder:
         config.save_pretrained(folder)
         save_file(out, os.path.join(folder, SAFE_WEIGHTS_NAME), metadata=metadata)
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
-
-    _write_atomic(output_dir, write)
     report = size_report(model)
     report.update(
         compressed_bytes=os.path.getsize(os.path.join(output_dir, SAFE_WEIGHTS_NAME)),
@@ -147,16 +132,45 @@ def save_compressed(model: torch.nn.Module, output_dir: str, tokenizer=None) -> 
     return report
 
 
-def is_bitmask_checkpoint(folder: str) -> bool:
-    """Whether `folder` holds a bitmask checkpoint ([`save_compressed`], either layout)."""
-    if os.path.isfile(os.path.join(folder, WEIGHTS_NAME)):
-        return True
+def _bitmask_config(folder: str) -> dict | None:
+    """The `quantization_config` of `folder/config.json` when it names the v2 bitmask format, else None."""
     try:
         with open(os.path.join(folder, "config.json")) as f:
             qc = json.load(f).get("quantization_config") or {}
     except (OSError, ValueError):
-        return False
-    return qc.get("quant_method") == "hf_compress_bitmask"
+        return None
+    return qc if qc.get("quant_method") == "hf_compress_bitmask" else None
+
+
+def is_bitmask_checkpoint(folder: str) -> bool:
+    """Whether `folder` holds a bitmask checkpoint ([`save_compressed`], either layout)."""
+    return _bitmask_config(folder) is not None or os.path.isfile(os.path.join(folder, WEIGHTS_NAME))
+
+
+def bitmask_weights_file(folder: str) -> str:
+    """
+    The weights file of the bitmask checkpoint in `folder`, chosen by its `config.json`: a v2 save writes
+    `quantization_config` (`hf_compress_bitmask`) with `model.safetensors`, a v1 save wrote neither and
+    `model.compressed.safetensors`. The config is written by the same save as the weights, and it is what
+    `from_pretrained` and `pipeline()` read too, so every loader takes the same file: a v1
+    `model.compressed.safetensors` left beside a v2 save by an older hf_compress (which merged saves into the
+    folder) is the older model and is ignored, with a warning naming it.
+
+    Raises:
+        `FileNotFoundError`: no bitmask checkpoint in `folder`, or the file its config names is missing.
+    """
+    v1, v2 = os.path.join(folder, WEIGHTS_NAME), os.path.join(folder, SAFE_WEIGHTS_NAME)
+    if _bitmask_config(folder) is not None:
+        if not os.path.isfile(v2):
+            raise FileNotFoundError(f"{folder}/config.json names a v2 bitmask checkpoint but {SAFE_WEIGHTS_NAME} is "
+                                    "missing; save it again with `save_compressed(model, dir)`.")
+        if os.path.isfile(v1):
+            logger.warning("Ignoring %s: a v1 file from an older save; config.json names %s (v2), which is loaded. "
+                           "Delete the v1 file.", v1, SAFE_WEIGHTS_NAME)
+        return v2
+    if os.path.isfile(v1):
+        return v1
+    raise FileNotFoundError(f"No bitmask checkpoint in {folder}; write one with `save_compressed(model, dir)`.")
 
 
 def load_compressed_state_dict(path: str) -> dict[str, torch.Tensor]:
@@ -190,7 +204,8 @@ def load_compressed_state_dict(path: str) -> dict[str, torch.Tensor]:
 
 def load_compressed(model_dir: str, model_class=None):
     """
-    Rebuild a model saved with `save_compressed`, bit-identical to the saved weights.
+    Rebuild a model saved with `save_compressed`, bit-identical to the saved weights. The weights file is the one
+    `config.json` names ([`bitmask_weights_file`]), the one `from_pretrained` reads as well.
 
     Args:
         model_dir (`str`): the folder written by `save_compressed`.
@@ -203,11 +218,7 @@ def load_compressed(model_dir: str, model_class=None):
     import transformers
     from transformers import AutoConfig
 
-    path = os.path.join(model_dir, WEIGHTS_NAME)
-    if not os.path.isfile(path):
-        path = os.path.join(model_dir, SAFE_WEIGHTS_NAME)
-    if not is_bitmask_checkpoint(model_dir) or not os.path.isfile(path):
-        raise FileNotFoundError(f"No bitmask checkpoint in {model_dir}; write one with `save_compressed(model, dir)`.")
+    path = bitmask_weights_file(model_dir)  # v2 or v1 as config.json says; never an older file beside it
     config = AutoConfig.from_pretrained(model_dir)
     if getattr(config, "quantization_config", None) is not None:
         del config.quantization_config  # the model is rebuilt dense

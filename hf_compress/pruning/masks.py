@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..architectures import WeightLayout, is_conv1d, weight_layout, weight_layouts
+
 MASK_SUFFIX = "_mask"
 # Task heads and poolers that are left dense unless named in `target_modules`.
 HEAD_NAMES = ("classifier", "qa_outputs", "lm_head", "pooler", "score", "cls", "pre_classifier", "embed_out")
@@ -54,43 +56,70 @@ def _embedding_weights(model: nn.Module) -> dict[int, str]:
     return found
 
 
+def _prunable(module: nn.Module) -> list[str]:
+    """Names of the weights of `module` that are pruning targets by type: the weight of an `nn.Linear` or a
+    `Conv1D` (GPT-2), and the stacked (3-D) parameters of a mixture-of-experts module."""
+    if isinstance(module, nn.Linear) or is_conv1d(module):
+        return ["weight"]
+    return [n for n, p in module.named_parameters(recurse=False) if p.ndim == 3]
+
+
+def _check_experts(model: nn.Module, module_name: str, params: list[str]) -> None:
+    # Stacked expert weights of a family whose layout is not known are refused: pruning them as one matrix would
+    # leave some experts far sparser than others.
+    for param in params:
+        if param != "weight":
+            weight_layout(model, f"{module_name}.{param}")
+
+
 def default_targets(model: nn.Module) -> list[str]:
     """
-    Dotted names of the weights pruned by default: every `nn.Linear` weight inside the repeated encoder /
-    decoder blocks (a module path with a numeric index such as `bert.encoder.layer.3.output.dense` or
-    `model.layers.0.mlp.up_proj`: for a decoder q/k/v/o and gate/up/down). Embeddings, `lm_head` (tied to the
-    embedding or not), norms, biases, the pooler and the task head stay dense. In a PEFT model the base layers
-    (`...q_proj.base_layer`) are the targets, never the adapters (`lora_A`, `lora_B`).
+    Dotted names of the weights pruned by default: every `nn.Linear` or `Conv1D` (GPT-2) weight inside the repeated
+    encoder / decoder blocks (a module path with a numeric index such as `bert.encoder.layer.3.output.dense` or
+    `model.layers.0.mlp.up_proj`: for a decoder q/k/v/o and gate/up/down, fused `qkv_proj` / `c_attn` /
+    `query_key_value` / `gate_up_proj` included, each part pruned on its own, see
+    [`hf_compress.architectures.weight_layout`]), and the stacked expert weights of a mixture of experts whose
+    layout is known (`EXPERT_PARAMETERS`: Qwen3-MoE's `experts.gate_up_proj` / `experts.down_proj`; the router is
+    left dense). Embeddings, `lm_head` (tied to the embedding or not), norms, biases, the pooler and the task head
+    stay dense. In a PEFT model the base layers (`...q_proj.base_layer`) are the targets, never the adapters
+    (`lora_A`, `lora_B`).
+
+    Raises:
+        `ValueError`: for stacked expert weights of a model type whose expert layout is not known.
     """
     adapters = _adapter_prefixes(model)
     embeddings = _embedding_weights(model)
     names = []
     for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear) or not _BLOCK.search(name):
+        params = _prunable(module)
+        if not params or not _BLOCK.search(name):
             continue
         if any(part in HEAD_NAMES for part in name.split(".")) or _is_adapter_module(name, adapters):
             continue
-        if id(module.weight) in embeddings:
+        if any(id(getattr(module, p)) in embeddings for p in params):
             continue
-        names.append(f"{name}.weight")
+        _check_experts(model, name, params)
+        names += [f"{name}.{p}" for p in params]
     return names
 
 
 def resolve_targets(model: nn.Module, target_modules: list[str] | None = None) -> list[str]:
     """
-    Weights to prune: `default_targets(model)`, or the weight of every `nn.Linear` whose dotted module name
-    matches one of the regular expressions in `target_modules` (`re.search`). PEFT adapter layers (`lora_A`,
-    `lora_B`, ...) are never targets: a pattern such as `q_proj` selects the wrapped `q_proj.base_layer`.
+    Weights to prune: `default_targets(model)`, or the weight of every `nn.Linear` / `Conv1D` (and the stacked
+    weights of every expert module) whose dotted module name matches one of the regular expressions in
+    `target_modules` (`re.search`). PEFT adapter layers (`lora_A`, `lora_B`, ...) are never targets: a pattern such
+    as `q_proj` selects the wrapped `q_proj.base_layer`.
 
     Raises:
-        `ValueError`: when nothing matches, or when a matched weight is an embedding table (an `lm_head` tied to
-        the input embedding): pruning it would prune the embedding too.
+        `ValueError`: when nothing matches, when a matched weight is an embedding table (an `lm_head` tied to
+        the input embedding): pruning it would prune the embedding too, or when it is a stacked expert weight whose
+        layout is not known.
     """
     if target_modules is None:
         names = default_targets(model)
         if not names:
             raise ValueError(
-                f"{type(model).__name__} has no nn.Linear inside numbered encoder/decoder blocks to prune; "
+                f"{type(model).__name__} has no nn.Linear or Conv1D inside numbered encoder/decoder blocks to prune; "
                 "name the modules with `target_modules`."
             )
         return names
@@ -99,22 +128,25 @@ def resolve_targets(model: nn.Module, target_modules: list[str] | None = None) -
     embeddings = _embedding_weights(model)
     names = []
     for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear) or not any(p.search(name) for p in patterns):
+        params = _prunable(module)
+        if not params or not any(p.search(name) for p in patterns):
             continue
         if _is_adapter_module(name, adapters):
             continue
-        if id(module.weight) in embeddings:
-            raise ValueError(
-                f"{name}.weight is tied to the embedding table {embeddings[id(module.weight)]} "
-                "(tie_word_embeddings), so pruning it would prune the input embedding too; leave it out of "
-                "`target_modules` or untie it first."
-            )
-        names.append(f"{name}.weight")
+        for param in params:
+            if id(getattr(module, param)) in embeddings:
+                raise ValueError(
+                    f"{name}.{param} is tied to the embedding table {embeddings[id(getattr(module, param))]} "
+                    "(tie_word_embeddings), so pruning it would prune the input embedding too; leave it out of "
+                    "`target_modules` or untie it first."
+                )
+        _check_experts(model, name, params)
+        names += [f"{name}.{p}" for p in params]
     if not names:
-        example = next((n for n, m in model.named_modules() if isinstance(m, nn.Linear)), "<none>")
+        example = next((n for n, m in model.named_modules() if _prunable(m)), "<none>")
         raise ValueError(
-            f"target_modules {list(target_modules)} matched no nn.Linear in {type(model).__name__}; "
-            f"use regular expressions over module names such as {example!r}."
+            f"target_modules {list(target_modules)} matched no nn.Linear in {type(model).__name__} (nor a Conv1D or "
+            f"stacked expert weight); use regular expressions over module names such as {example!r}."
         )
     return names
 
@@ -152,12 +184,20 @@ def smallest_k_keep_mask(flat: torch.Tensor, k: int) -> torch.Tensor:
     return keep
 
 
+def _layer_keep_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
+    flat = score.flatten()
+    k = max(num_to_prune(flat.numel(), sparsity), int((flat < 0).sum()))
+    # Ties (e.g. equal magnitudes) break by position: the same way on every run and rank.
+    return smallest_k_keep_mask(flat, k).view_as(score)
+
+
 @torch.no_grad()
 def magnitude_masks(
     weights: dict[str, torch.Tensor],
     sparsity: float,
     scope: str = "layer",
     current_masks: dict[str, torch.Tensor] | None = None,
+    layouts: dict[str, WeightLayout] | None = None,
 ) -> dict[str, torch.Tensor]:
     """
     Keep-masks that zero the `sparsity` fraction of smallest-magnitude entries.
@@ -165,11 +205,15 @@ def magnitude_masks(
     Args:
         weights (`dict[str, torch.Tensor]`): the weights, by dotted name.
         sparsity (`float`): fraction in [0, 1) to prune, `round(sparsity * numel)` entries exactly.
-        scope (`str`, *optional*, defaults to `"layer"`): `"layer"` prunes that fraction of every tensor;
-            `"global"` ranks all entries of all tensors together (one threshold, per-tensor sparsity varies;
-            see [`global_keep_masks`]: computed on the weights' device, nothing copied to the CPU).
+        scope (`str`, *optional*, defaults to `"layer"`): `"layer"` prunes that fraction of every tensor (of every
+            part of a fused one); `"global"` ranks all entries of all tensors together (one threshold, per-tensor
+            sparsity varies; see [`global_keep_masks`]: computed on the weights' device, nothing copied to the CPU).
         current_masks (`dict[str, torch.Tensor]`, *optional*): masks already in force; their pruned entries
             are pruned first, so sparsity is monotone over a schedule.
+        layouts (`dict[str, WeightLayout]`, *optional*): the [`~hf_compress.architectures.WeightLayout`] of fused
+            weights (`weight_layouts(model, names)`): with `"layer"` scope each part (q, k, v of a `qkv_proj`, gate
+            and up of a `gate_up_proj`, each expert) gets exactly `round(sparsity * numel(part))` zeros. Weights not
+            listed are one part.
 
     Returns:
         `dict[str, torch.Tensor]`: boolean masks (True = keep), same shapes as the weights.
@@ -179,15 +223,21 @@ def magnitude_masks(
     if scope not in ("layer", "global"):
         raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}.")
     current_masks = current_masks or {}
+    layouts = layouts or {}
     if scope == "layer":
         masks = {}
         for name, w in weights.items():
             score = _scores(w, current_masks.get(name))
-            flat = score.flatten()
-            k = max(num_to_prune(flat.numel(), sparsity), int((flat < 0).sum()))
-            # Ties (e.g. equal magnitudes) break by position: the same way on every run and rank.
-            masks[name] = smallest_k_keep_mask(flat, k).view_as(score)
+            layout = layouts.get(name)
+            if layout is None or not layout.fused:
+                masks[name] = _layer_keep_mask(score, sparsity)
+                continue
+            keep = torch.ones_like(score, dtype=torch.bool)
+            for _, index in layout.parts:
+                keep[index] = _layer_keep_mask(score[index], sparsity)
+            masks[name] = keep
         return masks
+    # One threshold over everything: the parts of a fused weight are ranked with all the others (exact total).
     return global_keep_masks(weights, sparsity, current_masks)
 
 
@@ -272,26 +322,39 @@ def parse_nm(pattern: str) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def nm_masks(weights: dict[str, torch.Tensor], pattern: str = "2:4") -> dict[str, torch.Tensor]:
+def nm_masks(
+    weights: dict[str, torch.Tensor], pattern: str = "2:4", layouts: dict[str, WeightLayout] | None = None
+) -> dict[str, torch.Tensor]:
     """
-    N:M semi-structured keep-masks: in every group of M consecutive entries of a row (the input dimension
-    of an `nn.Linear` weight, the layout sparse tensor cores expect) the N largest magnitudes are kept.
+    N:M semi-structured keep-masks: in every group of M consecutive entries along the input dimension (a row of an
+    `nn.Linear` weight [out, in], the layout sparse tensor cores expect) the N largest magnitudes are kept.
+
+    Args:
+        weights (`dict[str, torch.Tensor]`): the weights, by dotted name.
+        pattern (`str`, *optional*, defaults to `"2:4"`): `"N:M"`.
+        layouts (`dict[str, WeightLayout]`, *optional*): where a weight's input dimension is not the last one, its
+            [`~hf_compress.architectures.WeightLayout`]: a `Conv1D` weight is [in, out], so its groups run down the
+            columns (`in_dim=0`). Every group lies inside one output row, so each part of a fused projection is at
+            exactly N/M too.
 
     Raises:
-        `ValueError`: when a weight's last dimension is not a multiple of M.
+        `ValueError`: when a weight's input dimension is not a multiple of M.
     """
     n, m = parse_nm(pattern)
+    layouts = layouts or {}
     masks = {}
     for name, w in weights.items():
-        if w.shape[-1] % m:
+        in_dim = layouts[name].in_dim if name in layouts else w.ndim - 1
+        t = w.detach().movedim(in_dim, -1)
+        if t.shape[-1] % m:
             raise ValueError(
-                f"{name} has {w.shape[-1]} input features, not a multiple of {m}, so it cannot take the {n}:{m} "
+                f"{name} has {t.shape[-1]} input features, not a multiple of {m}, so it cannot take the {n}:{m} "
                 "pattern; leave it out with `target_modules` or use unstructured pruning."
             )
-        groups = w.detach().abs().float().reshape(-1, m)
+        groups = t.abs().float().reshape(-1, m)
         keep = torch.zeros_like(groups, dtype=torch.bool)
         keep.scatter_(1, torch.argsort(groups, dim=1, descending=True, stable=True)[:, :n], True)
-        masks[name] = keep.view_as(w)
+        masks[name] = keep.view(t.shape).movedim(-1, in_dim).contiguous()
     return masks
 
 
@@ -365,21 +428,28 @@ def sparsity_stats(model: nn.Module, names: list[str] | None = None) -> dict:
             `default_targets(model)` when no masks are attached.
 
     Returns:
-        `dict`: `{"sparsity": float, "zeros": int, "total": int, "layers": {name: float}}` (`"global_sparsity"`
-        repeats `"sparsity"`).
+        `dict`: `{"sparsity": float, "zeros": int, "total": int, "layers": {name: float}, "parts": {"name[part]":
+        float}}` (`"parts"`: each part of a fused weight, see [`~hf_compress.architectures.weight_layout`];
+        `"global_sparsity"` repeats `"sparsity"`).
     """
     if names is None:
         names = list(get_masks(model)) or default_targets(model)
     zeros = total = 0
-    layers = {}
+    layers, parts = {}, {}
     for name in names:
         w = _stored(*_owner(model, name))
         z = int((w == 0).sum())
         layers[name] = z / w.numel()
         zeros += z
         total += w.numel()
+        layout = weight_layout(model, name)
+        if layout.fused:
+            for part, index in layout.parts:
+                piece = w[index]
+                parts[f"{name}[{part}]"] = int((piece == 0).sum()) / piece.numel()
     sparsity = zeros / total if total else 0.0
-    return {"sparsity": sparsity, "global_sparsity": sparsity, "zeros": zeros, "total": total, "layers": layers}
+    return {"sparsity": sparsity, "global_sparsity": sparsity, "zeros": zeros, "total": total, "layers": layers,
+            "parts": parts}
 
 
 # --- masks on disk (bit-packed), used by the callback's checkpoints and the compressed format ---------------

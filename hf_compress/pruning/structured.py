@@ -12,11 +12,10 @@ Pure functions over an ordinary transformers model, after NVIDIA's Minitron
    checkpoint that plain `from_pretrained` loads. [`attach_structured_masks`] computes exactly what the pruned model
    computes while keeping the full shapes (the gradual callback trains under these masks, then prunes at the end).
 
-Supported: Llama-style decoders (Llama, Qwen2/3, Mistral, SmolLM2: `self_attn.{q,k,v,o}_proj`, `mlp.{gate,up,down}_proj`,
-RMSNorm) for `ffn`, `heads`, `hidden`, `layers`; BERT-style encoders (`attention.self`, `intermediate`, `output`) for
-`ffn` and `layers`. BERT heads cannot be removed through the config: `BertConfig` derives the head size as
-`hidden_size / num_attention_heads` and the attention output projection is `hidden_size x hidden_size`, so fewer
-heads would mean wider heads, not fewer of them (transformers 5 also removed `prune_heads`).
+Which families can express which structure, and where each keeps its blocks, norms, q/k norms, fused projections
+and heads, is read from [`hf_compress.architectures.FAMILIES`]; what a family cannot express is refused from the
+config alone ([`~hf_compress.architectures.check_structured_support`]). Every cut is checked against the masked
+model, in memory and after a reload ([`check_structured_cut`]).
 """
 
 from __future__ import annotations
@@ -26,63 +25,76 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-STRUCTURES = ("ffn", "heads", "hidden", "layers")
+from ..architectures import (
+    HEAD_MODULES,
+    STRUCTURES,
+    Family,
+    StructuredPruningError,
+    check_structured_support,
+    family_of,
+    fused_parts,
+)
+
 _MASK_HOOKS = "_hf_compress_structured_hooks"
 
 
-class StructuredPruningError(ValueError):
-    """A structured-pruning request the model cannot express (one line, names the value and the fix)."""
+# ---- the model's structure (read from `hf_compress.architectures`) --------------------------------------------
 
 
-# ---- the model's structure ------------------------------------------------------------------------------------
+def _at(root: nn.Module, path: str | None):
+    if path is None:
+        return None
+    for part in path.split("."):
+        root = getattr(root, part, None)
+        if root is None:
+            return None
+    return root
 
 
 @dataclass
 class _Blocks:
-    kind: str  # "decoder" or "bert"
+    family: Family
     base: nn.Module  # the module holding the embeddings and the layer list
     layers: nn.ModuleList
 
 
 def _blocks(model) -> _Blocks:
-    for base_name in ("model", "bert", "roberta", "transformer"):
-        base = getattr(model, base_name, None)
-        if base is None:
-            continue
-        layers = getattr(base, "layers", None)
-        if isinstance(layers, nn.ModuleList) and len(layers) and _is_decoder_layer(layers[0]):
-            return _Blocks("decoder", base, layers)
-        encoder = getattr(base, "encoder", None)
-        layers = getattr(encoder, "layer", None)
-        if isinstance(layers, nn.ModuleList) and len(layers) and _is_bert_layer(layers[0]):
-            return _Blocks("bert", base, layers)
-    raise StructuredPruningError(
-        f"structured pruning supports Llama-style decoders and BERT-style encoders, got `{type(model).__name__}`; "
-        "use unstructured pruning (`GradualPruningCallback`) for other architectures."
-    )
+    family = family_of(model.config)
+    base = getattr(model, "base_model", model)
+    layers = _at(base, family.layers)
+    if not isinstance(layers, nn.ModuleList) or not len(layers) or _at(layers[0], family.ffn_out) is None:
+        raise StructuredPruningError(
+            f"`{type(model).__name__}` (model type `{model.config.model_type}`) does not have the layout structured "
+            f"pruning expects (`{family.layers}` with `{family.ffn_out}`); use unstructured pruning for it."
+        )
+    return _Blocks(family, base, layers)
 
 
-def _is_decoder_layer(layer) -> bool:
-    attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
-    return all(hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")) and all(
-        hasattr(mlp, n) for n in ("up_proj", "down_proj")
-    )
+def _is_conv1d(m) -> bool:
+    return type(m).__name__ == "Conv1D"
 
 
-def _is_bert_layer(layer) -> bool:
-    return hasattr(layer, "intermediate") and hasattr(layer, "output") and hasattr(getattr(layer, "attention", None), "self")
+def _ffn_in(blocks: _Blocks, layer) -> list[tuple[nn.Module, int]]:
+    """Projections whose output rows are the FFN neurons, each with its number of parts (a fused gate|up has 2)."""
+    fam = blocks.family
+    if fam.ffn_fused is not None:
+        return [(_at(layer, fam.ffn_fused), 2)]
+    return [(m, 1) for m in (_at(layer, p) for p in fam.ffn_in) if m is not None]
 
 
-def _ffn_in(blocks: _Blocks, layer) -> list[nn.Linear]:
-    """Linear layers whose output rows are the FFN neurons."""
-    if blocks.kind == "bert":
-        return [layer.intermediate.dense]
-    return [m for m in (getattr(layer.mlp, "gate_proj", None), layer.mlp.up_proj) if m is not None]
+def _ffn_out(blocks: _Blocks, layer) -> nn.Module:
+    """The projection whose inputs are the FFN neurons."""
+    return _at(layer, blocks.family.ffn_out)
 
 
-def _ffn_out(blocks: _Blocks, layer) -> nn.Linear:
-    """The Linear layer whose input columns are the FFN neurons."""
-    return layer.output.dense if blocks.kind == "bert" else layer.mlp.down_proj
+def _attn_out(blocks: _Blocks, layer) -> nn.Module:
+    return _at(layer, blocks.family.attn_out)
+
+
+def ffn_size(model) -> int:
+    """The FFN width of `model` (`intermediate_size`; GPT-2's `n_inner`, which defaults to 4 x hidden)."""
+    fam = family_of(model.config)
+    return getattr(model.config, fam.ffn_size, None) or 4 * model.config.hidden_size
 
 
 def _head_dims(model) -> tuple[int, int, int]:
@@ -95,53 +107,45 @@ def _head_dims(model) -> tuple[int, int, int]:
 
 
 def _hidden_norms(blocks: _Blocks, model) -> list[nn.Module]:
-    """Every norm over the residual stream: each layer's norms of `hidden_size` weights, then the final one."""
-    hidden = model.config.hidden_size
-    norms = []
-    for layer in blocks.layers:
-        for name, m in layer.named_children():
-            w = getattr(m, "weight", None)
-            if "norm" in type(m).__name__.lower() and w is not None and w.dim() == 1 and w.numel() == hidden:
-                norms.append(m)
-    final = getattr(blocks.base, "norm", None)
+    """Every norm over the residual stream, as the family table names them: each block's, then the final one."""
+    fam = blocks.family
+    norms = [m for layer in blocks.layers for m in (_at(layer, p) for p in fam.block_norms) if m is not None]
+    final = _at(blocks.base, fam.final_norm)
     if final is not None:
         norms.append(final)
     return norms
 
 
-def _hidden_writers(blocks: _Blocks) -> list[nn.Linear]:
-    """Linear layers whose outputs are added to the residual stream."""
-    return [m for layer in blocks.layers for m in (layer.self_attn.o_proj, layer.mlp.down_proj)]
+def _hidden_writers(blocks: _Blocks) -> list[nn.Module]:
+    """Projections whose outputs are added to the residual stream (or normed, then added)."""
+    return [m for layer in blocks.layers for m in (_attn_out(blocks, layer), _ffn_out(blocks, layer))]
 
 
-def _hidden_readers(blocks: _Blocks) -> list[nn.Linear]:
-    """Linear layers that read a normed residual stream."""
+def _hidden_readers(blocks: _Blocks) -> list[nn.Module]:
+    """Projections that read a normed residual stream."""
     out = []
     for layer in blocks.layers:
-        out += [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj]
-        out += [m for m in (getattr(layer.mlp, "gate_proj", None), layer.mlp.up_proj) if m is not None]
+        out += [_at(layer, p) for p in blocks.family.attn_in]
+        out += [_at(layer, blocks.family.qkv)] if blocks.family.qkv else []  # a fused q|k|v reads the stream too
+        out += [m for m, _ in _ffn_in(blocks, layer)]
+    return out
+
+
+def _task_heads(model, hidden: int) -> list[nn.Module]:
+    """The task model's heads that read the hidden stream (`lm_head`, `score`, `classifier`, `qa_outputs`)."""
+    out = []
+    for name in HEAD_MODULES:
+        m = getattr(model, name, None)
+        if isinstance(m, nn.Linear) and m.in_features == hidden:
+            out.append(m)
     return out
 
 
 def check_structures(model, structures) -> list[str]:
-    """Validate `structures` (names from `STRUCTURES`) against `model`; returns them as a list."""
-    if isinstance(structures, str):
-        structures = [s.strip() for s in structures.split(",") if s.strip()]
-    structures = list(structures)
-    bad = [s for s in structures if s not in STRUCTURES]
-    if bad or not structures:
-        raise StructuredPruningError(
-            f"prune_structure must be a comma-separated subset of {','.join(STRUCTURES)}, got {','.join(structures) or 'nothing'}."
-        )
-    blocks = _blocks(model)
-    if blocks.kind == "bert":
-        for s in ("heads", "hidden"):
-            if s in structures:
-                raise StructuredPruningError(
-                    f"`{s}` pruning is not supported for BERT-style `{type(model).__name__}` "
-                    + ("(BertConfig ties head size to hidden_size / num_attention_heads); " if s == "heads" else "(its LayerNorms, embeddings and pooler would all change width); ")
-                    + "use ffn,layers."
-                )
+    """Validate `structures` (names from `STRUCTURES`) against `model`'s family (see
+    [`~hf_compress.architectures.check_structured_support`]); returns them as a list."""
+    structures = check_structured_support(model.config, structures)
+    _blocks(model)
     return structures
 
 
@@ -218,7 +222,7 @@ def structured_importance(model, batches=None, structures=STRUCTURES, layer_metr
     current: dict = {}
     handles = []
     n_q = n_kv = head_dim = None
-    if blocks.kind == "decoder":
+    if "heads" in structures:
         n_q, n_kv, head_dim = _head_dims(model)
     try:
         for i, layer in enumerate(blocks.layers):
@@ -230,7 +234,7 @@ def structured_importance(model, batches=None, structures=STRUCTURES, layer_metr
                     x = args[0]
                     per_head = x.reshape(*x.shape[:-1], n_q, head_dim).float().norm(dim=-1)
                     _accumulate(store, ("heads", i), per_head, current.get("w"))
-                handles.append(layer.self_attn.o_proj.register_forward_pre_hook(head_hook))
+                handles.append(_attn_out(blocks, layer).register_forward_pre_hook(head_hook))
             if "layers" in structures and layer_metric == "cosine":
                 def layer_hook(m, args, kwargs, output, i=i):
                     x = args[0] if args else kwargs["hidden_states"]
@@ -303,28 +307,29 @@ def _magnitude_importance(model, blocks, structures) -> dict:
         if "ffn" in structures:
             rows = []
             for layer in blocks.layers:
-                s = _ffn_out(blocks, layer).weight.float().norm(dim=0)
-                for lin in _ffn_in(blocks, layer):
-                    s = s * lin.weight.float().norm(dim=1)
+                s = _rows(_ffn_out(blocks, layer)).float().norm(dim=0)
+                for lin, parts in _ffn_in(blocks, layer):
+                    for part in _rows(lin).float().norm(dim=1).chunk(parts):
+                        s = s * part
                 rows.append(s)
             scores["ffn"] = torch.stack(rows)
         if "heads" in structures:
             n_q, n_kv, hd = _head_dims(model)
             scores["heads"] = torch.stack([
-                layer.self_attn.o_proj.weight.float().reshape(-1, n_kv, (n_q // n_kv) * hd).norm(dim=(0, 2))
+                _attn_out(blocks, layer).weight.float().reshape(-1, n_kv, (n_q // n_kv) * hd).norm(dim=(0, 2))
                 for layer in blocks.layers])
         if "hidden" in structures:
             scores["hidden"] = model.get_input_embeddings().weight.float().norm(dim=0)
         if "layers" in structures:
             scores["layers"] = torch.tensor([
-                sum(m.weight.float().norm().item() for m in _block_outputs(blocks, layer)) for layer in blocks.layers])
+                sum(m.weight.float().norm().item() for m in (_attn_out(blocks, layer), _ffn_out(blocks, layer)))
+                for layer in blocks.layers])
     return scores
 
 
-def _block_outputs(blocks, layer):
-    if blocks.kind == "bert":
-        return [layer.attention.output.dense, layer.output.dense]
-    return [layer.self_attn.o_proj, layer.mlp.down_proj]
+def _rows(m: nn.Module) -> torch.Tensor:
+    """The weight as (out, in) (`Conv1D` stores it transposed)."""
+    return m.weight.t() if _is_conv1d(m) else m.weight
 
 
 # ---- the plan -------------------------------------------------------------------------------------------------
@@ -347,10 +352,11 @@ class StructuredPlan:
     hidden: list[int] | None = None
     layers: list[int] | None = None
     scores: dict = field(default_factory=dict, repr=False)
+    check: dict | None = None  # the self-check's figures (see `check_structured_cut`), once cut
 
     def to_dict(self) -> dict:
-        """JSON-safe summary plus the importance scores (for the compression report)."""
-        out = {k: getattr(self, k) for k in ("ffn", "kv_groups", "hidden", "layers") if getattr(self, k) is not None}
+        """JSON-safe summary plus the importance scores and the self-check (for the compression report)."""
+        out = {k: getattr(self, k) for k in ("ffn", "kv_groups", "hidden", "layers", "check") if getattr(self, k) is not None}
         out["scores"] = {k: (v.tolist() if isinstance(v, torch.Tensor) else v) for k, v in self.scores.items()}
         return out
 
@@ -406,7 +412,7 @@ def select_structures(model, scores: dict, keep: dict) -> StructuredPlan:
     plan = StructuredPlan(scores=dict(scores))
     cfg = model.config
     if "ffn" in keep:
-        k = _count(keep["ffn"], cfg.intermediate_size, "FFN neurons")
+        k = _count(keep["ffn"], ffn_size(model), "FFN neurons")
         plan.ffn = [_top(row, k) for row in scores["ffn"]]
     if "heads" in keep:
         n_q, n_kv, _ = _head_dims(model)
@@ -423,14 +429,20 @@ def select_structures(model, scores: dict, keep: dict) -> StructuredPlan:
 # ---- physical pruning -----------------------------------------------------------------------------------------
 
 
-def _slice_linear(lin: nn.Linear, dim: int, idx: torch.Tensor) -> None:
+def _slice_linear(lin: nn.Module, dim: int, idx: torch.Tensor) -> None:
+    """Keep output rows (`dim=0`, with the bias) or input columns (`dim=1`) `idx` of an `nn.Linear` or a `Conv1D`."""
     idx = idx.to(lin.weight.device)
-    lin.weight = nn.Parameter(lin.weight.data.index_select(dim, idx).clone(), requires_grad=lin.weight.requires_grad)
+    conv = _is_conv1d(lin)
+    wdim = (1 - dim) if conv else dim  # Conv1D stores (in, out)
+    lin.weight = nn.Parameter(lin.weight.data.index_select(wdim, idx).clone(), requires_grad=lin.weight.requires_grad)
     if dim == 0:
-        lin.out_features = len(idx)
+        if conv:
+            lin.nf = len(idx)
+        else:
+            lin.out_features = len(idx)
         if lin.bias is not None:
             lin.bias = nn.Parameter(lin.bias.data.index_select(0, idx).clone(), requires_grad=lin.bias.requires_grad)
-    else:
+    elif not conv:
         lin.in_features = len(idx)
 
 
@@ -438,6 +450,21 @@ def _slice_vector(module: nn.Module, name: str, idx: torch.Tensor) -> None:
     p = getattr(module, name, None)
     if p is not None:
         setattr(module, name, nn.Parameter(p.data.index_select(0, idx.to(p.device)).clone(), requires_grad=p.requires_grad))
+
+
+def _scale_norm(norm: nn.Module, kind: str, factor: float) -> None:
+    """Multiply a norm's output by `factor` through its parameters (`rms_1p` stores `w` of `(1 + w) * x`)."""
+    with torch.no_grad():
+        if kind == "rms_1p":
+            norm.weight.copy_((1.0 + norm.weight.double()) * factor - 1.0)
+        else:
+            norm.weight.mul_(factor)
+            if getattr(norm, "bias", None) is not None:
+                norm.bias.mul_(factor)
+
+
+def _qk_norms(blocks: _Blocks, layer) -> tuple[nn.Module, nn.Module]:
+    return tuple(_at(layer, p) for p in blocks.family.qk_norms)
 
 
 def _head_index(groups: list[int], n_q: int, n_kv: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -464,12 +491,13 @@ def prune_structures(model, plan: StructuredPlan):
         sizes = {len(k) for k in plan.ffn}
         if len(sizes) != 1 or len(plan.ffn) != len(blocks.layers):
             raise StructuredPruningError("plan.ffn must keep the same number of neurons in every layer (one intermediate_size).")
+        width = ffn_size(model)
         for layer, kept in zip(blocks.layers, plan.ffn):
             idx = torch.tensor(kept)
-            for lin in _ffn_in(blocks, layer):
-                _slice_linear(lin, 0, idx)
+            for lin, parts in _ffn_in(blocks, layer):  # a fused gate|up keeps neuron j's row in each half
+                _slice_linear(lin, 0, torch.cat([idx + p * width for p in range(parts)]))
             _slice_linear(_ffn_out(blocks, layer), 1, idx)
-        cfg.intermediate_size = sizes.pop()
+        setattr(cfg, blocks.family.ffn_size, sizes.pop())
     if plan.kv_groups is not None:
         n_q, n_kv, head_dim = _head_dims(model)
         sizes = {len(k) for k in plan.kv_groups}
@@ -477,38 +505,66 @@ def prune_structures(model, plan: StructuredPlan):
             raise StructuredPruningError("plan.kv_groups must keep the same number of KV heads in every layer.")
         for layer, groups in zip(blocks.layers, plan.kv_groups):
             q_idx, kv_idx = _head_index(groups, n_q, n_kv, head_dim)
-            attn = layer.self_attn
-            _slice_linear(attn.q_proj, 0, q_idx)
-            _slice_linear(attn.k_proj, 0, kv_idx)
-            _slice_linear(attn.v_proj, 0, kv_idx)
-            _slice_linear(attn.o_proj, 1, q_idx)
+            if blocks.family.attn_in:
+                q, k, v = (_at(layer, p) for p in blocks.family.attn_in)
+                _slice_linear(q, 0, q_idx)
+                _slice_linear(k, 0, kv_idx)
+                _slice_linear(v, 0, kv_idx)
+            else:  # one fused q|k|v projection: its layout from `FUSED_PROJECTIONS`
+                parts = {k: torch.tensor(v) for k, v in fused_parts(blocks.family.qkv.split(".")[-1], cfg).items()}
+                fused = torch.cat([parts["q"][q_idx], parts["k"][kv_idx], parts["v"][kv_idx]])
+                _slice_linear(_at(layer, blocks.family.qkv), 0, fused)
+            _slice_linear(_attn_out(blocks, layer), 1, q_idx)
+            if blocks.family.qk_norm == "full":  # OLMo-2: one norm over all heads' rows
+                q_norm, k_norm = _qk_norms(blocks, layer)
+                _slice_vector(q_norm, "weight", q_idx)
+                _slice_vector(k_norm, "weight", kv_idx)
         kept = sizes.pop()
+        for layer in blocks.layers:  # head counts some attention modules cache from the config at init (Phi-3)
+            for module in layer.modules():
+                for name, value in (("num_key_value_heads", kept), ("num_heads", kept * (n_q // n_kv))):
+                    if isinstance(getattr(module, name, None), int):
+                        setattr(module, name, value)
         cfg.head_dim = head_dim  # explicit: hidden_size / heads no longer gives it
         cfg.num_key_value_heads = kept
         cfg.num_attention_heads = kept * (n_q // n_kv)
     if plan.hidden is not None:
         _, _, head_dim = _head_dims(model)
         cfg.head_dim = head_dim
+        fam = blocks.family
         idx = torch.tensor(plan.hidden)
+        old, new = cfg.hidden_size, len(idx)
         emb = model.get_input_embeddings()
         out_emb = model.get_output_embeddings()
         tied = out_emb is not None and out_emb.weight is emb.weight
-        emb.weight = nn.Parameter(emb.weight.data.index_select(1, idx.to(emb.weight.device)).clone())
-        emb.embedding_dim = len(idx)
+        heads = [h for h in _task_heads(model, old) if h is not out_emb]
+        weight = emb.weight.data.index_select(1, idx.to(emb.weight.device))
+        # Gemma multiplies the embeddings by sqrt(hidden_size), a buffer rebuilt from the config on load: fold
+        # sqrt(old / new) into the embedding weights so the stream keeps its scale, in memory and after a reload.
+        ratio = (old**0.5 / new**0.5) if fam.embed_scale else 1.0
+        emb.weight = nn.Parameter((weight * ratio).clone(), requires_grad=emb.weight.requires_grad)
+        emb.embedding_dim = new
+        if fam.embed_scale:
+            emb.embed_scale.copy_(torch.tensor(new**0.5))
+            emb.scalar_embed_scale = new**0.5
         if out_emb is not None:
             if tied:
                 out_emb.weight = emb.weight
-                out_emb.in_features = len(idx)
+                out_emb.in_features = new
             else:
                 _slice_linear(out_emb, 1, idx)
-        for lin in _hidden_readers(blocks):
+        for lin in _hidden_readers(blocks) + heads:
             _slice_linear(lin, 1, idx)
         for lin in _hidden_writers(blocks):
             _slice_linear(lin, 0, idx)
-        for norm in _hidden_norms(blocks, model):
+        norms = _hidden_norms(blocks, model)
+        for norm in norms:
             _slice_vector(norm, "weight", idx)
             _slice_vector(norm, "bias", idx)
-        cfg.hidden_size = len(idx)
+        if tied and ratio != 1.0 and norms:
+            # The tied output embeddings grew by `ratio` too: the final norm (the head's only input) shrinks by it.
+            _scale_norm(norms[-1], fam.norm, 1.0 / ratio)
+        cfg.hidden_size = new
     if plan.layers is not None:
         drop_layers(model, plan.layers)
     return model
@@ -565,21 +621,44 @@ def _post_mask(module, args, output):
     return output * module.hf_compress_channel_mask
 
 
-def _masked_norm(module, args, output):
-    # The pruned model's norm sees only the kept channels: its statistics (mean of squares; mean for LayerNorm)
-    # are taken over them. Recompute the norm with the dropped channels excluded from the statistics.
-    x = args[0].float()
-    m = module.hf_compress_channel_mask.float()
+def masked_norm(x: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kind: str,
+                eps: float) -> torch.Tensor:
+    """
+    What a norm computes on only the channels `mask` keeps (zero elsewhere): its statistics are taken over them.
+
+    Args:
+        kind (`str`): `rms` (`w * x / rms(x)`), `rms_1p` (Gemma: `(1 + w) * x / rms(x)`) or `mean` (LayerNorm:
+            `w * (x - mean) / std + b`).
+    """
+    dtype = x.dtype
+    x = x.float()
+    m = mask.float()
     n = m.sum()
-    eps = getattr(module, "variance_epsilon", getattr(module, "eps", 1e-6))
-    if isinstance(module, nn.LayerNorm):
+    if kind == "mean":
         mu = (x * m).sum(-1, keepdim=True) / n
         var = (((x - mu) * m) ** 2).sum(-1, keepdim=True) / n
-        y = (x - mu) * torch.rsqrt(var + eps) * module.weight + (module.bias if module.bias is not None else 0)
+        y = (x - mu) * torch.rsqrt(var + eps) * weight.float()
+        y = y + (bias.float() if bias is not None else 0)
     else:
         var = (x * x * m).sum(-1, keepdim=True) / n
-        y = module.weight * (x * torch.rsqrt(var + eps)).to(args[0].dtype)
-    return (y * m).to(output.dtype)
+        y = x * torch.rsqrt(var + eps)
+        y = y * (1.0 + weight.float()) if kind == "rms_1p" else weight.float() * y.to(dtype)
+    return (y * m).to(dtype)
+
+
+def _norm_eps(module) -> float:
+    for name in ("variance_epsilon", "eps", "epsilon"):
+        value = getattr(module, name, None)
+        if isinstance(value, float):
+            return value
+    raise StructuredPruningError(f"cannot find the epsilon of `{type(module).__name__}`; structured pruning refuses it.")
+
+
+def _masked_norm_hook(kind: str, buffer: str = "hf_compress_channel_mask"):
+    def hook(module, args, output):
+        return masked_norm(args[0], getattr(module, buffer), module.weight, getattr(module, "bias", None), kind,
+                           _norm_eps(module)).to(output.dtype)
+    return hook
 
 
 def _set_buffer(module: nn.Module, name: str, value: torch.Tensor):
@@ -600,7 +679,7 @@ def plan_masks(model, plan: StructuredPlan) -> dict[str, list[torch.Tensor] | to
     if plan.ffn is not None:
         masks["ffn"] = []
         for kept in plan.ffn:
-            m = torch.zeros(cfg.intermediate_size)
+            m = torch.zeros(ffn_size(model))
             m[kept] = 1
             masks["ffn"].append(m)
     if plan.kv_groups is not None:
@@ -644,11 +723,21 @@ def attach_structured_masks(model, masks: dict) -> None:
             if new:
                 hooks.append(mod.register_forward_pre_hook(_pre_mask("hf_compress_ffn_mask")))
         if "heads" in masks:
-            mod = layer.self_attn.o_proj
+            mod = _attn_out(blocks, layer)
             new = "hf_compress_head_mask" not in mod._buffers
             _set_buffer(mod, "hf_compress_head_mask", masks["heads"][i])
             if new:
                 hooks.append(mod.register_forward_pre_hook(_pre_mask("hf_compress_head_mask")))
+            if blocks.family.qk_norm == "full":
+                # OLMo-2's q/k norms span all heads: the pruned one takes its statistics over the kept heads only.
+                n_q, n_kv, hd = _head_dims(model)
+                q_mask = masks["heads"][i]
+                kv_mask = q_mask.reshape(n_kv, n_q // n_kv, hd)[:, 0, :].reshape(-1)
+                for norm, m in zip(_qk_norms(blocks, layer), (q_mask, kv_mask)):
+                    new = "hf_compress_qk_mask" not in norm._buffers
+                    _set_buffer(norm, "hf_compress_qk_mask", m)
+                    if new:
+                        hooks.append(norm.register_forward_hook(_masked_norm_hook(blocks.family.norm, "hf_compress_qk_mask")))
         if "layers" in masks:
             new = "hf_compress_layer_keep" not in layer._buffers
             _set_buffer(layer, "hf_compress_layer_keep", masks["layers"][i].reshape(()))
@@ -666,7 +755,7 @@ def attach_structured_masks(model, masks: dict) -> None:
             new = "hf_compress_channel_mask" not in norm._buffers
             _set_buffer(norm, "hf_compress_channel_mask", m)
             if new:
-                hooks.append(norm.register_forward_hook(_masked_norm))
+                hooks.append(norm.register_forward_hook(_masked_norm_hook(blocks.family.norm)))
 
 
 def remove_structured_masks(model) -> None:
@@ -690,7 +779,7 @@ def pruned_config(model, keep: dict):
     blocks = _blocks(model)
     cfg = copy.deepcopy(model.config)
     if "ffn" in keep:
-        cfg.intermediate_size = _count(keep["ffn"], cfg.intermediate_size, "FFN neurons")
+        setattr(cfg, blocks.family.ffn_size, _count(keep["ffn"], ffn_size(model), "FFN neurons"))
     if "heads" in keep:
         n_q, n_kv, hd = _head_dims(model)
         k = _count(keep["heads"], n_kv, "KV head groups")
@@ -766,6 +855,7 @@ def structured_prune(model, structures, keep: dict | None = None, batches=None, 
     structures = check_structures(model, structures)
     if (keep is None) == (target_params is None):
         raise StructuredPruningError("pass exactly one of `keep` (kept fraction per structure) and `target_params`.")
+    batches = None if batches is None else list(batches)  # read twice: importance, then the self-check
     if keep is None:
         keep = keep_for_parameter_budget(model, structures, target_params)
     missing = [s for s in structures if s not in keep]
@@ -773,5 +863,108 @@ def structured_prune(model, structures, keep: dict | None = None, batches=None, 
         raise StructuredPruningError(f"keep must name exactly the structures {structures}, got {sorted(keep)}.")
     scores = structured_importance(model, batches, structures, layer_metric)
     plan = select_structures(model, scores, keep)
-    prune_structures(model, plan)
+    cut_and_check(model, plan, check_batch(model, batches))
     return plan
+
+
+# ---- the self-check: pruned == masked, and the same after a reload --------------------------------------------
+
+
+def tolerance_for(dtype: torch.dtype) -> float:
+    """Largest accepted `max |pruned - masked| / max |masked|` over the checked logits: 1e-4 in float32 (the cut
+    only reorders float sums; the tests measure <= 1e-5), 2e-2 in 16-bit types."""
+    return 1e-4 if dtype in (torch.float32, torch.float64) else 2e-2
+
+
+def check_batch(model, batches=None, rows: int = 2, tokens: int = 64) -> dict:
+    """The batch the self-check runs on: the first `rows` x `tokens` of the first calibration batch (small, so that
+    three sets of logits over a large vocabulary stay small), else 2 x 16 seeded random token ids."""
+    if batches:
+        first = _model_inputs(batches[0], labels=False)
+        return {k: v[:rows, :tokens] if v.dim() >= 2 else v[:rows] for k, v in first.items()}
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def _logits(model, batch) -> torch.Tensor:
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = _forward(model, batch)
+    finally:
+        model.train(was_training)
+    if getattr(out, "logits", None) is not None:
+        logits = out.logits
+    else:  # question answering
+        logits = torch.stack([out.start_logits, out.end_logits], dim=-1)
+    logits = logits.detach().float().cpu()
+    mask = batch.get("attention_mask")
+    if mask is not None and logits.dim() >= 3 and tuple(logits.shape[:2]) == tuple(mask.shape):
+        logits = logits[mask.bool().cpu()]  # real tokens only: padded positions are nobody's output
+    return logits
+
+
+def _relative_diff(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+    scale = ref.abs().max().item()
+    if out.shape != ref.shape:
+        return float("inf"), scale
+    return (out - ref).abs().max().item() / max(scale, 1e-12), scale
+
+
+def check_structured_cut(model, batch: dict, expected: torch.Tensor, tolerance: float | None = None,
+                         reload: bool = True) -> dict:
+    r"""
+    Check a physically pruned `model` against the logits `expected` of the masked model, then the same after
+    `save_pretrained` / `from_pretrained` (in a temporary folder, deleted afterwards).
+
+    Args:
+        model: the pruned model.
+        batch (`dict`): model inputs (padded positions, by `attention_mask`, are not compared).
+        expected (`torch.Tensor`): the masked model's logits on `batch` (as `_logits` returns them).
+        tolerance (`float`, *optional*): largest `max |logits - expected| / max |expected|`; defaults to
+            [`tolerance_for`] the model's dtype.
+        reload (`bool`, *optional*, defaults to `True`): also check the reloaded checkpoint.
+
+    Returns:
+        `dict` with `logit_scale`, `tolerance`, `pruned_vs_masked` and `reloaded_vs_masked` (relative max diffs).
+
+    Raises:
+        [`StructuredPruningError`]: when a figure is beyond the tolerance (one line: the model type and the figures).
+    """
+    import tempfile
+
+    tolerance = tolerance_for(next(model.parameters()).dtype) if tolerance is None else tolerance
+    pruned, scale = _relative_diff(_logits(model, batch), expected)
+    out = {"logit_scale": scale, "tolerance": tolerance, "pruned_vs_masked": pruned}
+    if pruned <= tolerance and reload:
+        with tempfile.TemporaryDirectory(prefix="hf-compress-structured-check-") as tmp:
+            model.save_pretrained(tmp)
+            reloaded = type(model).from_pretrained(tmp, dtype=next(model.parameters()).dtype)
+            reloaded.to(next(model.parameters()).device)
+            out["reloaded_vs_masked"] = _relative_diff(_logits(reloaded, batch), expected)[0]
+            del reloaded
+    bad = {k: v for k, v in out.items() if k.endswith("_vs_masked") and not v <= tolerance}
+    if bad:
+        raise StructuredPruningError(
+            f"structured pruning self-check failed for `{model.config.model_type}`: "
+            + ", ".join(f"{k.replace('_', ' ')} {v:.3g}" for k, v in bad.items())
+            + f" (relative to the logit scale {scale:.3g}; tolerance {tolerance:g}); nothing was written. "
+            "Please report this model type; use unstructured pruning for it meanwhile."
+        )
+    return out
+
+
+def cut_and_check(model, plan: StructuredPlan, batch: dict, reload: bool = True) -> dict:
+    """Run the masked model on `batch`, cut `model` to `plan` in place, and [`check_structured_cut`] it. The figures
+    are stored in `plan.check` (and so in `plan.to_dict()`, the stage record)."""
+    remove_structured_masks(model)
+    attach_structured_masks(model, plan_masks(model, plan))
+    try:
+        expected = _logits(model, batch)
+    finally:
+        remove_structured_masks(model)
+    prune_structures(model, plan)
+    plan.check = check_structured_cut(model, batch, expected, reload=reload)
+    return plan.check

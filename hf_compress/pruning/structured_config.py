@@ -19,8 +19,9 @@ class StructuredPruningArguments:
     Parameters:
         prune_structure (`str`, *optional*):
             Comma-separated structures to remove: `ffn` (FFN neurons), `heads` (whole GQA groups: a KV head with its
-            query heads; Llama-family decoders), `hidden` (hidden/embedding channels; decoders), `layers` (blocks).
-            Unset: no structured pruning.
+            query heads), `hidden` (hidden/embedding channels), `layers` (blocks). Which families can express which
+            is `hf_compress.architectures.FAMILIES` (the README's support matrix); the others are refused in
+            `prepare`. Unset: no structured pruning.
         prune_keep (`float`, *optional*):
             Kept fraction (or count) for every structure in `prune_structure` that has no value of its own.
         prune_ffn_keep, prune_heads_keep, prune_hidden_keep, prune_layers_keep (`float`, *optional*):

@@ -49,15 +49,17 @@ def quantize_embedding_tensors(weight: torch.Tensor, args: QuantizationArguments
     return {"weight": q, "absmax": state.absmax}
 
 
-def embedding_module(num: int, dim: int, tensors: dict[str, torch.Tensor], bits: int, quant_type: str, device):
-    """A bitsandbytes `Embedding8bit` / `Embedding4bit` holding the stored tensors."""
+def embedding_module(num: int, dim: int, tensors: dict[str, torch.Tensor], bits: int, quant_type: str, device,
+                     dtype: torch.dtype = torch.float32):
+    """A bitsandbytes `Embedding8bit` / `Embedding4bit` holding the stored tensors, whose output is cast to `dtype`
+    (the model's: a float32 output would reach a bf16/fp16 `lm_head` and fail with a dtype mismatch)."""
     if bits == 8:
-        module = bnb.nn.Embedding8bit(num, dim)
+        module = bnb.nn.Embedding8bit(num, dim, dtype=dtype)
         module.weight = bnb.nn.Int8Params(
             tensors["weight"].to(device), requires_grad=False, has_fp16_weights=False, SCB=tensors["SCB"].to(device)
         )
         return module
-    module = bnb.nn.Embedding4bit(num, dim, quant_type=quant_type)
+    module = bnb.nn.Embedding4bit(num, dim, dtype=dtype, quant_type=quant_type)
     state = bnb.functional.QuantState(
         absmax=tensors["absmax"].to(device),
         shape=torch.Size((num, dim)),

@@ -112,10 +112,16 @@ def targets(model, args: QuantizationArguments) -> tuple[list[str], list[str], l
 
     The task heads and output embeddings are skipped by default, as with bitsandbytes ([`resolve_skip_modules`]).
     With `quantize_embeddings`, a tied input embedding is quantized too (its tied output layer, e.g. `lm_head`,
-    reads the same weights), which [`targets_for_qat`] leaves out because a parametrization would untie them.
+    reads the same weights); [`targets_for_qat`] fake-quantizes both.
+
+    Raises:
+        `ValueError`: for a family whose export cannot be exact ([`~hf_compress.architectures.compressed_tensors_refusal`]:
+        GPT-2's `Conv1D`, stacked experts).
     """
+    from ..architectures import check_compressed_tensors
     from .export import _base_skip_modules, _tied_names, should_quantize
 
+    check_compressed_tensors(model)  # GPT-2's Conv1D, stacked experts: refused, not silently kept dense
     skip = _base_skip_modules(model, args)
     tied = _tied_names(model)
     linears, embeddings, bad_shape = [], [], []
@@ -133,13 +139,23 @@ def targets(model, args: QuantizationArguments) -> tuple[list[str], list[str], l
     return linears, embeddings, bad_shape
 
 
-def targets_for_qat(model, args: QuantizationArguments) -> tuple[list[str], list[str]]:
-    """The weights [`QATCallback`] fake-quantizes: those of [`targets`] minus tied embeddings."""
-    from .export import _tied_names
+def tied_output_modules(model, embeddings: list[str]) -> list[str]:
+    """Modules (e.g. `lm_head`) whose weight is the same tensor as one of the quantized `embeddings`: after export they
+    read the embedding's quantized weight, so QAT fake-quantizes them with it."""
+    weights = {id(model.get_submodule(n).weight) for n in embeddings}
+    return [n for n, m in model.named_modules()
+            if n not in embeddings and id(getattr(m, "weight", None)) in weights and isinstance(m, nn.Linear)]
 
+
+def targets_for_qat(model, args: QuantizationArguments) -> tuple[list[str], list[str]]:
+    """
+    The weights [`QATCallback`] fake-quantizes: exactly those the export quantizes. The Linear layers of [`targets`]
+    plus the output layers tied to a quantized input embedding (a tied `lm_head` multiplies by the embedding's
+    quantized table after export), and the embeddings, tied ones included. A parametrization on each of two tied
+    modules keeps one shared `original` tensor, so training still updates a single tied weight.
+    """
     linears, embeddings, _ = targets(model, args)
-    tied = _tied_names(model)
-    return linears, [n for n in embeddings if n not in tied]
+    return linears + tied_output_modules(model, embeddings), embeddings
 
 
 # --- export ----------------------------------------------------------------------------------------------------
@@ -224,7 +240,7 @@ def save(model, output_dir, args: QuantizationArguments, tokenizer=None) -> dict
 
     output_dir = Path(output_dir)
     qmodel, compressor, info = quantize_model(model, args)
-    with atomic_output_dir(str(output_dir)) as tmp_name:  # whole or absent, as every other export
+    with atomic_output_dir(str(output_dir), marker=True) as tmp_name:  # whole or absent, as every other export
         tmp = Path(tmp_name)
         state = qmodel.state_dict()
         tied_outputs = _tied_output_keys(qmodel, info["quantized_embeddings"])

@@ -11,6 +11,10 @@ BACKENDS = ("bitsandbytes", "compressed-tensors")
 # Task heads kept in full precision by default: a bnb-quantized head that was newly initialised breaks the
 # forward pass on CPU, and the head is a tiny share of the parameters anyway.
 DEFAULT_HEAD_MODULES = ("classifier", "qa_outputs", "lm_head", "score")
+# compressed-tensors group sizes that vLLM's WNA16 path runs: its Marlin kernels take `MARLIN_SUPPORTED_GROUP_SIZES =
+# [-1, 32, 64, 128]` (-1 is one scale per row, `None` here), vllm/model_executor/layers/quantization/utils/
+# marlin_utils.py at commit 007d50058a06dec0f82472d63c819244d460c40d. Others are refused: no engine we checked runs them.
+VLLM_GROUP_SIZES = (None, 32, 64, 128)
 
 
 @dataclass
@@ -30,12 +34,16 @@ class QuantizationArguments:
             4-bit data type, `nf4` or `fp4`. Ignored with `bits=8`.
         group_size (`int`, *optional*):
             `compressed-tensors` only: one scale per `group_size` consecutive input weights of a row; `None` is one
-            scale per output channel (row). Layers whose input width is not a multiple stay in full precision.
+            scale per output channel (row). 32, 64, 128 or `None`: the group sizes vLLM's int kernels run
+            ([`VLLM_GROUP_SIZES`]); others are refused. Layers whose input width is not a multiple stay in full
+            precision.
         double_quant (`bool`, *optional*, defaults to `False`):
             4-bit only: also quantize the per-block absmax values (8-bit, blocks of 256).
         quantize_embeddings (`bool`, *optional*, defaults to `False`):
             Also store the input embeddings in `bits` bits (bitsandbytes `Embedding8bit` / `Embedding4bit`,
-            no double quantization). Reload such a checkpoint with [`load_quantized`].
+            no double quantization: reload with [`load_quantized`]; compressed-tensors: the tables, a tied one
+            included, which vLLM does not load). Off by default, so a compressed-tensors export keeps the embeddings
+            and `lm_head` in the model's dtype.
         skip_modules (`list[str]`, *optional*):
             Module names (or suffixes) to keep in full precision. Defaults to the task heads (`classifier`,
             `qa_outputs`, `lm_head`, `score`) plus the output embeddings.
@@ -84,6 +92,8 @@ class QuantizationArguments:
                 raise ValueError(f"group_size applies to backend='compressed-tensors', got backend={self.backend!r}; drop it or set `backend='compressed-tensors'`.")
             if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1:
                 raise ValueError(f"group_size must be a positive integer (e.g. 32, 64, 128) or None for per-channel, got {self.group_size!r}.")
+            if self.group_size not in VLLM_GROUP_SIZES:
+                raise ValueError(f"group_size {self.group_size} is not one vLLM's int kernels run; use 32, 64, 128 or None (per-channel).")
         if self.backend == "compressed-tensors" and self.double_quant:
             raise ValueError("double_quant is a bitsandbytes option, got backend='compressed-tensors'; drop it.")
         if isinstance(self.bits, bool) or self.bits not in BITS:

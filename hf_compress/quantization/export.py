@@ -5,10 +5,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
-import os
-import shutil
 import tempfile
-import uuid
 from pathlib import Path
 
 import torch
@@ -77,12 +74,15 @@ def unsupported_4bit_modules(model, embeddings: bool = True) -> list[str]:
     `out_features % 32 == 0` (it crashes otherwise). Such layers are kept in full precision: a checkpoint must give
     the same logits on every machine. Real transformer widths (384, 576, 768, 1536, ...) are all multiples.
     """
+    from ..architectures import is_conv1d
+
     names = []
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and (
-            module.in_features % BLOCKSIZE_4BIT or module.out_features % ROW_TILE_4BIT
-        ):
-            names.append(name)
+        if isinstance(module, nn.Linear) or is_conv1d(module):
+            # bitsandbytes quantizes a Conv1D [in, out] as the transposed nn.Linear [out, in].
+            out_features, in_features = module.weight.shape[:: -1 if is_conv1d(module) else 1]
+            if in_features % BLOCKSIZE_4BIT or out_features % ROW_TILE_4BIT:
+                names.append(name)
         elif embeddings and isinstance(module, nn.Embedding) and module.embedding_dim % BLOCKSIZE_4BIT:
             names.append(name)
     return names
@@ -135,8 +135,13 @@ def quantization_targets(model, args: QuantizationArguments) -> tuple[list[str],
         from .compressed_tensors import targets_for_qat
 
         return targets_for_qat(model, args)
+    from ..architectures import is_conv1d
+
     skip = resolve_skip_modules(model, args)
-    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and should_quantize(n, skip)]
+    # transformers' bitsandbytes integration replaces `Conv1D` (GPT-2) too, so QAT fake-quantizes it as well.
+    linears = [
+        n for n, m in model.named_modules() if (isinstance(m, nn.Linear) or is_conv1d(m)) and should_quantize(n, skip)
+    ]
     embeddings = []
     if args.quantize_embeddings:
         tied = _tied_names(model)
@@ -178,6 +183,20 @@ def _plain_copy(model):
     plain = type(model)(copy.deepcopy(model.config))
     plain.load_state_dict(state)
     return plain.to(next(model.parameters()).dtype)
+
+
+def fake_quantized_copy(model, args: QuantizationArguments):
+    """
+    A copy of `model` (the caller's is not changed) whose forward pass is what the export of `model` with `args` must
+    compute: the export's fake quantizers ([`attach_fake_quant`] on [`quantization_targets`], QAT's exact numerics)
+    on its full-precision weights, in eval mode. The reference the loaders check compares a written checkpoint with.
+    """
+    from .qat import attach_fake_quant
+
+    plain, _ = _merge_adapters(model)
+    plain = _plain_copy(plain).eval()
+    attach_fake_quant(plain, args, *quantization_targets(plain, args))
+    return plain
 
 
 def _weight_bytes(model) -> int:
@@ -226,7 +245,9 @@ def _swap_embeddings(qmodel, embedding_tensors, bits: int, quant_type: str):
     device = next(qmodel.parameters()).device
     for name, tensors in embedding_tensors.items():
         old = qmodel.get_submodule(name)
-        new = backend.embedding_module(old.num_embeddings, old.embedding_dim, tensors, bits, quant_type, device)
+        # The table's output keeps the dtype of the module it replaces (the model's), as an unquantized one would.
+        dtype = old.weight.dtype if old.weight.is_floating_point() else qmodel.dtype
+        new = backend.embedding_module(old.num_embeddings, old.embedding_dim, tensors, bits, quant_type, device, dtype)
         qmodel.set_submodule(name, new)
     return qmodel
 
@@ -345,8 +366,10 @@ def quantize_and_save(model, output_dir, args: QuantizationArguments, tokenizer=
     output_dir = Path(output_dir)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     qmodel, info, embedding_tensors = _quantize_linears(model, args, device)
-    tmp = output_dir.parent / f".{output_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
+    from ..atomic import atomic_output_dir
+
+    with atomic_output_dir(str(output_dir), marker=True) as tmp_name:  # written beside, swapped in whole
+        tmp = Path(tmp_name)
         qmodel.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -360,16 +383,6 @@ def quantize_and_save(model, output_dir, args: QuantizationArguments, tokenizer=
         info.update(folder_bytes(tmp))
         info["output_dir"] = str(output_dir)
         (tmp / REPORT_FILE).write_text(json.dumps(info, indent=2))
-        if output_dir.exists():
-            old = output_dir.parent / f".{output_dir.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(output_dir, old)
-            os.replace(tmp, output_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, output_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return info
 
 

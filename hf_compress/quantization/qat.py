@@ -7,6 +7,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ..architectures import is_conv1d
 from .config import QuantizationArguments
 from .functional import fake_quantize_weight, int8_linear, int8_rowwise_quantize, straight_through
 
@@ -46,15 +47,23 @@ class BnbFakeQuantize(FakeQuantize):
         quant_type (`str`, *optional*, defaults to `"nf4"`): 4-bit data type.
         double_quant (`bool`, *optional*, defaults to `False`): 4-bit absmax quantized too.
         embedding (`bool`, *optional*, defaults to `False`): The weight of an embedding table.
+        transposed (`bool`, *optional*, defaults to `False`): The weight of a `Conv1D` ([in, out]), which bitsandbytes
+            quantizes transposed.
     """
 
-    def __init__(self, bits: int, quant_type: str = "nf4", double_quant: bool = False, embedding: bool = False):
+    def __init__(
+        self, bits: int, quant_type: str = "nf4", double_quant: bool = False, embedding: bool = False,
+        transposed: bool = False,
+    ):
         super().__init__()
         self.bits, self.quant_type, self.double_quant, self.embedding = bits, quant_type, double_quant, embedding
+        self.transposed = transposed
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        quantized = fake_quantize_weight(weight, self.bits, self.quant_type, self.double_quant, embedding=self.embedding)
-        return straight_through(weight, quantized)
+        # A Conv1D weight [in, out] is quantized as bitsandbytes stores it: transposed to [out, in].
+        w = weight.t() if self.transposed else weight
+        quantized = fake_quantize_weight(w, self.bits, self.quant_type, self.double_quant, embedding=self.embedding)
+        return straight_through(weight, quantized.t() if self.transposed else quantized)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, quant_type={self.quant_type}, double_quant={self.double_quant}"
@@ -90,6 +99,8 @@ def _int8_activation_hook(threshold: float):
 
     def hook(module, inputs, output):
         weight = module.parametrizations.weight.original
+        if is_conv1d(module):
+            weight = weight.t()
         cb, scb = int8_rowwise_quantize(weight)
         bias = module.bias.detach() if module.bias is not None else None
         with torch.no_grad():
@@ -118,7 +129,9 @@ def attach_fake_quant(model: nn.Module, args: QuantizationArguments, linear_name
             continue
         embedding = name in embedding_names
         if bnb:
-            fake = BnbFakeQuantize(args.bits, args.quant_type, args.double_quant and not embedding, embedding)
+            fake = BnbFakeQuantize(
+                args.bits, args.quant_type, args.double_quant and not embedding, embedding, transposed=is_conv1d(module)
+            )
         else:
             fake = IntFakeQuantize(args.bits, args.group_size)
         parametrize.register_parametrization(module, "weight", fake)
