@@ -111,7 +111,7 @@ def test_pushed_cache_trains_exactly_like_the_local_cache(kind, hub, tmp_path):
     from huggingface_hub import hf_hub_download, metadata_load
 
     key = metadata_load(hf_hub_download(repo, "README.md", repo_type="dataset"))[hub_cache.KEY_FIELD]
-    assert key["teacher_id"] == tdir and key["teacher_revision"] == "rev-a"
+    assert key["teacher_id"] == os.path.basename(tdir) and key["teacher_revision"] == "rev-a"
     assert key["teacher_digest"] == teacher_fingerprint(auto.from_pretrained(tdir))
     assert key["tokenizer_digest"] == hub_cache.tokenizer_digest(tok) and key["tokenizer_size"] == VOCAB
     assert (key["top_k"], key["temperature"], key["dtype"], key["num_rows"]) == (TOP_K, T, "float32", 16)
@@ -303,3 +303,16 @@ def test_a_failed_commit_leaves_no_repo_behind(hub, tmp_path):
     hub.fail_with = {}
     result = hub_cache.push_teacher_cache_folder(folder, "acme/x")  # the same call, retried
     assert hub.commits("acme/x", repo_type="dataset")[-1]["id"] == result.commit_oid
+
+
+def test_key_names_a_local_teacher_by_its_folder_never_by_its_path(tmp_path):
+    from hf_compress.distillation.hub_cache import expected_key, public_name
+
+    folder = tmp_path / "my-teacher"
+    folder.mkdir()
+    assert public_name(str(folder)) == "my-teacher"
+    assert public_name("org/teacher") == "org/teacher"
+    import datasets
+
+    ds = datasets.Dataset.from_dict({"input_ids": [[1, 2, 3]]})
+    assert expected_key(ds, None, "causal-lm", 1.0, teacher_id=str(folder))["teacher_id"] == "my-teacher"

@@ -69,6 +69,11 @@ def _num_classes(teacher, task: str) -> int | None:
     return int(teacher.config.num_labels)
 
 
+def public_name(name: str | None) -> str | None:
+    """A Hub id as it is; a local folder by its last component, so no machine path reaches a public card."""
+    return os.path.basename(os.path.normpath(name)) if name and os.path.isdir(name) else name
+
+
 def hub_cache_key(teacher, dataset, tokenizer, task: str, top_k: int | None, temperature: float, dtype: str,
                   width: int | None, positions: bool, teacher_id: str | None = None,
                   teacher_revision: str | None = None) -> dict:
@@ -78,11 +83,11 @@ def hub_cache_key(teacher, dataset, tokenizer, task: str, top_k: int | None, tem
     cfg = teacher.config
     key = {
         "format": FORMAT,
-        "teacher_id": teacher_id or getattr(cfg, "_name_or_path", None) or None,
+        "teacher_id": public_name(teacher_id or getattr(cfg, "_name_or_path", None) or None),
         "teacher_revision": teacher_revision or getattr(cfg, "_commit_hash", None) or None,
         "teacher_class": type(teacher).__name__,
         "teacher_digest": teacher_cache.teacher_fingerprint(teacher),
-        "tokenizer_name": getattr(tokenizer, "name_or_path", None) or None,
+        "tokenizer_name": public_name(getattr(tokenizer, "name_or_path", None) or None),
         "tokenizer_digest": tokenizer_digest(tokenizer),
         "tokenizer_size": len(tokenizer),
         "task": task,
@@ -361,7 +366,7 @@ def expected_key(dataset, tokenizer, task: str, temperature: float, teacher_id: 
         expected["tokenizer_digest"] = tokenizer_digest(tokenizer)
     expected["temperature"] = float(temperature)
     if teacher_id is not None:
-        expected["teacher_id"] = teacher_id
+        expected["teacher_id"] = public_name(teacher_id)
     if teacher_revision is not None:
         expected["teacher_revision"] = teacher_revision
     return expected
