@@ -500,21 +500,11 @@ def _structured_pruning(model, sa, train_ds, collator, training_args, stages, te
         log(f"Structured pruning of {sa.prune_structure}, gradual: masked during training, removed at its end.")
         stages["structured_pruning"] = {"schedule": "gradual", "structures": sa.structures, "keep": sa.keep()}
         return [StructuredPruningCallback.from_args(sa)]
-    import inspect
-
-    from torch.utils.data import DataLoader
-
-    from .callbacks.structured_pruning import first_batches
     from .pruning.structured import structured_prune
 
     batches = None
     if sa.prune_calibration_batches:
-        # The task's own collator over the columns the model takes (as the Trainer drops the others).
-        accepted = set(inspect.signature(model.forward).parameters) | {"label", "label_ids"}
-        cols = [c for c in train_ds.column_names if c in accepted]
-        loader = DataLoader(train_ds.select_columns(cols), batch_size=training_args.per_device_train_batch_size,
-                            collate_fn=collator)
-        batches = first_batches(loader, sa.prune_calibration_batches)
+        batches = _calibration_batches(model, train_ds, collator, training_args, sa.prune_calibration_batches)
     before = model.num_parameters()
     result = structured_prune(model, sa.structures, keep=sa.keep(), batches=batches, target_params=sa.prune_target_params,
                               layer_metric=sa.prune_layer_metric)
@@ -524,18 +514,68 @@ def _structured_pruning(model, sa, train_ds, collator, training_args, stages, te
     return []
 
 
-def _one_shot_prune(model, pruning_args) -> None:
+def _record_callbacks(callbacks, stages: dict, pruning_args) -> dict | None:
+    """After training: the self-check figures the pruning callbacks hold (`callback.plan` of the structured one,
+    `callback.check` of the unstructured one) into the stage records; returns the unstructured check's batch."""
+    from .callbacks import GradualPruningCallback
+    from .callbacks.structured_pruning import StructuredPruningCallback
+
+    batch = None
+    for cb in callbacks:
+        if isinstance(cb, StructuredPruningCallback) and cb.plan is not None:
+            stages["structured_pruning"].update(cb.plan.to_dict(), masked_fraction_by_step=cb.history)
+        elif isinstance(cb, GradualPruningCallback) and cb.check is not None:
+            stages["pruning"] = {"schedule": "gradual", "target_sparsity": pruning_args.target_sparsity,
+                                 "check": dict(cb.check)}
+            batch = cb.check_batch
+    return batch
+
+
+def _calibration_batches(model, train_ds, collator, training_args, n: int) -> list[dict]:
+    """The first `n` training batches, from the task's own collator over the columns the model takes (as the Trainer
+    drops the others)."""
+    import inspect
+
+    from torch.utils.data import DataLoader
+
+    from .callbacks.structured_pruning import first_batches
+
+    accepted = set(inspect.signature(model.forward).parameters) | {"label", "label_ids"}
+    cols = [c for c in train_ds.column_names if c in accepted]
+    loader = DataLoader(train_ds.select_columns(cols), batch_size=training_args.per_device_train_batch_size,
+                        collate_fn=collator)
+    return first_batches(loader, n)
+
+
+def _one_shot_prune(model, pruning_args, batch: dict) -> dict:
+    """Magnitude masks at the target, attached and applied as the gradual callback's are, then made permanent and
+    self-checked on `batch` ([`~hf_compress.pruning.self_check.check_permanent`]); returns the figures."""
     from .architectures import weight_layouts
-    from .pruning import magnitude_masks, resolve_targets
+    from .pruning import apply_masks, attach_masks, magnitude_masks, remove_masks, resolve_targets
+    from .pruning.self_check import check_permanent
 
     names = resolve_targets(model, pruning_args.pruning_target_modules)
     params = dict(model.named_parameters())
     weights = {n: params[n].detach() for n in names}
     masks = magnitude_masks(weights, pruning_args.target_sparsity, pruning_args.pruning_scope,
                             layouts=weight_layouts(model, names))
-    with torch.no_grad():
-        for n, m in masks.items():
-            params[n].masked_fill_(~m, 0.0)
+    for n, buffer in attach_masks(model, names).items():
+        buffer.copy_(masks[n])
+    apply_masks(model)
+    return check_permanent(model, batch, remove_masks)
+
+
+def _check_export(plan, model, result, ckpt: str, batch: dict) -> dict:
+    """The unstructured self-check's second half: the written folder, loaded back, against the in-memory `model`.
+    A quantized export computes another (quantized) function by design: the loaders check compares it with the
+    fake-quantized model instead."""
+    from .pruning.self_check import check_reload
+
+    if plan.model_args.quantize:
+        return {"reloaded": "quantized export: checked by the loaders check against the fake-quantized model"}
+    if plan.model_args.format != "bitmask":  # the dense export hands back the in-memory model: load what was written
+        result = type(model).from_pretrained(ckpt, dtype=next(model.parameters()).dtype)
+    return check_reload(model, result, batch)
 
 
 def _log(msg: str) -> None:
@@ -698,9 +738,14 @@ def run(plan: CompressionPlan) -> dict | None:
                                      what, teacher, callbacks)
             if teacher is not None:
                 techniques.append("distillation")
+            self_check_batch = _record_callbacks(callbacks, stages, pa)
         elif pruning:
+            from .pruning.self_check import check_batch as first_check_batch
+
             log(f"Pruning one-shot by magnitude to {pa.target_sparsity:.0%} (no training).")
-            _one_shot_prune(model, pa)
+            self_check_batch = first_check_batch(model, _calibration_batches(model, train_ds, collator, ta, 1))
+            stages["pruning"] = {"schedule": "oneshot", "target_sparsity": pa.target_sparsity,
+                                 "check": _one_shot_prune(model, pa, self_check_batch)}
         if pruning:
             techniques.append("pruning")
 
@@ -708,6 +753,8 @@ def run(plan: CompressionPlan) -> dict | None:
         if main:
             ckpt = os.path.join(work, "checkpoint")
             result, stages["export"] = export_checkpoint(plan, model, tokenizer, ckpt, log)
+            if "pruning" in stages:  # still in the work folder: a failed check leaves no output
+                stages["pruning"]["check"].update(_check_export(plan, model, result, ckpt, self_check_batch))
             if ma.quantize:
                 techniques.append("quantization")
             report = _evaluate_and_report(plan, result, ckpt, base, base_dir, tokenizer, eval_ds, base_metrics,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 
 import torch
 from transformers import TrainerCallback
@@ -21,6 +22,7 @@ from ..pruning.masks import (
     sparsity_stats,
 )
 from ..pruning.schedule import cubic_sparsity, is_pruning_step
+from ..pruning.self_check import check_batch, check_permanent
 
 logger = logging.get_logger(__name__)
 
@@ -61,7 +63,13 @@ class GradualPruningCallback(TrainerCallback):
     `momentum_buffer`, ...) whenever the masks change, so AdamW moments and weight decay cannot revive them;
     the masks are also re-applied after every optimizer step, which covers any other optimizer. The masks are
     saved into every checkpoint (`pruning_masks.safetensors`) and read back on `resume_from_checkpoint`. At
-    the end of training they are made permanent and removed: the model is a plain `PreTrainedModel`.
+    the end of training they are made permanent and removed: the model is a plain `PreTrainedModel`. That step is
+    self-checked: the logits on the first training batch (2 rows, 64 tokens) under the masks and after are compared
+    ([`~hf_compress.pruning.self_check.check_permanent`]); beyond the tolerance `on_train_end` raises a
+    [`~hf_compress.pruning.self_check.SelfCheckError`] in one line, before anything is saved, and otherwise
+    `callback.check` holds the figures (`logit_scale`, `tolerance`, `permanent_vs_masked`) and `callback.check_batch`
+    the batch, so that the saved folder can be checked against the model too
+    ([`~hf_compress.pruning.self_check.check_reload`]).
 
     Args:
         target_sparsity (`float`, *optional*, defaults to `0.5`): final sparsity in [0, 1).
@@ -120,6 +128,8 @@ class GradualPruningCallback(TrainerCallback):
         self._active = False
         self._hooks: list = []
         self._layouts: dict = {}
+        self.check: dict | None = None  # the self-check's figures, once the masks are permanent
+        self.check_batch: dict | None = None
 
     @classmethod
     def from_args(cls, args: PruningArguments) -> GradualPruningCallback:
@@ -291,11 +301,18 @@ class GradualPruningCallback(TrainerCallback):
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(entries)
 
-    def on_train_end(self, args, state, control, model=None, **kwargs):
-        if model is not None and self._pairs:
-            remove_masks(model)
-        for handle in self._hooks:
-            handle.remove()
-        self._hooks = []
-        self._pairs = []
-        self._active = False
+    def on_train_end(self, args, state, control, model=None, train_dataloader=None, **kwargs):
+        try:
+            if model is not None and self._pairs:
+                # The batch is read only now, after the last step: reading it earlier would draw from the sampler's
+                # random state and change the order the run trains in.
+                first = next(iter(train_dataloader), None) if train_dataloader is not None else None
+                batches = [dict(first)] if isinstance(first, Mapping) else None
+                self.check_batch = check_batch(model, batches)
+                self.check = check_permanent(model, self.check_batch, remove_masks)
+        finally:
+            for handle in self._hooks:
+                handle.remove()
+            self._hooks = []
+            self._pairs = []
+            self._active = False

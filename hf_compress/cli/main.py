@@ -223,7 +223,9 @@ def _print_summary(report: dict, output_dir: str, seconds: float) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run `hf-compress` with `argv` (defaults to `sys.argv[1:]`); returns the exit code (2 for bad input)."""
+    """Run `hf-compress` with `argv` (defaults to `sys.argv[1:]`); returns the exit code: 0, 2 for bad input, 1 when
+    the run checked its own result and found it wrong (a failed self-check, which writes nothing, or a loader of the
+    written folder that computes something else)."""
     import time
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -259,14 +261,44 @@ def main(argv: list[str] | None = None) -> int:
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         print(f"hf-compress: error: {redact_value(message)}", file=sys.stderr)  # never a token on the console
         return 2
+    from ..architectures import StructuredPruningError
+    from ..pruning.self_check import SelfCheckError
+
     try:
         report = run(plan)
-    except CompressionInputError as err:  # found while preprocessing (e.g. no token left to predict)
-        print(f"hf-compress: error: {redact_value(str(err).strip().splitlines()[0])}", file=sys.stderr)
+    except SelfCheckError as err:  # the run's own result is wrong: stopped before writing, nothing to fix in the input
+        print(f"hf-compress: error: {redact_value(_one_line(err))}", file=sys.stderr)
+        return 1
+    except (CompressionInputError, StructuredPruningError) as err:  # found while preprocessing or pruning
+        print(f"hf-compress: error: {redact_value(_one_line(err))}", file=sys.stderr)
         return 2
-    if report is not None:  # None on the non-main ranks of a distributed launch
-        _print_summary(report, plan.output_dir, time.time() - start)
-    return 0
+    if report is None:  # the non-main ranks of a distributed launch
+        return 0
+    _print_summary(report, plan.output_dir, time.time() - start)
+    failed = verification_failures(report)
+    for line in failed:
+        print(line)
+    return 1 if failed else 0
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def verification_failures(report: dict) -> list[str]:
+    """A `FAILED ...` line for each loader of the loaders check (`report["loaders"]`) that loads the written folder
+    but computes something else than the trained model (`status` `mismatch`). A loader that refuses to load
+    (`error`) fails loudly for its user and is shown in the card, not here."""
+    lines = []
+    for name, v in (report.get("loaders") or {}).items():
+        if v.get("status") == "mismatch":
+            diff = v.get("max_abs_logit_diff")
+            what = f"max abs logit diff {diff:.3g} (tolerance {v.get('tolerance', float('nan')):.3g})" if isinstance(
+                diff, (int, float)) else (v.get("error") or "different output")
+            lines.append(f"FAILED verification: {name} loads the output but computes something else than the trained "
+                         f"model: {what}. Do not share this folder.")
+    return lines
 
 
 def console_entry() -> None:

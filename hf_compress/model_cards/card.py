@@ -256,6 +256,7 @@ def build_model_card(
         plot_file=plot_file,
         quantization=report.get("quantization"),
         loaders=report.get("loaders"),
+        self_checks=self_check_rows(report),
         serving=report.get("serving"),
         sparsest_layers=[(k, f"{v:.4f}") for k, v in shown] if any(v > 0 for v in per_layer.values()) else None,
         global_sparsity=_fmt(report["sparsity"].get("global")),
@@ -266,6 +267,22 @@ def build_model_card(
     )
     validate_card_metadata(card)
     return card
+
+
+def self_check_rows(report: dict) -> list[dict]:
+    """The pruning self-checks of the report's stages (`pipeline.stages.<stage>.check`): one row per figure, e.g.
+    `pruned vs masked` or `reloaded vs permanent`, relative to the logit scale."""
+    stages = (report.get("pipeline") or {}).get("stages") or {}
+    rows = []
+    for stage, record in stages.items():
+        check = record.get("check") if isinstance(record, dict) else None
+        if not isinstance(check, dict):
+            continue
+        for key, value in check.items():
+            if "_vs_" in key and isinstance(value, (int, float)):
+                rows.append(dict(stage=stage.replace("_", " "), compared=key.replace("_", " "), diff=f"{value:.3g}",
+                                 scale=f"{check['logit_scale']:.3g}", tolerance=f"{check['tolerance']:g}"))
+    return rows
 
 
 def validate_card_metadata(card) -> None:

@@ -35,7 +35,24 @@ from ..architectures import (
     fused_parts,
 )
 
+from .self_check import (
+    SelfCheckError,
+    check_batch,
+    compare,
+    forward_batch,
+    logits_on,
+    model_inputs,
+    raise_if_beyond,
+    reload_pretrained,
+    tolerance_for,  # noqa: F401  (re-exported: callers of the structured self-check ask for it here)
+)
+
 _MASK_HOOKS = "_hf_compress_structured_hooks"
+
+
+class StructuredSelfCheckError(StructuredPruningError, SelfCheckError):
+    """A cut that does not compute what the masked model computed: both a structured-pruning error and a
+    failed self-check (what the CLI reports in one line)."""
 
 
 # ---- the model's structure (read from `hf_compress.architectures`) --------------------------------------------
@@ -170,22 +187,6 @@ def _accumulate(store: dict, key, values: torch.Tensor, weights: torch.Tensor | 
     store[key] = (s + total, c + count)
 
 
-def _forward(model, batch):
-    device = next(model.parameters()).device
-    batch = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
-    return model(**batch)
-
-
-def _model_inputs(batch, labels: bool):
-    keep = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
-    out = {k: v for k, v in batch.items() if k in keep}
-    if labels:
-        lab = batch.get("labels", batch.get("label"))
-        if lab is not None:
-            out["labels"] = lab
-    return out
-
-
 @torch.no_grad()
 def structured_importance(model, batches=None, structures=STRUCTURES, layer_metric: str = "cosine") -> dict[str, torch.Tensor]:
     r"""
@@ -248,7 +249,7 @@ def structured_importance(model, batches=None, structures=STRUCTURES, layer_metr
                     lambda m, args, out: _accumulate(store, "hidden", out.abs(), current.get("w"))))
         for batch in batches:
             current["w"] = _token_weights(batch)
-            _forward(model, _model_inputs(batch, labels=False))
+            forward_batch(model, model_inputs(batch, labels=False))
     finally:
         for h in handles:
             h.remove()
@@ -278,12 +279,12 @@ def structured_importance(model, batches=None, structures=STRUCTURES, layer_metr
 def _mean_loss(model, batches) -> float:
     losses = []
     for batch in batches:
-        inputs = _model_inputs(batch, labels=True)
+        inputs = model_inputs(batch, labels=True)
         if "labels" not in inputs:
             if not hasattr(model, "lm_head"):
                 raise StructuredPruningError("layer_metric='loss' needs `labels` in the calibration batches; add them or use 'cosine'.")
             inputs["labels"] = inputs["input_ids"]
-        losses.append(_forward(model, inputs).loss.item())
+        losses.append(forward_batch(model, inputs).loss.item())
     return sum(losses) / len(losses)
 
 
@@ -870,49 +871,6 @@ def structured_prune(model, structures, keep: dict | None = None, batches=None, 
 # ---- the self-check: pruned == masked, and the same after a reload --------------------------------------------
 
 
-def tolerance_for(dtype: torch.dtype) -> float:
-    """Largest accepted `max |pruned - masked| / max |masked|` over the checked logits: 1e-4 in float32 (the cut
-    only reorders float sums; the tests measure <= 1e-5), 2e-2 in 16-bit types."""
-    return 1e-4 if dtype in (torch.float32, torch.float64) else 2e-2
-
-
-def check_batch(model, batches=None, rows: int = 2, tokens: int = 64) -> dict:
-    """The batch the self-check runs on: the first `rows` x `tokens` of the first calibration batch (small, so that
-    three sets of logits over a large vocabulary stay small), else 2 x 16 seeded random token ids."""
-    if batches:
-        first = _model_inputs(batches[0], labels=False)
-        return {k: v[:rows, :tokens] if v.dim() >= 2 else v[:rows] for k, v in first.items()}
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=g)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-
-
-def _logits(model, batch) -> torch.Tensor:
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            out = _forward(model, batch)
-    finally:
-        model.train(was_training)
-    if getattr(out, "logits", None) is not None:
-        logits = out.logits
-    else:  # question answering
-        logits = torch.stack([out.start_logits, out.end_logits], dim=-1)
-    logits = logits.detach().float().cpu()
-    mask = batch.get("attention_mask")
-    if mask is not None and logits.dim() >= 3 and tuple(logits.shape[:2]) == tuple(mask.shape):
-        logits = logits[mask.bool().cpu()]  # real tokens only: padded positions are nobody's output
-    return logits
-
-
-def _relative_diff(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
-    scale = ref.abs().max().item()
-    if out.shape != ref.shape:
-        return float("inf"), scale
-    return (out - ref).abs().max().item() / max(scale, 1e-12), scale
-
-
 def check_structured_cut(model, batch: dict, expected: torch.Tensor, tolerance: float | None = None,
                          reload: bool = True) -> dict:
     r"""
@@ -922,7 +880,7 @@ def check_structured_cut(model, batch: dict, expected: torch.Tensor, tolerance: 
     Args:
         model: the pruned model.
         batch (`dict`): model inputs (padded positions, by `attention_mask`, are not compared).
-        expected (`torch.Tensor`): the masked model's logits on `batch` (as `_logits` returns them).
+        expected (`torch.Tensor`): the masked model's logits on `batch` (as [`~hf_compress.pruning.self_check.logits_on`] returns them).
         tolerance (`float`, *optional*): largest `max |logits - expected| / max |expected|`; defaults to
             [`tolerance_for`] the model's dtype.
         reload (`bool`, *optional*, defaults to `True`): also check the reloaded checkpoint.
@@ -931,29 +889,13 @@ def check_structured_cut(model, batch: dict, expected: torch.Tensor, tolerance: 
         `dict` with `logit_scale`, `tolerance`, `pruned_vs_masked` and `reloaded_vs_masked` (relative max diffs).
 
     Raises:
-        [`StructuredPruningError`]: when a figure is beyond the tolerance (one line: the model type and the figures).
+        [`StructuredSelfCheckError`] (a [`StructuredPruningError`]): when a figure is beyond the tolerance (one line: the model type and the figures).
     """
-    import tempfile
-
-    tolerance = tolerance_for(next(model.parameters()).dtype) if tolerance is None else tolerance
-    pruned, scale = _relative_diff(_logits(model, batch), expected)
-    out = {"logit_scale": scale, "tolerance": tolerance, "pruned_vs_masked": pruned}
-    if pruned <= tolerance and reload:
-        with tempfile.TemporaryDirectory(prefix="hf-compress-structured-check-") as tmp:
-            model.save_pretrained(tmp)
-            reloaded = type(model).from_pretrained(tmp, dtype=next(model.parameters()).dtype)
-            reloaded.to(next(model.parameters()).device)
-            out["reloaded_vs_masked"] = _relative_diff(_logits(reloaded, batch), expected)[0]
-            del reloaded
-    bad = {k: v for k, v in out.items() if k.endswith("_vs_masked") and not v <= tolerance}
-    if bad:
-        raise StructuredPruningError(
-            f"structured pruning self-check failed for `{model.config.model_type}`: "
-            + ", ".join(f"{k.replace('_', ' ')} {v:.3g}" for k, v in bad.items())
-            + f" (relative to the logit scale {scale:.3g}; tolerance {tolerance:g}); nothing was written. "
-            "Please report this model type; use unstructured pruning for it meanwhile."
-        )
-    return out
+    reload = reload_pretrained if reload else None
+    figures = compare(model, batch, expected, "pruned", "masked", tolerance, reload)
+    return raise_if_beyond(figures, model, "structured pruning",
+                           "Please report this model type; use unstructured pruning for it meanwhile.",
+                           error=StructuredSelfCheckError)
 
 
 def cut_and_check(model, plan: StructuredPlan, batch: dict, reload: bool = True) -> dict:
@@ -962,7 +904,7 @@ def cut_and_check(model, plan: StructuredPlan, batch: dict, reload: bool = True)
     remove_structured_masks(model)
     attach_structured_masks(model, plan_masks(model, plan))
     try:
-        expected = _logits(model, batch)
+        expected = logits_on(model, batch)
     finally:
         remove_structured_masks(model)
     prune_structures(model, plan)
