@@ -11,8 +11,8 @@ Scenarios (each rank writes `rank<r>.json` and the tensors below into `--dump-di
   gathered;
 - `prune_layer` / `prune_global`: `GradualPruningCallback` driven through its events by a hand-written training
   loop (the Trainer cannot run FSDP on CPU): masks at step 0 (chosen from identical weights) and at the end, the
-  largest gradient over pruned entries after each backward, the final weights, and the export written by
-  `hf_compress.fsdp.save_full_state_dict`;
+  largest gradient over pruned entries after each backward, the masks saved by `on_save` and restored into a
+  fresh sharded student, the final weights, and the export written by `hf_compress.fsdp.save_full_state_dict`;
 - `qat_bnb4` / `qat_bnb8` / `qat_int4`: fake quantizers attached before sharding; loss and gradients.
 """
 
@@ -162,6 +162,29 @@ def main(argv=None) -> int:
         info[f"{key}_pruned_weight_max"] = max(
             float(full_tensor(p.detach()).abs().masked_fill(full_tensor(m), 0).max()) for _, p, m in cb._pairs
         )
+        # A checkpoint: every rank takes part in `on_save` (the masks are gathered), rank 0 writes; a fresh sharded
+        # student resuming from it gets the same masks back, sharded.
+        folder = os.path.join(opts.dump_dir, f"{key}-ckpt", f"checkpoint-{state.global_step}")
+        if rank == 0:
+            os.makedirs(folder)
+        if ws > 1:
+            dist.barrier()
+        state.is_world_process_zero = rank == 0
+        cb.on_save(SimpleNamespace(output_dir=os.path.dirname(folder)), state, control)
+        if ws > 1:
+            dist.barrier()
+        _, resumed, _ = pair()
+        cb2 = GradualPruningCallback(target_sparsity=0.5, initial_sparsity=0.25, start_step=0, end_step=4,
+                                     frequency=2, scope=scope, log_per_layer=False)
+        cb2.on_train_begin(SimpleNamespace(output_dir=os.path.dirname(folder)), state, control, model=resumed)
+        info[f"{key}_resumed_masks_equal"] = all(
+            type(m2) is type(m) and torch.equal(full_tensor(m2), full_tensor(m))
+            for (_, _, m), (_, _, m2) in zip(cb._pairs, cb2._pairs)
+        )
+        info[f"{key}_resumed_zero_weights"] = all(
+            bool((full_tensor(p.detach())[~full_tensor(m)] == 0).all()) for _, p, m in cb2._pairs
+        )
+        cb2.on_train_end(SimpleNamespace(), state, control, model=resumed)
         stats = sparsity_stats(student, [name for name, _, _ in cb._pairs])
         info[f"{key}_zeros"], info[f"{key}_total"] = stats["zeros"], stats["total"]
         cb.on_train_end(args, state, control, model=student)

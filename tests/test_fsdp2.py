@@ -105,6 +105,9 @@ def test_gradient_hooks_and_masks_hold_on_shards(fsdp, key):
         # After every backward, before any callback pass: FSDP's post-accumulate-grad hook zeroed the pruned entries.
         assert info[f"{key}_pruned_grad_max"] == [0.0] * 6
         assert info[f"{key}_pruned_weight_max"] == 0.0  # after 6 AdamW steps with weight decay
+        # Saved into a checkpoint (gathered, written by rank 0) and restored, sharded, into a fresh sharded student,
+        # whose pruned entries are then zeroed.
+        assert info[f"{key}_resumed_masks_equal"] is True and info[f"{key}_resumed_zero_weights"] is True
 
 
 @pytest.mark.parametrize("key", SCOPES)
