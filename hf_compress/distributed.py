@@ -6,9 +6,13 @@ What works where (see the README section "Distributed and interrupted runs"):
   gradients, so the weights are bit-identical on every rank after each optimizer step and magnitude masks
   computed locally (with a stable sort) are identical too. [`broadcast_masks`] copies rank 0's masks to the
   others for the cautious, [`check_same_across_ranks`] proves it.
-- FSDP and DeepSpeed ZeRO-3 shard the parameters: a rank sees only its slice of each weight, so a magnitude
-  threshold (per layer or global) or a row-wise absmax computed there is not the one of the full weight.
-  [`check_distributed_support`] refuses those callbacks at start-up instead of training wrongly.
+- FSDP2 (`fully_shard`) shards every weight along dim 0 as a DTensor: the pruning callback chooses its masks on
+  the all-gathered full weights and keeps its shard of them, fake quantization runs on the weight FSDP gathers
+  for each forward (see `hf_compress.fsdp`). [`check_distributed_support`] refuses what is not exact there: FSDP1,
+  the Trainer's `use_cpu=True` + `fsdp` (which trains with DDP), QAT through the Trainer, CPU offload with QAT,
+  and the end-of-training quantization export.
+- DeepSpeed ZeRO-3 shards the parameters too, without DTensors: a magnitude threshold or a row-wise absmax computed
+  on a rank's slice is not the one of the full weight, so those callbacks are refused at start-up.
 - A run killed mid-save leaves a `checkpoint-N` folder that transformers' `get_last_checkpoint` still picks;
   [`last_valid_checkpoint`] skips it and [`validate_checkpoint`] names the broken file in one line.
 """
@@ -61,9 +65,10 @@ def check_distributed_support(args=None, callbacks=()) -> str:
     """
     Raise one clear error, before any training, when a callback cannot work under the launcher's parallelism.
 
-    Under FSDP and DeepSpeed ZeRO-3 each rank holds a shard of every weight, so the pruning callback, the
-    quantization-aware callback and the end-of-training quantization export are refused there; DDP and
-    ZeRO-1/2 keep full weights on every rank and are supported.
+    Under DeepSpeed ZeRO-3 each rank holds a slice of every weight, so the pruning callback, the quantization-aware
+    callback and the end-of-training quantization export are refused there (`cache_teacher_logits` with a ZeRO-3
+    teacher is refused where the teacher is placed, `prepare_teacher`). Under FSDP, [`check_fsdp_support`] decides (FSDP2 pruning is
+    supported). DDP and ZeRO-1/2 keep full weights on every rank and are supported.
 
     Args:
         args (`TrainingArguments`, *optional*): the run's arguments (`fsdp`, `deepspeed`, `world_size`).
@@ -76,7 +81,11 @@ def check_distributed_support(args=None, callbacks=()) -> str:
         `ValueError`: naming the callback, the backend and the fix.
     """
     backend = parallel_backend(args)
-    if backend not in ("fsdp", "deepspeed-zero3"):
+    names = {_callback_name(cb) for cb in callbacks or ()} - {None}
+    if backend == "fsdp":
+        check_fsdp_support(args, names)
+        return backend
+    if backend != "deepspeed-zero3":
         return backend
     for cb in callbacks or ():
         cls = cb if isinstance(cb, type) else type(cb)
@@ -88,6 +97,70 @@ def check_distributed_support(args=None, callbacks=()) -> str:
                 "ZeRO-3), or compress the saved model after training."
             )
     return backend
+
+
+def _callback_name(cb) -> str | None:
+    cls = cb if isinstance(cb, type) else type(cb)
+    return next((c.__name__ for c in cls.__mro__ if c.__name__ in _NEEDS_FULL_WEIGHTS), None)
+
+
+def fsdp_settings(args=None) -> dict:
+    """
+    `{"version": int, "cpu_offload": bool}` of an FSDP run: from `args.fsdp_config` (transformers normalises
+    `fsdp_version` to `version`; 2 when absent, transformers' default) or accelerate's `FSDP_VERSION` /
+    `FSDP_OFFLOAD_PARAMS` environment variables.
+    """
+    config = dict(getattr(args, "fsdp_config", None) or {}) if args is not None else {}
+    env = os.environ
+    version = config.get("version", config.get("fsdp_version", env.get("FSDP_VERSION", 2)))
+    offload = config.get("cpu_offload", config.get("offload_params", env.get("FSDP_OFFLOAD_PARAMS", False)))
+    fsdp = getattr(args, "fsdp", None) if args is not None else None
+    if isinstance(fsdp, (list, tuple, str)) and "offload" in " ".join(str(getattr(o, "value", o)) for o in (
+            fsdp if isinstance(fsdp, (list, tuple)) else [fsdp])):
+        offload = True
+    return {"version": int(version), "cpu_offload": str(offload).lower() in _TRUE}
+
+
+def check_fsdp_support(args=None, callbacks=()) -> None:
+    """
+    Under FSDP, raise one line (naming the fix) for what is not exact: FSDP1, the Trainer's `use_cpu=True` with
+    `fsdp` (transformers then trains with DDP, silently), QAT through the Trainer (its fake quantizers would be
+    attached after `fully_shard`), QAT with CPU offload, and the end-of-training quantization export. Gradual
+    pruning is allowed: it selects on the gathered full weights (see `hf_compress.fsdp`).
+
+    Args:
+        args (`TrainingArguments`, *optional*): the run's arguments.
+        callbacks (iterable of `str`): the callback names (`"GradualPruningCallback"`, `"QATCallback"`, ...).
+    """
+    settings = fsdp_settings(args)
+    if settings["version"] != 2:
+        raise ValueError(
+            f"FSDP{settings['version']} (`fsdp_config['version'] = {settings['version']}`) is not supported: its "
+            "flat parameters hide the weights' shapes from masks and quantizers; set `fsdp_config={'version': 2}` "
+            "(FSDP2, `fully_shard`) or train with DDP."
+        )
+    if args is not None and getattr(args, "use_cpu", False):
+        raise ValueError(
+            "`use_cpu=True` with `fsdp` trains with DDP, not FSDP (transformers' Trainer falls back silently); drop "
+            "`fsdp` to train with DDP on CPU, run FSDP2 on GPUs, or shard with `torch.distributed.fsdp.fully_shard` "
+            "in your own loop (see tests/fsdp2_worker.py)."
+        )
+    names = set(callbacks)
+    if "QATCallback" in names and settings["cpu_offload"]:
+        raise ValueError(
+            "`QATCallback` with FSDP `cpu_offload` is not supported (not verified exact); drop `cpu_offload` from "
+            "`fsdp_config`, or train with DDP."
+        )
+    if "QATCallback" in names:
+        raise ValueError(
+            "`QATCallback` cannot run under the Trainer's FSDP: it attaches its fake quantizers after the model is "
+            "sharded; call `attach_fake_quant(model, ...)` before `fully_shard` in your own loop, or train with DDP."
+        )
+    if "QuantizationCallback" in names:
+        raise ValueError(
+            f"`QuantizationCallback` cannot run under FSDP: {_NEEDS_FULL_WEIGHTS['QuantizationCallback']}; save the "
+            "model (`hf_compress.fsdp.save_full_state_dict`) and quantize the saved model after training."
+        )
 
 
 # ---- masks across ranks -------------------------------------------------------------------------------------
@@ -259,8 +332,10 @@ __all__ = [
     "atomic_output_dir",
     "broadcast_masks",
     "check_distributed_support",
+    "check_fsdp_support",
     "check_safetensors_file",
     "check_same_across_ranks",
+    "fsdp_settings",
     "last_valid_checkpoint",
     "parallel_backend",
     "tensors_digest",

@@ -10,6 +10,7 @@ from transformers import TrainerCallback
 from transformers.utils import logging
 
 from ..architectures import weight_layouts
+from ..fsdp import GatheredTensors, any_dtensor, full_tensor, is_dtensor, shard_like
 from ..pruning.config import PruningArguments
 from ..pruning.masks import (
     attach_masks,
@@ -47,6 +48,16 @@ def optimizer_preserves_zeros(optimizer) -> bool:
 def _masked_grad(mask: torch.Tensor):
     def hook(grad: torch.Tensor) -> torch.Tensor:
         return grad * mask
+
+    return hook
+
+
+def _masked_sharded_grad(mask: torch.Tensor):
+    # FSDP2 writes a sharded parameter's `.grad` itself (after its reduce-scatter) instead of through autograd, so a
+    # tensor hook on it never fires; it does call the post-accumulate-grad hooks, once per backward, before any
+    # clipping or optimizer step sees the gradient.
+    def hook(param: torch.Tensor) -> None:
+        param.grad.mul_(mask)
 
     return hook
 
@@ -184,6 +195,12 @@ class GradualPruningCallback(TrainerCallback):
         sparsity = self.sparsity_at(step)
         weights = {name: p for name, p, _ in self._pairs}
         current = {name: m for name, _, m in self._pairs}
+        if any_dtensor(weights.values()):
+            # FSDP2 shards: the selection must see the whole matrices (layer and global scope alike), so it runs the
+            # single-process code on weights all-gathered one at a time; every rank gets the same full masks and
+            # keeps its own shard of them (`shard_like`). Exact by construction, at one all-gather per weight per
+            # read (the global scope reads each weight four times).
+            weights, current = GatheredTensors(weights), GatheredTensors(current)
         if self.config.pruning_pattern is not None:
             new = nm_masks(weights, self.config.pruning_pattern, layouts=self._layouts)
         else:
@@ -191,7 +208,7 @@ class GradualPruningCallback(TrainerCallback):
                 weights, sparsity, self.config.pruning_scope, current_masks=current, layouts=self._layouts
             )
         for name, _, mask in self._pairs:
-            mask.copy_(new[name])  # in place: the buffer object (and the cached pair) stays the same
+            mask.copy_(shard_like(new[name], mask))  # in place: the buffer object (and the cached pair) stays the same
         self._apply(optimizer)
         self._activate()
 
@@ -207,7 +224,11 @@ class GradualPruningCallback(TrainerCallback):
         if self._hooks:
             return
         for _, param, mask in self._pairs:
-            if param.requires_grad:  # frozen weights (a PEFT base layer) get no gradient
+            if not param.requires_grad:  # frozen weights (a PEFT base layer) get no gradient
+                continue
+            if is_dtensor(param):
+                self._hooks.append(param.register_post_accumulate_grad_hook(_masked_sharded_grad(mask)))
+            else:
                 self._hooks.append(param.register_hook(_masked_grad(mask)))
 
     @torch.no_grad()
@@ -246,7 +267,7 @@ class GradualPruningCallback(TrainerCallback):
             if missing:
                 raise ValueError(f"{path} has no mask for {missing[:3]}; resume with the same target_modules.")
             for name, _, mask in self._pairs:
-                mask.copy_(saved[name].to(mask.device))
+                mask.copy_(shard_like(saved[name].to(mask.device), mask))
         else:
             # A checkpoint from elsewhere: pruned weights are exact zeros, so the zeros are the masks.
             logger.warning(f"No {MASKS_NAME} at {path}; rebuilding the pruning masks from the zero weights.")
@@ -280,13 +301,16 @@ class GradualPruningCallback(TrainerCallback):
             self._update_masks(state.global_step, optimizer)
 
     def on_save(self, args, state, control, **kwargs):
+        masks = {name: mask for name, _, mask in self._pairs}
+        if any_dtensor(masks.values()):  # FSDP2: every rank takes part in the all-gather, rank 0 writes
+            masks = {name: full_tensor(mask) for name, mask in masks.items()}
         if state.is_world_process_zero and self._pairs:
             folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
             if os.path.isdir(folder):
                 from ..atomic import atomic_file
 
                 with atomic_file(os.path.join(folder, MASKS_NAME)) as tmp:  # whole or absent, mode 0o666 & ~umask
-                    save_masks({name: mask for name, _, mask in self._pairs}, tmp)
+                    save_masks(masks, tmp)
 
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):
         if logs is None or model is None or not self._pairs:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..architectures import WeightLayout, is_conv1d, weight_layout, weight_layouts
+from ..fsdp import count_zeros, full_tensor
 
 MASK_SUFFIX = "_mask"
 # Task heads and poolers that are left dense unless named in `target_modules`.
@@ -438,14 +439,15 @@ def sparsity_stats(model: nn.Module, names: list[str] | None = None) -> dict:
     layers, parts = {}, {}
     for name in names:
         w = _stored(*_owner(model, name))
-        z = int((w == 0).sum())
+        z = count_zeros(w)  # an FSDP2 shard (DTensor): counted per shard, summed over the mesh
         layers[name] = z / w.numel()
         zeros += z
         total += w.numel()
         layout = weight_layout(model, name)
         if layout.fused:
+            whole = full_tensor(w)  # the parts of a sharded fused weight may span shards
             for part, index in layout.parts:
-                piece = w[index]
+                piece = whole[index]
                 parts[f"{name}[{part}]"] = int((piece == 0).sum()) / piece.numel()
     sparsity = zeros / total if total else 0.0
     return {"sparsity": sparsity, "global_sparsity": sparsity, "zeros": zeros, "total": total, "layers": layers,

@@ -8,6 +8,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..architectures import is_conv1d
+from ..fsdp import check_not_sharded
 from .config import QuantizationArguments
 from .functional import fake_quantize_weight, int8_linear, int8_rowwise_quantize, straight_through
 
@@ -128,6 +129,9 @@ def attach_fake_quant(model: nn.Module, args: QuantizationArguments, linear_name
         if is_fake_quantized(module):
             continue
         embedding = name in embedding_names
+        # FSDP2: the quantizer must be registered before `fully_shard` (which then shards `...original` and gathers it
+        # for every forward, so the scales see the full weight); after it, rebinding the weight would break FSDP.
+        check_not_sharded(name, module.weight, "registering a fake quantizer")
         if bnb:
             fake = BnbFakeQuantize(
                 args.bits, args.quant_type, args.double_quant and not embedding, embedding, transposed=is_conv1d(module)

@@ -16,6 +16,7 @@ from ..distillation import cache as teacher_cache
 from ..distillation.config import DistillationArguments
 from ..distillation.loss import distillation_loss, loss_mask
 from ..distillation.teacher import check_compatible, infer_task, load_teacher, prepare_teacher
+from ..distributed import check_distributed_support
 
 
 class DistillationMixin:
@@ -75,6 +76,8 @@ class DistillationMixin:
             )
         elif teacher_model is None:
             raise ValueError(f"{type(self).__name__} needs a `teacher_model` (a PreTrainedModel or a path).")
+        # FSDP1, `use_cpu=True` + `fsdp` (silently DDP), callbacks that are not exact under the run's sharding.
+        check_distributed_support(args, kwargs.get("callbacks") or ())
         if args.distillation_task != "auto":
             task = args.distillation_task
         elif isinstance(model, torch.nn.Module):

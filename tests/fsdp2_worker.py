@@ -1,0 +1,226 @@
+"""FSDP2 (`fully_shard`, gloo, CPU) against one process, for tests/test_fsdp2.py.
+
+Run alone (`python tests/fsdp2_worker.py --dump-dir D`: the one-process reference, full batch, nothing sharded) or
+under `python -m torch.distributed.run --nproc_per_node=2 tests/fsdp2_worker.py --dump-dir D` (every decoder layer
+and the root `fully_shard`-ed, student and teacher alike; each rank gets its half of the same batch, so FSDP's
+gradient average equals the one-process mean). Tiny Llamas with random norm weights and biases; hidden 24 and
+intermediate 40, so a 64-entry NF4 block of a sharded [24, 24] weight spans the border of the two shards.
+
+Scenarios (each rank writes `rank<r>.json` and the tensors below into `--dump-dir`; rank 0 writes the exports):
+- `kd`: the distillation loss (`hf_compress.distillation.loss.distillation_loss`) and the student's gradients,
+  gathered;
+- `prune_layer` / `prune_global`: `GradualPruningCallback` driven through its events by a hand-written training
+  loop (the Trainer cannot run FSDP on CPU): masks at step 0 (chosen from identical weights) and at the end, the
+  largest gradient over pruned entries after each backward, the masks saved by `on_save` and restored into a
+  fresh sharded student, the final weights, and the export written by `hf_compress.fsdp.save_full_state_dict`;
+- `qat_bnb4` / `qat_bnb8` / `qat_int4`: fake quantizers attached before sharding; loss and gradients.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from types import SimpleNamespace
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+BATCH, LENGTH, STEPS = 4, 8, 6
+VOCAB = 97  # tests/conftest.py
+
+
+def tiny_llama(seed: int):
+    import torch
+    from transformers import LlamaForCausalLM
+
+    sys.path.insert(0, HERE)
+    from conftest import tiny_llama_config
+
+    torch.manual_seed(seed)
+    cfg = tiny_llama_config(hidden_size=24, num_attention_heads=2, num_key_value_heads=1, intermediate_size=40,
+                            attention_bias=True, mlp_bias=True)
+    cfg._attn_implementation = "eager"
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+            elif name.endswith("bias"):
+                p.normal_(0.0, 0.05)
+    return model
+
+
+def shard(model, mesh):
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def kd_loss(student, teacher, ids):
+    import torch
+
+    from hf_compress.distillation.loss import distillation_loss
+
+    with torch.no_grad():
+        t = teacher(input_ids=ids).logits
+    s = student(input_ids=ids).logits
+    return distillation_loss(s, t, labels=ids, temperature=2.0, alpha=0.5, shift_labels=True).loss
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--dump-dir", required=True)
+    p.add_argument("--ddp", action="store_true", help="wrap the student in DDP instead (the teacher: a full copy)")
+    opts = p.parse_args(argv)
+    import torch
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+    from transformers import TrainerControl, TrainerState
+
+    from hf_compress.callbacks import GradualPruningCallback
+    from hf_compress.fsdp import full_tensor, save_full_state_dict
+    from hf_compress.pruning import sparsity_stats
+    from hf_compress.quantization import QuantizationArguments
+    from hf_compress.quantization.export import quantization_targets
+    from hf_compress.quantization.qat import attach_fake_quant
+
+    torch.use_deterministic_algorithms(True)
+    ws, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    mesh = None
+    if ws > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        dist.init_process_group("gloo")
+        mesh = init_device_mesh("cpu", (ws,))
+    os.makedirs(opts.dump_dir, exist_ok=True)
+    ids = torch.randint(VOCAB, (BATCH, LENGTH), generator=torch.Generator().manual_seed(0))
+    local = ids.chunk(ws)[rank]
+    info: dict = {"world_size": ws}
+    tensors: dict = {}
+
+    def place(student, teacher):
+        """(the module to run forward, the student model, the teacher): sharded, DDP-wrapped or as they are."""
+        teacher.eval().requires_grad_(False)
+        if mesh is not None and opts.ddp:
+            return torch.nn.parallel.DistributedDataParallel(student), student, teacher
+        if mesh is not None:
+            shard(student, mesh), shard(teacher, mesh)
+        return student, student, teacher
+
+    def pair():
+        return place(tiny_llama(0), tiny_llama(1))
+
+    def mean_over_ranks(x: torch.Tensor) -> float:
+        x = x.detach().reshape(1).clone()
+        if ws > 1:
+            dist.all_reduce(x)
+        return float(x / ws)
+
+    def grads(model, prefix):
+        for name, param in model.named_parameters():
+            if param.grad is not None:
+                tensors[f"{prefix}/grad/{name}"] = full_tensor(param.grad).detach().clone()
+
+    # -- distillation: loss and gradients ---------------------------------------------------------------------
+    run, student, teacher = pair()
+    info["kd_sharded"] = [type(p).__name__ for p in list(student.parameters())[:1] + list(teacher.parameters())[:1]]
+    loss = kd_loss(run, teacher, local)
+    loss.backward()
+    info["kd_loss"] = mean_over_ranks(loss)
+    grads(student, "kd")
+
+    # -- gradual pruning under the callback's events ------------------------------------------------------------
+    for scope in ("layer", "global"):
+        key = f"prune_{scope}"
+        run, student, teacher = pair()
+        opt = torch.optim.AdamW(student.parameters(), lr=1e-2, weight_decay=0.01)
+        cb = GradualPruningCallback(target_sparsity=0.5, initial_sparsity=0.25, start_step=0, end_step=4, frequency=2,
+                                    scope=scope, log_per_layer=False)
+        args, state, control = SimpleNamespace(output_dir=opts.dump_dir), TrainerState(max_steps=STEPS), TrainerControl()
+        cb.on_train_begin(args, state, control, model=student, optimizer=opt)
+        info[f"{key}_mask_type"] = type(cb._pairs[0][2]).__name__
+        for name, _, mask in cb._pairs:
+            tensors[f"{key}/mask0/{name}"] = full_tensor(mask).to(torch.uint8)
+        pruned_grad = []
+        for _ in range(STEPS):
+            kd_loss(run, teacher, local).backward()
+            # Before any callback pass: the gradient hooks alone must have zeroed the pruned entries.
+            pruned_grad.append(max(float(full_tensor(p.grad).abs().masked_fill(full_tensor(m), 0).max())
+                                   for _, p, m in cb._pairs))
+            cb.on_pre_optimizer_step(args, state, control)
+            opt.step()
+            cb.on_optimizer_step(args, state, control, optimizer=opt)
+            opt.zero_grad()
+            state.global_step += 1
+            cb.on_step_end(args, state, control, optimizer=opt)
+        info[f"{key}_pruned_grad_max"] = pruned_grad
+        for name, _, mask in cb._pairs:
+            tensors[f"{key}/mask/{name}"] = full_tensor(mask).to(torch.uint8)
+        info[f"{key}_pruned_weight_max"] = max(
+            float(full_tensor(p.detach()).abs().masked_fill(full_tensor(m), 0).max()) for _, p, m in cb._pairs
+        )
+        # A checkpoint: every rank takes part in `on_save` (the masks are gathered), rank 0 writes; a fresh sharded
+        # student resuming from it gets the same masks back, sharded.
+        folder = os.path.join(opts.dump_dir, f"{key}-ckpt", f"checkpoint-{state.global_step}")
+        if rank == 0:
+            os.makedirs(folder)
+        if ws > 1:
+            dist.barrier()
+        state.is_world_process_zero = rank == 0
+        cb.on_save(SimpleNamespace(output_dir=os.path.dirname(folder)), state, control)
+        if ws > 1:
+            dist.barrier()
+        _, resumed, _ = pair()
+        cb2 = GradualPruningCallback(target_sparsity=0.5, initial_sparsity=0.25, start_step=0, end_step=4,
+                                     frequency=2, scope=scope, log_per_layer=False)
+        cb2.on_train_begin(SimpleNamespace(output_dir=os.path.dirname(folder)), state, control, model=resumed)
+        info[f"{key}_resumed_masks_equal"] = all(
+            type(m2) is type(m) and torch.equal(full_tensor(m2), full_tensor(m))
+            for (_, _, m), (_, _, m2) in zip(cb._pairs, cb2._pairs)
+        )
+        info[f"{key}_resumed_zero_weights"] = all(
+            bool((full_tensor(p.detach())[~full_tensor(m)] == 0).all()) for _, p, m in cb2._pairs
+        )
+        cb2.on_train_end(SimpleNamespace(), state, control, model=resumed)
+        stats = sparsity_stats(student, [name for name, _, _ in cb._pairs])
+        info[f"{key}_zeros"], info[f"{key}_total"] = stats["zeros"], stats["total"]
+        cb.on_train_end(args, state, control, model=student)
+        info[f"{key}_wrote"] = save_full_state_dict(student, os.path.join(opts.dump_dir, f"{key}.safetensors"))
+
+    # -- QAT: fake quantizers attached before sharding ------------------------------------------------------------
+    for key, qargs in (
+        ("qat_bnb4", QuantizationArguments(bits=4, quant_type="nf4")),
+        ("qat_bnb8", QuantizationArguments(bits=8)),  # row-wise absmax and LLM.int8's activation hook
+        ("qat_int4", QuantizationArguments(bits=4, backend="compressed-tensors")),  # per channel
+    ):
+        student, teacher = tiny_llama(0), tiny_llama(1)
+        linears, embeddings = quantization_targets(student, qargs)
+        if key == "qat_bnb4":  # bitsandbytes' CPU 4-bit kernels skip these shapes at export; the NF4 math is still
+            linears = [n for n, m in student.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
+        info[f"{key}_count"] = attach_fake_quant(student, qargs, linears, embeddings)
+        run, student, teacher = place(student, teacher)
+        loss = kd_loss(run, teacher, local)
+        loss.backward()
+        info[f"{key}_loss"] = mean_over_ranks(loss)
+        grads(student, key)
+    if mesh is not None and not opts.ddp:  # attaching after `fully_shard` is refused in one line
+        student = shard(tiny_llama(0), mesh)
+        qargs = QuantizationArguments(bits=8)
+        try:
+            attach_fake_quant(student, qargs, *quantization_targets(student, qargs))
+        except ValueError as err:
+            info["qat_after_shard_error"] = str(err)
+
+    save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(opts.dump_dir, f"rank{rank}.safetensors"))
+    with open(os.path.join(opts.dump_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(info, f)
+    if ws > 1:
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
