@@ -23,13 +23,13 @@ def quality_warning(metric: str, base: float, result: float, lower_is_better: bo
     lower-is-better one. `embedding_share` (of the weight bytes, with its `embedding_bits`) says where the bytes are.
     """
     if lower_is_better:
-        rise = result / base - 1.0 if base > 0 else float("inf")
+        rise = round(result / base - 1.0, 9) if base > 0 else float("inf")
         if not rise > max_perplexity_increase:
             return None
         what = (f"{metric} is {result / base:.2f}x the base ({base:.4g} -> {result:.4g}; allowed "
                 f"+{max_perplexity_increase:.0%}, `--max_perplexity_increase`)")
     else:
-        drop = 100.0 * (base - result)
+        drop = round(100.0 * (base - result), 6)  # 0.85 - 0.84 is one point, not 1.0000000000000009
         if not drop > max_metric_drop:
             return None
         what = (f"{metric} is {drop:.1f} points below the base ({base:.4f} -> {result:.4f}; allowed {max_metric_drop:g}, "

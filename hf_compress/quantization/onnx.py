@@ -158,7 +158,7 @@ def export_onnx(model, folder: str, tokenizer, task: str, quantize: bool, quanti
             written = os.path.join(tmp, "int8.onnx")
             ops = ["MatMul", "Gather"] if quantize_embeddings else ["MatMul"]
             quantize_dynamic(fp32, written, weight_type=QuantType.QInt8, op_types_to_quantize=ops)
-        info = {"format": "onnx", "runtime": f"onnxruntime {ort.__version__}", "opset": OPSET,
+        info = {"format": "onnx", "task": task, "runtime": f"onnxruntime {ort.__version__}", "opset": OPSET,
                 "precision": "dynamic int8 (weights per tensor, activations per tensor at run time)" if quantize else "fp32",
                 "quantized_embeddings": bool(quantize and quantize_embeddings),
                 "inputs": inputs, "outputs": outputs, "kv_cache": False, "fp32_atol": FP32_ATOL,
@@ -198,10 +198,13 @@ class OnnxRuntimeModel(torch.nn.Module):
         # `batched_outputs` reads the device from the first parameter; an empty one says CPU and counts nothing.
         self.anchor = torch.nn.Parameter(torch.zeros(0), requires_grad=False)
 
-    def forward(self, **batch):
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, **unused):
+        # Named like a transformers `forward`: callers pick the columns to pass from this signature; labels and
+        # other columns are not graph inputs and are ignored.
         from transformers.modeling_outputs import CausalLMOutput, QuestionAnsweringModelOutput
 
-        ids = batch["input_ids"]
+        ids = input_ids
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
         feed = {}
         for name in self.input_names:
             value = batch.get(name)
@@ -245,11 +248,16 @@ def usage_snippet(ref: str, report: dict | None = None) -> str:
     """The card's code: the graph with `onnxruntime.InferenceSession` and the tokenizer, no torch model."""
     info = export_info(report)
     outputs, inputs = info.get("outputs") or ["logits"], info.get("inputs") or ["input_ids", "attention_mask"]
-    where = (f"folder = {ref!r}\n" if os.path.isdir(ref) else
-             f"from huggingface_hub import snapshot_download\n\nfolder = snapshot_download({ref!r})\n")
-    return ("import os\n\nimport onnxruntime\nfrom transformers import AutoTokenizer\n\n" + where +
+    if info.get("task") == "causal-lm":  # one text: a causal LM's tokenizer may have no pad token
+        batch = "batch = tokenizer(['The first words of a text'], return_tensors='np')\n"
+    else:
+        batch = "batch = tokenizer(['A first example.', 'A second, longer example.'], padding=True, return_tensors='np')\n"
+    return ("import os\n\nimport onnxruntime\nfrom huggingface_hub import snapshot_download\n"
+            "from transformers import AutoTokenizer\n\n"
+            f"ref = {ref!r}  # a Hub id or a local folder\n"
+            "folder = ref if os.path.isdir(ref) else snapshot_download(ref)\n"
             "tokenizer = AutoTokenizer.from_pretrained(folder)\n"
             f"session = onnxruntime.InferenceSession(os.path.join(folder, {ONNX_FILE!r}), providers=['CPUExecutionProvider'])\n"
-            "batch = tokenizer(['A first example.', 'A second, longer example.'], padding=True, return_tensors='np')\n"
+            + batch +
             f"{', '.join(outputs)}, = session.run({outputs!r}, {{k: batch[k].astype('int64') for k in {inputs!r}}})\n"
             f"print({outputs[0]}.shape)")
