@@ -96,7 +96,11 @@ def run(steps: int = 300, eval_rows: int = 2000, reps: int = 50, threads: int | 
 
         qmodel = quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
         # Bytes of what it holds: int8 packed Linear weights + the float parameters left (no safetensors format).
-        packed = sum(m.weight().numel() + 8 for m in qmodel.modules() if hasattr(m, "_packed_params"))
+        from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+        # int8 weight + fp32 bias + a scale and zero point per packed Linear.
+        packed = sum(m.weight().numel() + 4 * (m.bias().numel() if m.bias() is not None else 0) + 8
+                     for m in qmodel.modules() if isinstance(m, DynamicLinear))
         floats = sum(p.numel() * p.element_size() for p in qmodel.parameters())
         rows.append({"row": "PyTorch dynamic int8 (torch.ao)", "bytes": packed + floats,
                      **_measure(torch_predict(qmodel), eval_batches, latency, reps)})
