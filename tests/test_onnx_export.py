@@ -261,3 +261,17 @@ def test_embedding_share_from_the_written_files(tmp_path):
     share, bits = embedding_bytes(str(tmp_path), ["model.embed_tokens.weight"])
     assert share == 80 / 144 and bits == 16
     assert embedding_bytes(str(tmp_path), ["lm_head.weight"]) is None
+
+
+def test_push_verify_reloads_the_graph(tiny, tmp_path, hub):
+    """`--verify_push` on an ONNX folder: downloaded, loaded with onnxruntime, the recorded predictions reproduced."""
+    from hf_compress.hub import push_to_hub
+
+    out = tmp_path / "out"
+    assert main(["--model", tiny["seq"], "--dataset", tiny["csv"], "--output_dir", str(out), "--format", "onnx",
+                 "--no_qat", "--no_prune", *FAST]) == 0
+    result = push_to_hub(str(out), "user/onnx-model", endpoint=hub.url, verify=True)
+    recorded = json.loads((out / "compression_report.json").read_text())["verification"]
+    assert result.verified["metrics"] == recorded["metrics"]
+    assert result.verified["max_abs_logit_diff"] <= 1e-6  # the same graph; the report rounds logits to 6 decimals
+    assert "model.onnx" in result.files
