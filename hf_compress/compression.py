@@ -27,7 +27,8 @@ _COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
 _CONLL = (".conll", ".bio", ".iob")  # `word<TAB>tag` lines, a blank line between sentences
 DEFAULT_OUTPUT_DIR = "hf-compress-output"
 # `--format`: the quantized formats set `QuantizationArguments.backend`; bitmask and dense save unquantized weights.
-EXPORT_FORMATS = ("compressed-tensors", "bitsandbytes", "bitmask", "dense")
+# `onnx` writes an ONNX Runtime graph: dynamic int8 when quantizing, fp32 with `--no_quantize`.
+EXPORT_FORMATS = ("compressed-tensors", "bitsandbytes", "bitmask", "dense", "onnx")
 
 
 @dataclass
@@ -66,6 +67,11 @@ class ModelArguments:
             Hub URL for `--push_to_hub` (defaults to `HF_ENDPOINT`, then huggingface.co).
         verify_push (`bool`, *optional*, defaults to `False`):
             After pushing, download the commit and check files, logits and metric against the local report.
+        max_metric_drop (`float`, *optional*, defaults to `1.0`):
+            Quality guard: the summary, report and card say so plainly when the main metric (accuracy, F1, exact
+            match) is more than this many points below the base.
+        max_perplexity_increase (`float`, *optional*, defaults to `0.10`):
+            Quality guard for perplexity: more than this fraction above the base (`0.10` is 10%).
     """
 
     model: str | None = field(default=None, metadata={"help": "Hub id or local directory of the model to compress (default: the embedded MiniLM-L6)."})
@@ -90,6 +96,14 @@ class ModelArguments:
         metadata={"help": f"Checkpoint format: {', '.join(EXPORT_FORMATS)} (default: compressed-tensors when quantizing, which plain from_pretrained, pipeline() and vLLM load; else dense). bitmask and dense do not quantize."},
     )
     verify_push: bool = field(default=False, metadata={"help": "After pushing, download and check files, logits and metric."})
+    max_metric_drop: float = field(
+        default=1.0,
+        metadata={"help": "Quality guard: warn when the main metric falls more than this many points below the base (accuracy-like metrics)."},
+    )
+    max_perplexity_increase: float = field(
+        default=0.10,
+        metadata={"help": "Quality guard: warn when perplexity rises more than this fraction above the base (0.10: 10%)."},
+    )
 
     def __post_init__(self):
         if self.task not in ("auto",) + TASKS:
@@ -102,7 +116,7 @@ class ModelArguments:
             self.quantize = False
         elif self.format is None:
             self.format = "compressed-tensors" if self.quantize else "dense"
-        elif not self.quantize:
+        elif not self.quantize and self.format != "onnx":
             raise CompressionInputError(f"--format {self.format} quantizes, but --no_quantize was given; drop one of them.")
 
 
@@ -372,6 +386,13 @@ def prepare(model_args: ModelArguments, data_args: DataArguments, training_args,
 
         reason = compressed_tensors_refusal(getattr(config, "model_type", None))
         if reason is not None:  # GPT-2's Conv1D, stacked experts: refused before any data is read
+            raise CompressionInputError(reason)
+    if model_args.format == "onnx":
+        from .quantization.onnx import onnx_refusal
+
+        reason = onnx_refusal(getattr(config, "model_type", None), task_name, model_args.quantize, quantization_args.bits,
+                              model_args.qat, model_args.train)
+        if reason is not None:
             raise CompressionInputError(reason)
     try:
         from transformers import AutoTokenizer
@@ -677,7 +698,7 @@ def run(plan: CompressionPlan) -> dict | None:
     t0 = time.time()
     ma, ta, pa, qa = plan.model_args, plan.training_args, plan.pruning_args, plan.quantization_args
     task = plan.task
-    if ma.quantize and qa.backend != ma.format:  # `--format` picks the quantized format (QAT replays that one)
+    if ma.quantize and qa.backend != ma.format and ma.format != "onnx":  # `--format` picks the quantized format (QAT replays that one)
         qa = plan.quantization_args = dataclasses.replace(qa, backend=ma.format)
     transformers.set_seed(ta.seed)
     pruning = ma.prune and pa.target_sparsity > 0
@@ -760,6 +781,13 @@ def run(plan: CompressionPlan) -> dict | None:
             report = _evaluate_and_report(plan, result, ckpt, base, base_dir, tokenizer, eval_ds, base_metrics,
                                           techniques, stages, log, trained=model)
             report["pipeline"]["wall_seconds"] = round(time.time() - t0, 1)
+            from .model_cards.guard import embedding_parameter_names, report_warning
+
+            guard = report_warning(report, ckpt, embedding_parameter_names(model), ma.max_metric_drop,
+                                   ma.max_perplexity_increase)
+            report["quality_guard"] = guard  # printed by the CLI summary and written into the card
+            if guard:
+                log(guard)
             from .model_cards import save_report
 
             save_report(report, ckpt)
@@ -767,6 +795,7 @@ def run(plan: CompressionPlan) -> dict | None:
             summary = f"A compressed `{report.get('architecture', 'model')}` ({task.name}): {', '.join(techniques) or 'compressed'}."
             if meta.get("label_names"):
                 summary += " Labels: " + ", ".join(f"`{n}`" for n in meta["label_names"]) + "."
+            summary += f" **{guard}**" if guard else ""
             card = build_model_card(report, plan.recipe, plan.command, repo_id=ta.hub_model_id if ta.push_to_hub else None,
                                     output_dir=ckpt, pipeline_tag=meta["pipeline_tag"], summary=summary)
             card.save(os.path.join(ckpt, "README.md"))
@@ -798,6 +827,14 @@ def export_checkpoint(plan: CompressionPlan, model, tokenizer, ckpt: str, log) -
     from tqdm.auto import tqdm
 
     ma, qa = plan.model_args, plan.quantization_args
+    if ma.format == "onnx":
+        from .quantization.onnx import export_onnx, load_onnx
+
+        info = export_onnx(model, ckpt, tokenizer, plan.task.name, quantize=ma.quantize,
+                           quantize_embeddings=qa.quantize_embeddings)
+        log(f"Exported an ONNX Runtime graph ({info['precision']}); max |logit diff| to the trained model "
+            f"{info['max_abs_logit_diff']:.2e}.")
+        return load_onnx(ckpt, source=model.eval()), info  # evaluated through onnxruntime, as users run it
     if ma.quantize:
         from .quantization import load_quantized, quantize_and_save
 

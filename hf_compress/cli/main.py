@@ -218,6 +218,8 @@ def _print_summary(report: dict, output_dir: str, seconds: float) -> None:
         print(f"| {a:<{w0}} | {b:>{w1}} | {c:>{w2}} |")
     print(line)
     print(f"Techniques: {', '.join(report.get('techniques', [])) or 'none'}. Output: {output_dir}. Took {seconds:.0f} s.")
+    if report.get("quality_guard"):
+        print(report["quality_guard"])
     if report.get("push"):
         print(f"Pushed to {report['push']['repo_id']} at commit {report['push'].get('commit')}: {report['push'].get('url')}")
 

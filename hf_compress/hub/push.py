@@ -233,6 +233,12 @@ def load_checkpoint(folder: str):
     report was measured on)."""
     from hf_compress.pruning.compressed import is_bitmask_checkpoint
 
+    from hf_compress.quantization.onnx import is_onnx_checkpoint
+
+    if is_onnx_checkpoint(folder):  # `--format onnx`: the graph behind the transformers call convention
+        from hf_compress.quantization.onnx import load_onnx
+
+        return load_onnx(folder)
     if is_bitmask_checkpoint(folder):
         from hf_compress.pruning import load_compressed
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 
-FORMATS = ("dense", "bitmask", "bitsandbytes", "compressed-tensors")
+FORMATS = ("dense", "bitmask", "bitsandbytes", "compressed-tensors", "onnx")
 _AUTO = (("ForSequenceClassification", "AutoModelForSequenceClassification"), ("ForCausalLM", "AutoModelForCausalLM"),
          ("ForTokenClassification", "AutoModelForTokenClassification"), ("ForQuestionAnswering", "AutoModelForQuestionAnswering"))
 _TASKS = {"AutoModelForSequenceClassification": "text-classification", "AutoModelForCausalLM": "text-generation",
@@ -34,6 +34,10 @@ def checkpoint_format(folder=None, report: dict | None = None) -> dict:
     if not config and report is not None:
         config = {"quantization_config": (report.get("quantization") or {}).get("quantization_config")}
     qc = config.get("quantization_config") or {}
+    from ..quantization.onnx import is_onnx_checkpoint
+
+    if is_onnx_checkpoint(folder) or (not folder and (report or {}).get("format") == "onnx"):
+        return {"format": "onnx", "low_bit_embeddings": False}
     if (folder and is_bitmask_checkpoint(folder)) or qc.get("quant_method") == "hf_compress_bitmask":
         fmt = "bitmask"
     elif qc.get("quant_method") == "compressed-tensors":
@@ -58,6 +62,10 @@ def usage_snippet(report: dict, ref: str, weight_files=(), folder=None) -> str:
     """The card's loading code for the checkpoint at `ref` (a Hub id or a folder)."""
     info = checkpoint_format(folder, report)
     note = "# " + format_note(report, folder) + "\n"
+    if info["format"] == "onnx":
+        from ..quantization.onnx import usage_snippet as onnx_snippet
+
+        return note + onnx_snippet(ref, report)
     auto = auto_class_name(report.get("architecture"))
     task = _TASKS.get(auto)
     tail = f'\nclassifier = pipeline("{task}", model=model, tokenizer=tokenizer)' if task else ""
@@ -79,6 +87,10 @@ def usage_snippet(report: dict, ref: str, weight_files=(), folder=None) -> str:
 def format_note(report: dict, folder=None) -> str:
     """One sentence for the card: the format and who can load it."""
     info = checkpoint_format(folder, report)
+    if info["format"] == "onnx":
+        from ..quantization.onnx import describe_export
+
+        return describe_export(report)
     return {
         "dense": "Dense safetensors: loads anywhere transformers runs.",
         "bitmask": ("Bitmask format (nonzero values + a bitmask, smaller on disk): `from_pretrained` and `pipeline()` read it "
@@ -297,6 +309,8 @@ def check_loaders(folder: str, texts: list[str], reference_logits, atol: float |
         ok = diff <= tol  # NaN compares False: a failure
         return {"ok": ok, "status": "match" if ok else "mismatch", "max_abs_logit_diff": diff, "tolerance": tol}
 
+    if info["format"] == "onnx":  # no torch weights in the folder: the graph is what users run
+        return {"onnxruntime.InferenceSession (without hf_compress)": _check_onnx(folder, texts, compare)}
     code = (f"import json, torch, transformers\nfrom transformers import AutoTokenizer\n"
             f"tok = AutoTokenizer.from_pretrained({folder!r})\n"
             f"try:\n    m = transformers.{auto}.from_pretrained({folder!r}).eval()\n"
@@ -331,3 +345,25 @@ def check_loaders(folder: str, texts: list[str], reference_logits, atol: float |
         with torch.no_grad():
             out[name] = compare(main_logits(model(**tok(texts, padding=True, truncation=True, return_tensors="pt"))), name)
     return out
+
+
+def _check_onnx(folder: str, texts: list[str], compare) -> dict:
+    """The `--format onnx` folder read as the card says (tokenizer + `onnxruntime.InferenceSession`), in a clean
+    interpreter without hf_compress; the graph's inputs and outputs come from the graph itself."""
+    import tempfile
+
+    import torch
+
+    code = (f"import json, os, numpy as np, onnxruntime\nfrom transformers import AutoTokenizer\n"
+            f"tok = AutoTokenizer.from_pretrained({folder!r})\n"
+            f"s = onnxruntime.InferenceSession(os.path.join({folder!r}, 'model.onnx'), providers=['CPUExecutionProvider'])\n"
+            f"b = tok({texts!r}, padding=True, truncation=True, return_tensors='np')\n"
+            f"outs = s.run(None, {{i.name: b[i.name].astype('int64') for i in s.get_inputs()}})\n"
+            f"l = outs[0] if len(outs) == 1 else np.stack(outs, -1)\n"
+            f"print('RESULT', json.dumps({{'logits': l.tolist()}}))\n")
+    with tempfile.TemporaryDirectory() as cwd:
+        proc = run_without_hf_compress(code, cwd)
+    line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+    if line is None:
+        return {"ok": False, "error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:200]}
+    return compare(torch.tensor(json.loads(line[7:])["logits"]))

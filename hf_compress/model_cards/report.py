@@ -18,7 +18,7 @@ from ..quantization.precision import precision_summary
 
 REPORT_NAME = "compression_report.json"
 REPORT_FORMAT = "hf_compress.report.v1"
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".onnx")
 # What `Trainer` saves next to the weights in a `checkpoint-N` folder: counted in total bytes, never as weights.
 TRAINER_STATE_FILES = ("training_args.bin", "optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state")
 # Module class names that hold bitsandbytes-quantized weights (matched by name: bitsandbytes stays unimported).
@@ -448,7 +448,7 @@ def build_report(
     report = {
         "format": REPORT_FORMAT,
         "base_model": base_model_id,
-        "architecture": type(model).__name__,
+        "architecture": getattr(model, "architecture_name", None) or type(model).__name__,  # an ONNX session names its source
         "techniques": found,
         "size": size,
         "parameters": {"compressed": stored_params, "base": base_stats["parameters"] if base_stats else None},

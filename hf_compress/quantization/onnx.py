@@ -1,0 +1,263 @@
+"""`--format onnx`: the trained model as an ONNX Runtime graph (fp32, or dynamic int8), checked against the model.
+
+The graph is written with the TorchScript exporter (`torch.onnx.export(..., dynamo=False)`, opset 17) and, when
+quantizing, converted by `onnxruntime.quantization.quantize_dynamic` (int8 weights per tensor, activations quantized
+per tensor at run time by `DynamicQuantizeLinear`, matrix products in `MatMulInteger`). It is our own small exporter:
+optimum-onnx does not install with our transformers pin. Covered: the encoder tasks (`logits`, or `start_logits` /
+`end_logits` for extractive QA) and causal LMs as a graph without KV cache (`logits` for every position; generation
+re-runs the whole prefix). Nothing here imports onnx or onnxruntime at import time.
+"""
+
+from __future__ import annotations
+
+import collections
+import inspect
+import os
+import tempfile
+
+import torch
+
+ONNX_FILE = "model.onnx"
+OPSET = 17
+# The fp32 graph must reproduce the trained model this closely on a probe of another shape than the traced one
+# (a traced branch that depends on the shape would show here); int8 differences are recorded, not bounded.
+FP32_ATOL = 1e-4
+# Tasks and the graph outputs they get.
+OUTPUTS = {"sequence-classification": ("logits",), "token-classification": ("logits",),
+           "question-answering": ("start_logits", "end_logits"), "causal-lm": ("logits",)}
+# Model types whose fp32 graph matched the model within `FP32_ATOL` on the tiny configs of tests/family_configs.py
+# (every head transformers has); others are refused before training rather than exported unchecked. Refused
+# after that check: cohere (a traced reshape keeps the traced head count), qwen3_moe (`aten::histc` has no ONNX op).
+ONNX_MODEL_TYPES = ("bert", "roberta", "llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "gpt2",
+                    "gpt_neox", "olmo2", "stablelm", "deberta-v2")
+INT8_OPS = ("MatMulInteger", "DynamicQuantizeLinear", "DequantizeLinear", "QuantizeLinear", "ConvInteger")
+FLOAT_MATMUL_OPS = ("MatMul", "Gemm", "FusedMatMul")
+
+
+def onnx_refusal(model_type: str | None, task: str, quantize: bool, bits: int, qat: bool, train: bool) -> str | None:
+    """
+    Why `--format onnx` cannot make this model exactly, in one line (`None` when it can): a pure function of the
+    config values, so [`prepare`] refuses before any data is read or any step is trained.
+    """
+    if task not in OUTPUTS:
+        return f"`--format onnx` exports {', '.join(OUTPUTS)}, not {task!r}; use `--format compressed-tensors`."
+    if model_type not in ONNX_MODEL_TYPES:
+        return (f"`--format onnx` is checked for model types {', '.join(ONNX_MODEL_TYPES)}, not {model_type!r}; use "
+                "`--format compressed-tensors` (or `dense`) for this model.")
+    if quantize and bits != 8:
+        return (f"`--format onnx` quantizes with ONNX Runtime's dynamic int8 only, got `--bits {bits}`; pass `--bits 8`, "
+                "or `--format compressed-tensors` for 4-bit weights.")
+    if quantize and qat and train:
+        return ("`--format onnx` int8 rounds activations per tensor at run time (`DynamicQuantizeLinear`), which QAT does "
+                "not replay, so QAT would train for other numerics; pass `--no_qat`, or `--format compressed-tensors` to "
+                "train with QAT.")
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return "`--format onnx` needs onnx and onnxruntime: `pip install 'hf_compress[onnx]'`."
+    return None
+
+
+class _Graph(torch.nn.Module):
+    """The traced function: named tensor inputs in, the task's output tensors out (no `ModelOutput`, no cache)."""
+
+    def __init__(self, model, input_names, output_names, causal: bool):
+        super().__init__()
+        self.model, self.input_names, self.output_names, self.causal = model, list(input_names), list(output_names), causal
+
+    def forward(self, *inputs):
+        kwargs = dict(zip(self.input_names, inputs))
+        if self.causal:
+            kwargs["use_cache"] = False
+        out = self.model(**kwargs)
+        return tuple(out[name] for name in self.output_names)
+
+
+def graph_inputs(model, tokenizer) -> list[str]:
+    """The tokenizer's inputs the model takes (`input_ids`, `attention_mask`, and `token_type_ids` where it has them)."""
+    params = inspect.signature(model.forward).parameters
+    names = [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in params]
+    return [n for n in names if n == "input_ids" or n in tokenizer.model_input_names]
+
+
+def _probe(vocab_size: int, names, batch: int, length: int, seed: int) -> dict:
+    """Token ids with a padded row (so the graph must use the mask), other shapes than those traced."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, max(4, min(vocab_size, 1000)), (batch, length), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, length // 2:] = 0
+    values = {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
+    return {n: values[n] for n in names}
+
+
+def _stack(outputs) -> torch.Tensor:
+    return outputs[0] if len(outputs) == 1 else torch.stack(list(outputs), -1)
+
+
+def op_counts(path: str) -> dict:
+    """Node types of an ONNX graph: the int8 ones (`MatMulInteger`, `DynamicQuantizeLinear`, `QLinear*`, ...), the
+    float matrix products left (`MatMul`/`Gemm`), and the int8 weight tensors."""
+    import onnx
+
+    graph = onnx.load(path, load_external_data=False).graph
+    ops = collections.Counter(n.op_type for n in graph.node)
+    int8 = {op: c for op, c in sorted(ops.items()) if op in INT8_OPS or op.startswith("QLinear")}
+    floats = {op: c for op, c in sorted(ops.items()) if op in FLOAT_MATMUL_OPS}
+    int8_weights = sum(1 for t in graph.initializer if t.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8) and len(t.dims) >= 2)
+    return {"int8_ops": int8, "float_matmul_ops": floats, "int8_weight_tensors": int8_weights}
+
+
+def export_onnx(model, folder: str, tokenizer, task: str, quantize: bool, quantize_embeddings: bool = False) -> dict:
+    """
+    Write `model` as `folder/model.onnx` (the dynamic-int8 graph when `quantize`, else fp32) with its `config.json`
+    and tokenizer, and check it against `model` on a probe batch of another shape than the traced one. int8 covers
+    the `MatMul` weights, and the embedding tables (`Gather`) only with `quantize_embeddings`, as the other formats.
+
+    Returns:
+        `dict`: `format`, `precision`, the inputs and outputs, `max_abs_logit_diff_fp32` (fp32 graph vs model,
+        must be <= `FP32_ATOL`), `max_abs_logit_diff` (the written graph vs model) and the graph's `op_counts`.
+
+    Raises:
+        `RuntimeError`: the fp32 graph differs from the model by more than `FP32_ATOL` (nothing is written).
+    """
+    import onnxruntime as ort
+
+    model = model.eval()
+    inputs, outputs = graph_inputs(model, tokenizer), list(OUTPUTS[task])
+    wrapper = _Graph(model, inputs, outputs, causal=task == "causal-lm").eval()
+    vocab = model.get_input_embeddings().num_embeddings
+    traced = _probe(vocab, inputs, batch=2, length=8, seed=0)
+    token_level = task != "sequence-classification"
+    axes = {n: {0: "batch", 1: "sequence"} for n in inputs}
+    axes.update({n: ({0: "batch", 1: "sequence"} if token_level else {0: "batch"}) for n in outputs})
+    os.makedirs(folder, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".onnx-") as tmp:
+        fp32 = os.path.join(tmp, "fp32.onnx")
+        with torch.no_grad():
+            torch.onnx.export(wrapper, tuple(traced[n] for n in inputs), fp32, input_names=inputs, output_names=outputs,
+                              dynamic_axes=axes, opset_version=OPSET, dynamo=False,
+                              training=torch.onnx.TrainingMode.EVAL)
+        probe = _probe(vocab, inputs, batch=3, length=11, seed=1)
+        with torch.no_grad():
+            reference = _stack(wrapper(*(probe[n] for n in inputs))).float()
+
+        def diff(path):
+            sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+            got = sess.run(outputs, {n: probe[n].numpy() for n in inputs})
+            return float((_stack([torch.from_numpy(g) for g in got]) - reference).abs().max())
+
+        diff_fp32 = diff(fp32)
+        if not diff_fp32 <= FP32_ATOL:
+            raise RuntimeError(f"The ONNX graph of `{type(model).__name__}` differs from the model by {diff_fp32:.2e} "
+                               f"(> {FP32_ATOL}); nothing was written. Use `--format compressed-tensors` for this model.")
+        written = fp32
+        if quantize:
+            from onnxruntime.quantization import QuantType, quantize_dynamic
+
+            written = os.path.join(tmp, "int8.onnx")
+            ops = ["MatMul", "Gather"] if quantize_embeddings else ["MatMul"]
+            quantize_dynamic(fp32, written, weight_type=QuantType.QInt8, op_types_to_quantize=ops)
+        info = {"format": "onnx", "task": task, "runtime": f"onnxruntime {ort.__version__}", "opset": OPSET,
+                "precision": "dynamic int8 (weights per tensor, activations per tensor at run time)" if quantize else "fp32",
+                "quantized_embeddings": bool(quantize and quantize_embeddings),
+                "inputs": inputs, "outputs": outputs, "kv_cache": False, "fp32_atol": FP32_ATOL,
+                "max_abs_logit_diff_fp32": diff_fp32, "max_abs_logit_diff": diff(written), "op_counts": op_counts(written)}
+        model.config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(written, os.path.join(folder, ONNX_FILE))
+        for name in os.listdir(tmp):
+            if name not in ("fp32.onnx", "int8.onnx"):
+                os.replace(os.path.join(tmp, name), os.path.join(folder, name))
+    return info
+
+
+def is_onnx_checkpoint(folder) -> bool:
+    return bool(folder) and os.path.isfile(os.path.join(folder, ONNX_FILE))
+
+
+class OnnxRuntimeModel(torch.nn.Module):
+    """
+    An ONNX Runtime session behind the `transformers` call convention (`model(**batch)` returns a `ModelOutput`), so
+    the pipeline evaluates the graph it wrote, not the torch model. `source` (the torch model the graph came from)
+    is kept only for the report's parameter and sparsity counts; it never computes an output.
+    """
+
+    def __init__(self, folder: str, source=None):
+        super().__init__()
+        import onnxruntime as ort
+
+        self.session = ort.InferenceSession(os.path.join(folder, ONNX_FILE), providers=["CPUExecutionProvider"])
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        from transformers import AutoConfig
+
+        self.config = AutoConfig.from_pretrained(folder)
+        self.architecture_name = (self.config.architectures or [None])[0] or type(source).__name__
+        self.source = source
+        # `batched_outputs` reads the device from the first parameter; an empty one says CPU and counts nothing.
+        self.anchor = torch.nn.Parameter(torch.zeros(0), requires_grad=False)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, **unused):
+        # Named like a transformers `forward`: callers pick the columns to pass from this signature; labels and
+        # other columns are not graph inputs and are ignored.
+        from transformers.modeling_outputs import CausalLMOutput, QuestionAnsweringModelOutput
+
+        ids = input_ids
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
+        feed = {}
+        for name in self.input_names:
+            value = batch.get(name)
+            if value is None:  # a tokenizer without token type ids / a call without a mask
+                value = torch.zeros_like(ids) if name == "token_type_ids" else torch.ones_like(ids)
+            feed[name] = value.detach().cpu().numpy().astype("int64")
+        got = dict(zip(self.output_names, (torch.from_numpy(o) for o in self.session.run(self.output_names, feed))))
+        if "start_logits" in got:
+            return QuestionAnsweringModelOutput(start_logits=got["start_logits"], end_logits=got["end_logits"])
+        return CausalLMOutput(logits=got["logits"])
+
+
+def load_onnx(folder: str, source=None) -> OnnxRuntimeModel:
+    """The `--format onnx` folder as a callable model (see [`OnnxRuntimeModel`])."""
+    return OnnxRuntimeModel(folder, source=source).eval()
+
+
+def export_info(report: dict | None) -> dict:
+    """What the export stage recorded (inputs, outputs, op counts, differences) in a pipeline report, or `{}`."""
+    return (((report or {}).get("pipeline") or {}).get("stages") or {}).get("export") or {}
+
+
+def describe_export(report: dict | None) -> str:
+    """The card's format sentence: the runtime, the precision, which ops run in int8 and the measured difference."""
+    info = export_info(report)
+    text = ("ONNX Runtime graph (`model.onnx`, no KV cache: each call runs the whole sequence); load it with "
+            "`onnxruntime.InferenceSession` and the tokenizer, no torch or hf_compress needed.")
+    if not info:
+        return text
+    counts = info.get("op_counts") or {}
+    int8 = ", ".join(f"{c} `{op}`" for op, c in (counts.get("int8_ops") or {}).items()) or "none"
+    floats = ", ".join(f"{c} `{op}`" for op, c in (counts.get("float_matmul_ops") or {}).items()) or "none"
+    text += f" Precision: {info.get('precision')}. int8 nodes: {int8}; float matrix products left: {floats}"
+    text += " (the attention products of two activations)." if info.get("precision", "").startswith("dynamic") else "."
+    text += (f" Max |logit diff| to the trained model on a probe batch: {info.get('max_abs_logit_diff', float('nan')):.2e}"
+             f" (fp32 graph: {info.get('max_abs_logit_diff_fp32', float('nan')):.2e}, tolerance {info.get('fp32_atol')}).")
+    return text
+
+
+def usage_snippet(ref: str, report: dict | None = None) -> str:
+    """The card's code: the graph with `onnxruntime.InferenceSession` and the tokenizer, no torch model."""
+    info = export_info(report)
+    outputs, inputs = info.get("outputs") or ["logits"], info.get("inputs") or ["input_ids", "attention_mask"]
+    if info.get("task") == "causal-lm":  # one text: a causal LM's tokenizer may have no pad token
+        batch = "batch = tokenizer(['The first words of a text'], return_tensors='np')\n"
+    else:
+        batch = "batch = tokenizer(['A first example.', 'A second, longer example.'], padding=True, return_tensors='np')\n"
+    return ("import os\n\nimport onnxruntime\nfrom huggingface_hub import snapshot_download\n"
+            "from transformers import AutoTokenizer\n\n"
+            f"ref = {ref!r}  # a Hub id or a local folder\n"
+            "folder = ref if os.path.isdir(ref) else snapshot_download(ref)\n"
+            "tokenizer = AutoTokenizer.from_pretrained(folder)\n"
+            f"session = onnxruntime.InferenceSession(os.path.join(folder, {ONNX_FILE!r}), providers=['CPUExecutionProvider'])\n"
+            + batch +
+            f"{', '.join(outputs)}, = session.run({outputs!r}, {{k: batch[k].astype('int64') for k in {inputs!r}}})\n"
+            f"print({outputs[0]}.shape)")
