@@ -102,7 +102,7 @@ class ModelArguments:
     )
     max_perplexity_increase: float = field(
         default=0.10,
-        metadata={"help": "Quality guard: warn when perplexity rises more than this fraction above the base (0.10: 10%)."},
+        metadata={"help": "Quality guard: warn when perplexity rises more than this fraction above the base (0.10: 10%%)."},
     )
 
     def __post_init__(self):
