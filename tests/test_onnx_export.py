@@ -215,7 +215,9 @@ def test_cli_end_to_end(tiny, tmp_path, capsys, kind):
         assert export["max_abs_logit_diff"] <= INT8_ATOL
     else:
         assert export["op_counts"]["int8_ops"] == {} and export["max_abs_logit_diff"] <= FP32_ATOL
-    assert report["loaders"] == {"onnxruntime.InferenceSession (without hf_compress)": {"ok": True, "max_abs_logit_diff": 0.0}}
+    (name, check), = report["loaders"].items()  # the graph as the card loads it, against the trained model
+    assert name == "onnxruntime.InferenceSession (without hf_compress)" and check["status"] == "match" and check["ok"]
+    assert check["max_abs_logit_diff"] <= check["tolerance"]
     assert report["size"]["compressed_weight_files"] == ["model.onnx"]
     assert report["size"]["compressed_weights_bytes"] == os.path.getsize(out / "model.onnx")
     # The recorded metric was computed through onnxruntime: the recorded verification logits are the graph's.
