@@ -342,9 +342,12 @@ def check_loaders(folder: str, texts: list[str], reference_logits, atol: float |
     task = _TASKS.get(auto)
     if task is not None:
         try:
+            # The same right-padded batch as the other loaders, made before `pipeline()` can change the tokenizer
+            # it is given (text-generation turns it to left padding).
+            inputs = tok(texts, padding=True, truncation=True, return_tensors="pt")
             pipe = pipeline(task, model=folder, tokenizer=tok)
             with torch.no_grad():
-                logits = main_logits(pipe.model(**tok(texts, padding=True, truncation=True, return_tensors="pt")))
+                logits = main_logits(pipe.model(**inputs))
             out["pipeline()"] = compare(logits, "pipeline()")
         except Exception as err:  # the expected loud errors are recorded, not raised
             out["pipeline()"] = {"ok": False, "status": "error", "error": f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"}
