@@ -89,11 +89,9 @@ print("RESULT", json.dumps({"argmax_agreement": agree, "max_abs_diff_of_max_logi
 
 
 def fresh_reload(folder: str) -> dict:
-    from hf_compress.model_cards.loading import run_without_hf_compress
+    from hf_compress.model_cards.loading import run_result_without_hf_compress
 
-    proc = run_without_hf_compress(_FRESH.replace("sys.argv[1]", repr(os.path.abspath(folder))), cwd=os.path.dirname(os.path.abspath(folder)), timeout=900)
-    line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
-    return json.loads(line[7:]) if line else {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]}
+    return run_result_without_hf_compress(_FRESH.replace("sys.argv[1]", repr(os.path.abspath(folder))), timeout=900)
 
 
 def main(argv=None) -> int:

@@ -229,6 +229,17 @@ def run_without_hf_compress(code: str, cwd: str, timeout: int = 300):
         os.unlink(f.name)
 
 
+def run_result_without_hf_compress(code: str, timeout: int = 300) -> dict:
+    """Run `code` in a fresh interpreter without hf_compress (a temporary cwd) and return the JSON it printed on its
+    `RESULT ` line, or `{"error": <the last line of stderr>}` when it printed none."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as cwd:
+        proc = run_without_hf_compress(code, cwd, timeout=timeout)
+    line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+    return json.loads(line[7:]) if line else {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:200]}
+
+
 def main_logits(output):
     """The logits a loader check compares: `logits`, or start and end logits stacked for extractive QA."""
     import torch
@@ -297,7 +308,6 @@ def check_loaders(folder: str, texts: list[str], reference_logits, atol: float |
     else; or `error`, a loud refusal), `max_abs_logit_diff` and `tolerance` (`atol`, or [`logit_tolerance`] of the
     folder's format), or `error`.
     """
-    import tempfile
 
     import torch
 
@@ -329,10 +339,7 @@ def check_loaders(folder: str, texts: list[str], reference_logits, atol: float |
             f"    l = o.logits if getattr(o, 'logits', None) is not None else torch.stack([o.start_logits, o.end_logits], -1)\n"
             f"    print('RESULT', json.dumps({{'logits': l.tolist()}}))\n"
             f"except Exception as e:\n    print('RESULT', json.dumps({{'error': type(e).__name__ + ': ' + str(e).splitlines()[0][:200]}}))\n")
-    with tempfile.TemporaryDirectory() as cwd:
-        proc = run_without_hf_compress(code, cwd)
-    line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
-    result = json.loads(line[7:]) if line else {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:200]}
+    result = run_result_without_hf_compress(code)
     key = "from_pretrained (without hf_compress)"
     out[key] = compare(result["logits"], key) if "logits" in result else {"ok": False, "status": "error", "error": result["error"]}
 
@@ -364,7 +371,6 @@ def check_loaders(folder: str, texts: list[str], reference_logits, atol: float |
 def _check_onnx(folder: str, texts: list[str], compare) -> dict:
     """The `--format onnx` folder read as the card says (tokenizer + `onnxruntime.InferenceSession`), in a clean
     interpreter without hf_compress; the graph's inputs and outputs come from the graph itself."""
-    import tempfile
 
     import torch
 
@@ -375,9 +381,7 @@ def _check_onnx(folder: str, texts: list[str], compare) -> dict:
             f"outs = s.run(None, {{i.name: b[i.name].astype('int64') for i in s.get_inputs()}})\n"
             f"l = outs[0] if len(outs) == 1 else np.stack(outs, -1)\n"
             f"print('RESULT', json.dumps({{'logits': l.tolist()}}))\n")
-    with tempfile.TemporaryDirectory() as cwd:
-        proc = run_without_hf_compress(code, cwd)
-    line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
-    if line is None:
-        return {"ok": False, "error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:200]}
-    return compare(torch.tensor(json.loads(line[7:])["logits"]), "onnxruntime.InferenceSession (without hf_compress)")
+    result = run_result_without_hf_compress(code)
+    if "logits" not in result:
+        return {"ok": False, "error": result["error"]}
+    return compare(torch.tensor(result["logits"]), "onnxruntime.InferenceSession (without hf_compress)")
