@@ -775,7 +775,9 @@ def run(plan: CompressionPlan) -> dict | None:
         report = None
         if main:
             ckpt = os.path.join(work, "checkpoint")
-            result, stages["export"] = export_checkpoint(plan, model, tokenizer, ckpt, log)
+            result, export = export_checkpoint(plan, model, tokenizer, ckpt, log)
+            # The temporary work folder is no place a user can use, and a machine path in a pushed report.
+            stages["export"] = {k: v for k, v in export.items() if k != "output_dir"}
             if "pruning" in stages:  # still in the work folder: a failed check leaves no output
                 stages["pruning"]["check"].update(_check_export(plan, model, result, ckpt, self_check_batch))
             if ma.quantize:

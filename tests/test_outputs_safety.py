@@ -433,3 +433,17 @@ def test_tampered_verification_leaves_main_as_it_was(hub, checkpoint):
         push_to_hub(checkpoint, REPO, endpoint=hub.url, verify=True)
     assert _remote(hub) == before
     assert len([r for r in hub.requests if r["path"].endswith("/commit/main")]) == 1  # the first push's only
+
+
+def test_report_names_no_work_folder_path(tmp_path):
+    """The export stage's temporary folder (a machine path, gone after the run) is not recorded in the report."""
+    from test_cli import make_csv, make_tiny_model
+
+    from hf_compress.cli.main import main
+
+    out = tmp_path / "out"
+    assert main(["--model", make_tiny_model(tmp_path / "model"), "--dataset", make_csv(tmp_path / "data.csv"),
+                 "--output_dir", str(out), "--max_steps", "2", "--base_finetune_steps", "0", "--use_cpu", "true",
+                 "--report_to", "none"]) == 0
+    text = (out / "compression_report.json").read_text()
+    assert ".hf-compress-" not in text and "output_dir" not in json.loads(text)["pipeline"]["stages"]["export"]
