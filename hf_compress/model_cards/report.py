@@ -385,7 +385,7 @@ def build_report(
             are added when measured (quantized weights of any backend / more than 1% zeros in linear weights).
         base_metrics, compressed_metrics (`dict`, *optional*): metrics computed by the caller on the same split.
         eval_dataset (`datasets.Dataset`, *optional*): tokenized labelled rows; when given, missing metrics are
-            computed with `evaluate_classifier`, and `verification_examples` rows are recorded for `--verify`.
+            computed with `evaluate_classifier`, and `verification_examples` rows are recorded for `--verify_push`.
         tokenizer (*optional*): used to pad evaluation batches.
         metrics (`tuple[str]`, defaults to `("accuracy",)`): `evaluate` metric names.
         eval_info (`dict`, *optional*): `dataset` (Hub id or name), `dataset_name`, `split` (e.g. `"test[:1000]"`),
