@@ -180,7 +180,8 @@ def _merge_full_precision(work, tuners: list, keep_sparsity: bool, info: dict) -
 def _merge_into_quantized_base(base, tuners: list, keep_sparsity: bool, info: dict) -> nn.Module:
     """QLoRA: each LoRA layer's base weight is dequantized to float32, its delta added, and the layer replaced by a
     plain `nn.Linear` in the model's dtype; the other bitsandbytes Linears are dequantized too and the
-    `quantization_config` removed. Updates `info` (`base_quantization`, `zeros_kept`, `dequantized_modules`, `dtype`)."""
+    `quantization_config` removed. Updates `info` (`base_quantization`, `zeros_kept`, `dequantized_modules`,
+    `dtype`)."""
     dtype = base.get_input_embeddings().weight.dtype
     first4 = next((m.weight for m in base.modules() if _bnb_kind(getattr(m, "weight", None)) == "4bit"), None)
     info["base_quantization"] = (

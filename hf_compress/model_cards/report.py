@@ -488,7 +488,8 @@ def _count_sections(stats: dict, base_stats: dict | None, stored_params: int, si
     }
 
 
-def _plot_variants(compressed_files: dict, base_files: dict | None, base_metrics, compressed_metrics, variants) -> list[dict]:
+def _plot_variants(compressed_files: dict, base_files: dict | None, base_metrics, compressed_metrics,
+                   variants) -> list[dict]:
     """The points of the accuracy-vs-size plot: the base, the caller's `variants`, then the compressed model."""
     out = []
     if base_files and base_metrics:
