@@ -130,7 +130,6 @@ def merge_adapters(model, example_inputs: dict | None = None, keep_sparsity: boo
         the adapter model on the probe, float32 logits; a 4-bit base runs bitsandbytes' float32 reference path).
     """
     _require_peft()
-    from peft.tuners.lora import LoraLayer
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     if not is_peft_model(model):
@@ -155,53 +154,75 @@ def merge_adapters(model, example_inputs: dict | None = None, keep_sparsity: boo
         "keep_sparsity": keep_sparsity,
         "zeros_kept": 0,
     }
-
     if not kinds:
-        # Full precision: peft merges exactly (and knows every tuner type); zeros are recorded first if asked.
-        zeros = {n: m.get_base_layer().weight == 0 for n, m in tuners} if keep_sparsity else {}
-        merged = work.merge_and_unload()
-        for name, mask in zeros.items():
-            merged.get_submodule(name).weight.masked_fill_(mask, 0.0)
-            info["zeros_kept"] += int(mask.sum())
-        info["dtype"] = str(merged.dtype).removeprefix("torch.")
+        merged = _merge_full_precision(work, tuners, keep_sparsity, info)
     else:
-        dtype = base.get_input_embeddings().weight.dtype
-        first4 = next((m.weight for m in base.modules() if _bnb_kind(getattr(m, "weight", None)) == "4bit"), None)
-        info["base_quantization"] = (
-            f"bitsandbytes 4-bit {first4.quant_state.quant_type}" if first4 is not None else "bitsandbytes 8-bit"
-        )
-        for name, module in tuners:
-            if not isinstance(module, LoraLayer) or not isinstance(module.get_base_layer(), nn.Linear):
-                raise ValueError(
-                    f"{name} is a {type(module).__name__}: merging into a quantized base is done for LoRA on Linear "
-                    "layers only; dequantize the base (`model.get_base_model().dequantize()`) and merge with peft."
-                )
-            if any(module.use_dora.get(a, False) for a in module.active_adapters):
-                raise ValueError(f"{name} uses DoRA; merge it with peft's `merge_and_unload()` on a dequantized base.")
-            linear = module.get_base_layer()
-            weight = _dequantized(linear)
-            zeros = weight == 0 if keep_sparsity else None
-            for adapter in module.active_adapters:
-                if adapter in module.lora_A:
-                    weight += module.get_delta_weight(adapter).float()
-            if zeros is not None:
-                weight.masked_fill_(zeros, 0.0)
-                info["zeros_kept"] += int(zeros.sum())
-            base.set_submodule(name, _plain_linear(weight, linear.bias, dtype))
-        for name, module in list(base.named_modules()):
-            if isinstance(module, nn.Linear) and _bnb_kind(module.weight) is not None:
-                base.set_submodule(name, _plain_linear(_dequantized(module), module.bias, dtype))
-                info["dequantized_modules"] += 1
-        quantizer = getattr(base, "hf_quantizer", None)
-        if quantizer is not None:
-            quantizer.remove_quantization_config(base)
-        else:
-            base.config.quantization_config = None
-            base.is_quantized = False
-        merged = base
-        info["dtype"] = str(dtype).removeprefix("torch.")
+        merged = _merge_into_quantized_base(base, tuners, keep_sparsity, info)
     merged.eval()
     device = next(merged.parameters()).device
     logits = _logits(merged, {k: v.to(device) for k, v in inputs.items()})
     info["max_abs_logit_diff"] = float((logits - reference).abs().max())
     return MergedAdapters(model=merged, info=info, reference=reference, inputs=inputs)
+
+
+def _merge_full_precision(work, tuners: list, keep_sparsity: bool, info: dict) -> nn.Module:
+    """peft merges a full-precision base exactly (and knows every tuner type); the base's zeros are recorded first
+    and restored after when `keep_sparsity`. Updates `info` (`zeros_kept`, `dtype`)."""
+    zeros = {n: m.get_base_layer().weight == 0 for n, m in tuners} if keep_sparsity else {}
+    merged = work.merge_and_unload()
+    for name, mask in zeros.items():
+        merged.get_submodule(name).weight.masked_fill_(mask, 0.0)
+        info["zeros_kept"] += int(mask.sum())
+    info["dtype"] = str(merged.dtype).removeprefix("torch.")
+    return merged
+
+
+def _merge_into_quantized_base(base, tuners: list, keep_sparsity: bool, info: dict) -> nn.Module:
+    """QLoRA: each LoRA layer's base weight is dequantized to float32, its delta added, and the layer replaced by a
+    plain `nn.Linear` in the model's dtype; the other bitsandbytes Linears are dequantized too and the
+    `quantization_config` removed. Updates `info` (`base_quantization`, `zeros_kept`, `dequantized_modules`,
+    `dtype`)."""
+    dtype = base.get_input_embeddings().weight.dtype
+    first4 = next((m.weight for m in base.modules() if _bnb_kind(getattr(m, "weight", None)) == "4bit"), None)
+    info["base_quantization"] = (
+        f"bitsandbytes 4-bit {first4.quant_state.quant_type}" if first4 is not None else "bitsandbytes 8-bit"
+    )
+    for name, module in tuners:
+        weight, zeros_kept = _merged_lora_weight(name, module, keep_sparsity)
+        info["zeros_kept"] += zeros_kept
+        base.set_submodule(name, _plain_linear(weight, module.get_base_layer().bias, dtype))
+    for name, module in list(base.named_modules()):
+        if isinstance(module, nn.Linear) and _bnb_kind(module.weight) is not None:
+            base.set_submodule(name, _plain_linear(_dequantized(module), module.bias, dtype))
+            info["dequantized_modules"] += 1
+    quantizer = getattr(base, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(base)
+    else:
+        base.config.quantization_config = None
+        base.is_quantized = False
+    info["dtype"] = str(dtype).removeprefix("torch.")
+    return base
+
+
+def _merged_lora_weight(name: str, module, keep_sparsity: bool) -> tuple[torch.Tensor, int]:
+    """`(float32 weight of the base layer plus every active LoRA delta, zeros kept)` of one LoRA layer over a
+    bitsandbytes Linear; refuses other tuners and DoRA, which only peft merges (on a dequantized base)."""
+    from peft.tuners.lora import LoraLayer
+
+    if not isinstance(module, LoraLayer) or not isinstance(module.get_base_layer(), nn.Linear):
+        raise ValueError(
+            f"{name} is a {type(module).__name__}: merging into a quantized base is done for LoRA on Linear "
+            "layers only; dequantize the base (`model.get_base_model().dequantize()`) and merge with peft."
+        )
+    if any(module.use_dora.get(a, False) for a in module.active_adapters):
+        raise ValueError(f"{name} uses DoRA; merge it with peft's `merge_and_unload()` on a dequantized base.")
+    weight = _dequantized(module.get_base_layer())
+    zeros = weight == 0 if keep_sparsity else None
+    for adapter in module.active_adapters:
+        if adapter in module.lora_A:
+            weight += module.get_delta_weight(adapter).float()
+    if zeros is None:
+        return weight, 0
+    weight.masked_fill_(zeros, 0.0)
+    return weight, int(zeros.sum())

@@ -290,3 +290,44 @@ def test_linear_sparsity_leaves_quantized_embeddings_out(tiny_bert):
     assert stats["linear_sparsity"] == round(zeros / 17472, 6) == weight_stats(plain)["linear_sparsity"]
     assert stats["per_layer"]["bert.embeddings.word_embeddings.weight"]["bits"] == 8  # still listed, as a table
     assert stats["quantized_modules"]["bert.embeddings.word_embeddings"] == "Embedding8bit"
+
+
+# The card's tags name the format actually written: compressed-tensors is not bitsandbytes (a card once tagged every
+# quantized checkpoint `bitsandbytes`). Each export is written by `quantize_and_save` and reloaded the way the
+# pipeline's report reads it: compressed-tensors with plain `from_pretrained`, bitsandbytes with `load_quantized`.
+FORMAT_TAG_CASES = {
+    "compressed-tensors int8": (dict(backend="compressed-tensors", bits=8), ["compressed-tensors"]),
+    "compressed-tensors int4 g32": (dict(backend="compressed-tensors", bits=4, group_size=32), ["compressed-tensors"]),
+    "bitsandbytes int8": (dict(backend="bitsandbytes", bits=8), ["bitsandbytes", "8-bit"]),
+    "bitsandbytes nf4": (dict(backend="bitsandbytes", bits=4), ["bitsandbytes", "4-bit"]),
+}
+
+
+@pytest.mark.parametrize("case", list(FORMAT_TAG_CASES))
+def test_quantized_card_tags_name_the_written_format(tmp_path, case):
+    from transformers import AutoModelForSequenceClassification, BertForSequenceClassification
+
+    from hf_compress.quantization import QuantizationArguments, load_quantized, quantize_and_save
+
+    fields, format_tags = FORMAT_TAG_CASES[case]
+    if fields["backend"] == "bitsandbytes":
+        pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    base = BertForSequenceClassification(tiny_bert_config(hidden_size=64, intermediate_size=128)).eval()
+    base.save_pretrained(tmp_path / "base")
+    quantize_and_save(base, tmp_path / "q", QuantizationArguments(**fields))
+    if fields["backend"] == "compressed-tensors":
+        exported = AutoModelForSequenceClassification.from_pretrained(tmp_path / "q")
+    else:
+        exported = load_quantized(tmp_path / "q")
+    report = build_report(exported, str(tmp_path / "q"), base, str(tmp_path / "base"), base_model_id="acme/tiny-bert",
+                          base_metrics={"accuracy": 0.5}, compressed_metrics={"accuracy": 0.5}, save=False)
+    assert report["quantization"]["method"] == fields["backend"]
+    assert report["quantization"]["bits"] == [fields["bits"]]
+    card = build_model_card(report, {"quantization": fields}, "hf-compress quantize", repo_id="acme/q", tags=["extra"])
+    # (nf4 rounds enough random weights to its 0 code for the report to also measure `pruning`: the techniques come
+    # from the report, the format tags from the format)
+    assert report["techniques"][0] == "quantization"
+    assert card.data.tags == ["hf-compress", *report["techniques"], *format_tags, "extra"]
+    assert card.data.base_model_relation == "quantized"
+    assert ModelCard(str(card)).data.tags == card.data.tags  # as the Hub reads it back

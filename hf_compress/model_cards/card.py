@@ -139,7 +139,8 @@ def build_model_card(
         output_dir (`str`, *optional*): the checkpoint folder; the accuracy-vs-size plot is written there
             (`accuracy_vs_size.png`) and embedded when there is more than one variant.
         license (`str`, *optional*): a Hub license id, e.g. `apache-2.0`.
-        tags (`list[str]`, *optional*): extra tags; `hf-compress` and the techniques are always added.
+        tags (`list[str]`, *optional*): extra tags; `hf-compress`, the techniques and the format's tags
+            ([`card_tags`]) are always added.
         datasets (`list[str]`, *optional*): Hub dataset ids; defaults to the report's `eval.dataset`.
         pipeline_tag (`str`, *optional*, defaults to `"text-classification"`).
         summary (`str`, *optional*): a first paragraph.
@@ -147,7 +148,9 @@ def build_model_card(
     Returns:
         `huggingface_hub.ModelCard`: save it with `card.save(os.path.join(folder, "README.md"))`.
     """
-    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+    from huggingface_hub import ModelCard
+
+    from .loading import usage_snippet
 
     if not isinstance(command, str) or not command.strip():
         raise ValueError(f"command must be the non-empty command line that reproduces the checkpoint, got {command!r}.")
@@ -156,63 +159,122 @@ def build_model_card(
     recipe = _plain(_recipe_dict(recipe))
     name = model_name or (repo_id.split("/")[-1] if repo_id else "compressed-model")
     base_id = report.get("base_model")
-    relation = base_model_relation(report)
-    ev = report.get("eval") or {}
-    dataset_id = ev.get("dataset")
     metric_names = _metric_names(report)
-
-    eval_results = []
-    if dataset_id:
-        common = dict(
-            task_type=ev.get("task", "text-classification"),
-            dataset_type=dataset_id,
-            dataset_name=ev.get("dataset_name", dataset_id),
-            dataset_split=ev.get("split"),
-            dataset_config=ev.get("config"),
-        )
-        for m in metric_names:
-            value = (report["metrics"].get("compressed") or {}).get(m)
-            if value is not None:
-                eval_results.append(EvalResult(metric_type=m, metric_value=float(value), metric_name=m.capitalize(), **common))
-        # `model-index` has one entry per card on the Hub (huggingface_hub writes a single model name), so the
-        # base model's score sits beside ours under a name that says whose it is, for comparison.
-        for m in metric_names:
-            value = (report["metrics"].get("base") or {}).get(m)
-            if value is not None:
-                eval_results.append(EvalResult(
-                    metric_type=m, metric_value=float(value),
-                    metric_name=f"{m.capitalize()} of the base model{f' {base_id}' if base_id else ''} (before compression)",
-                    **common,
-                ))
-
     techniques = list(report.get("techniques") or [])
-    all_tags = ["hf-compress"] + [t for t in techniques if t] + format_tags(report)
-    for t in tags or []:
-        if t not in all_tags:
-            all_tags.append(t)
-    card_data = ModelCardData(
+    card_data = _card_data(report, name, metric_names, license=license, tags=tags, datasets=datasets,
+                           pipeline_tag=pipeline_tag)
+    plot_file = _write_plot(report, metric_names, output_dir)
+    weight_files = report["size"].get("compressed_weight_files") or []
+    usage = usage_snippet(report, repo_id or name, weight_files, folder=output_dir)
+    template = importlib.resources.files("hf_compress.model_cards").joinpath("template.md").read_text(encoding="utf-8")
+    card = ModelCard.from_template(
+        card_data,
+        template_str=template,
+        model_name=name,
+        summary=summary or f"A compressed `{report.get('architecture', 'model')}`: {', '.join(techniques) or 'compressed'}.",
         base_model=base_id,
-        base_model_relation=relation if base_id else None,
+        base_model_url=f"https://huggingface.co/{base_id}" if base_id and not os.path.isabs(base_id) else base_id,
+        techniques_text=", ".join(techniques) if techniques else "compression",
+        eval_text=_eval_text(report),
+        metric_names=metric_names,
+        table=_size_table(report, metric_names),
+        plot_file=plot_file,
+        quantization=report.get("quantization"),
+        loaders=report.get("loaders"),
+        self_checks=self_check_rows(report),
+        serving=report.get("serving"),
+        sparsest_layers=_sparsest_layers(report),
+        global_sparsity=_fmt(report["sparsity"].get("global")),
+        linear_sparsity=_fmt(report["sparsity"].get("linear_weights")),
+        recipe_yaml=yaml.safe_dump(recipe, sort_keys=False),
+        command=command.strip(),
+        usage=usage,
+    )
+    validate_card_metadata(card)
+    return card
+
+
+def _card_data(report: dict, name: str, metric_names: list[str], *, license, tags, datasets, pipeline_tag):
+    """The card's metadata (`huggingface_hub.ModelCardData`, with `model-index` from [`_eval_results`])."""
+    from huggingface_hub import ModelCardData
+
+    base_id = report.get("base_model")
+    dataset_id = (report.get("eval") or {}).get("dataset")
+    return ModelCardData(
+        base_model=base_id,
+        base_model_relation=base_model_relation(report) if base_id else None,
         library_name="transformers",
         license=license,
-        tags=all_tags,
+        tags=card_tags(report, tags),
         datasets=list(datasets) if datasets else ([dataset_id] if dataset_id else None),
         metrics=metric_names or None,
         pipeline_tag=pipeline_tag,
         model_name=name,
-        eval_results=eval_results or None,
+        eval_results=_eval_results(report, metric_names) or None,
     )
 
-    variants = [v for v in report.get("variants") or [] if metric_names and metric_names[0] in (v.get("metrics") or {})]
-    plot_file = None
-    if output_dir is not None and len(variants) > 1:
-        plot_accuracy_vs_size(variants, os.path.join(output_dir, PLOT_NAME), metric_names[0])
-        plot_file = PLOT_NAME
 
+def card_tags(report: dict, extra: list[str] | None = None) -> list[str]:
+    """The card's Hub tags: `hf-compress`, the report's techniques, the [`format_tags`] of the format actually
+    written (so a compressed-tensors checkpoint is tagged `compressed-tensors`, never `bitsandbytes`), then the
+    `extra` tags not already there."""
+    tags = ["hf-compress"] + [t for t in report.get("techniques") or [] if t] + format_tags(report)
+    for t in extra or []:
+        if t not in tags:
+            tags.append(t)
+    return tags
+
+
+def _eval_results(report: dict, metric_names: list[str]) -> list:
+    """`model-index` entries: the compressed model's metrics, then the base model's under a name that says whose."""
+    from huggingface_hub import EvalResult
+
+    ev = report.get("eval") or {}
+    dataset_id = ev.get("dataset")
+    if not dataset_id:
+        return []
+    base_id = report.get("base_model")
+    common = dict(
+        task_type=ev.get("task", "text-classification"),
+        dataset_type=dataset_id,
+        dataset_name=ev.get("dataset_name", dataset_id),
+        dataset_split=ev.get("split"),
+        dataset_config=ev.get("config"),
+    )
+    results = []
+    for m in metric_names:
+        value = (report["metrics"].get("compressed") or {}).get(m)
+        if value is not None:
+            results.append(EvalResult(metric_type=m, metric_value=float(value), metric_name=m.capitalize(), **common))
+    # `model-index` has one entry per card on the Hub (huggingface_hub writes a single model name), so the
+    # base model's score sits beside ours under a name that says whose it is, for comparison.
+    for m in metric_names:
+        value = (report["metrics"].get("base") or {}).get(m)
+        if value is not None:
+            results.append(EvalResult(
+                metric_type=m, metric_value=float(value),
+                metric_name=f"{m.capitalize()} of the base model{f' {base_id}' if base_id else ''} (before compression)",
+                **common,
+            ))
+    return results
+
+
+def _write_plot(report: dict, metric_names: list[str], output_dir: str | None) -> str | None:
+    """Writes the accuracy-vs-size plot into `output_dir` when there is more than one variant; returns its name."""
+    variants = [v for v in report.get("variants") or [] if metric_names and metric_names[0] in (v.get("metrics") or {})]
+    if output_dir is None or len(variants) <= 1:
+        return None
+    plot_accuracy_vs_size(variants, os.path.join(output_dir, PLOT_NAME), metric_names[0])
+    return PLOT_NAME
+
+
+def _size_table(report: dict, metric_names: list[str]) -> list[dict]:
+    """The card's base-against-compressed table: one row per model, every figure formatted."""
     size, params, nnz = report["size"], report["parameters"], report["nonzeros"]
+    base_id = report.get("base_model")
     bpw = report.get("bits_per_weight") or {}
-    table = []
     base_m, comp_m = report["metrics"].get("base") or {}, report["metrics"].get("compressed") or {}
+    table = []
     if size.get("base_weights_bytes") is not None:
         table.append(dict(
             name=f"base{f' (`{base_id}`)' if base_id else ''}", size=_fmt_bytes(size["base_weights_bytes"]), ratio="1.00x",
@@ -227,46 +289,28 @@ def build_model_card(
         sparsity=_fmt(report["sparsity"].get("global")), bits=_fmt(bpw.get("on_disk"), 2),
         metrics=[_fmt(comp_m.get(m)) for m in metric_names],
     ))
+    return table
 
+
+def _sparsest_layers(report: dict) -> list[tuple[str, str]] | None:
+    """The ten sparsest layers (all of them when ten or fewer; else the five sparsest and the five densest), or
+    `None` when no layer has a zero."""
     per_layer = {k: v for k, v in (report["sparsity"].get("per_layer") or {}).items() if v is not None}
     ranked = sorted(per_layer.items(), key=lambda kv: -kv[1])
     shown = ranked if len(ranked) <= 10 else ranked[:5] + ranked[-5:]
-    weight_files = size.get("compressed_weight_files") or []
-    from .loading import usage_snippet
+    return [(k, f"{v:.4f}") for k, v in shown] if any(v > 0 for v in per_layer.values()) else None
 
-    usage = usage_snippet(report, repo_id or name, weight_files, folder=output_dir)
+
+def _eval_text(report: dict) -> str:
+    """Where the metrics come from: dataset, split and number of examples."""
+    ev = report.get("eval") or {}
+    base_m, comp_m = report["metrics"].get("base") or {}, report["metrics"].get("compressed") or {}
     n_eval = comp_m.get("num_examples") or base_m.get("num_examples")
     split = ev.get("split")
-    eval_text = "`{}`".format(ev.get("dataset_name", dataset_id or "the evaluation data"))
-    eval_text += f", split `{split}`" if split else ""
-    eval_text += f", {n_eval} examples" if n_eval else ""
-    eval_text += ", the same rows for the base and the compressed model"
-    template = importlib.resources.files("hf_compress.model_cards").joinpath("template.md").read_text(encoding="utf-8")
-    card = ModelCard.from_template(
-        card_data,
-        template_str=template,
-        model_name=name,
-        summary=summary or f"A compressed `{report.get('architecture', 'model')}`: {', '.join(techniques) or 'compressed'}.",
-        base_model=base_id,
-        base_model_url=f"https://huggingface.co/{base_id}" if base_id and not os.path.isabs(base_id) else base_id,
-        techniques_text=", ".join(techniques) if techniques else "compression",
-        eval_text=eval_text,
-        metric_names=metric_names,
-        table=table,
-        plot_file=plot_file,
-        quantization=report.get("quantization"),
-        loaders=report.get("loaders"),
-        self_checks=self_check_rows(report),
-        serving=report.get("serving"),
-        sparsest_layers=[(k, f"{v:.4f}") for k, v in shown] if any(v > 0 for v in per_layer.values()) else None,
-        global_sparsity=_fmt(report["sparsity"].get("global")),
-        linear_sparsity=_fmt(report["sparsity"].get("linear_weights")),
-        recipe_yaml=yaml.safe_dump(recipe, sort_keys=False),
-        command=command.strip(),
-        usage=usage,
-    )
-    validate_card_metadata(card)
-    return card
+    text = "`{}`".format(ev.get("dataset_name", ev.get("dataset") or "the evaluation data"))
+    text += f", split `{split}`" if split else ""
+    text += f", {n_eval} examples" if n_eval else ""
+    return text + ", the same rows for the base and the compressed model"
 
 
 def self_check_rows(report: dict) -> list[dict]:

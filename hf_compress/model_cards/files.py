@@ -92,8 +92,25 @@ def describe_stored(folder: str) -> dict:
 
     config = _config(folder)
     qconfig = config.get("quantization_config") or {}
-    ct_bits, ct_single = _ct_bits(qconfig) if qconfig.get("quant_method") == "compressed-tensors" else ({}, None)
+    ct_bits = _ct_bits(qconfig) if qconfig.get("quant_method") == "compressed-tensors" else ({}, None)
     low_bit = config.get(EMBEDDINGS_CONFIG_KEY) or {}
+    tensors, sparse_shapes = _stored_tensors(folder, low_bit, EMBEDDINGS_FILE)
+    modules, aux_keys = _quantized_modules(folder, tensors, ct_bits, low_bit)
+    quantized = set(modules)
+    precision = _precision(tensors, sparse_shapes, modules, aux_keys)
+    aux_bytes = sum(_numel(tensors[k]["shape"]) * _DTYPE_BYTES.get(tensors[k]["dtype"], 1) for k in aux_keys)
+    return {
+        "modules": modules,
+        "precision": precision,
+        "quantized": {k: precision[k] for k in sorted({modules[m]["stored_as"] for m in quantized})},
+        "parameters": sum(g["parameters"] for g in precision.values()),
+        "auxiliary": {"tensors": len(aux_keys), "bytes": aux_bytes},
+    }
+
+
+def _stored_tensors(folder: str, low_bit: dict, embeddings_file: str) -> tuple[dict[str, dict], dict]:
+    """`({tensor name: {"dtype", "shape"}}, {bitmask-stored name: its logical shape})` over every safetensors file of
+    `folder`, without the empty stand-ins (in the other files) of the tables stored in `embeddings_file`."""
     tensors, sparse_shapes = {}, {}
     names = sorted(n for n in os.listdir(folder) if n.endswith(".safetensors")) if os.path.isdir(folder) else []
     for name in names:
@@ -101,16 +118,22 @@ def describe_stored(folder: str) -> dict:
         if metadata.get("sparse"):
             sparse_shapes.update(json.loads(metadata["sparse"]))
         for key, info in header.items():
-            if name != EMBEDDINGS_FILE and info["shape"] == _SENTINEL_SHAPE and key.removesuffix(".weight") in low_bit.get("modules", ()):
+            if name != embeddings_file and info["shape"] == _SENTINEL_SHAPE and key.removesuffix(".weight") in low_bit.get("modules", ()):
                 continue  # the empty stand-in for a table stored in quantized_embeddings.safetensors
             tensors[key] = info
+    return tensors, sparse_shapes
 
+
+def _quantized_modules(folder: str, tensors: dict, ct_bits: tuple[dict[str, int], int | None], low_bit: dict):
+    """`({module: {"stored_as", "parameters", ...}}, auxiliary tensor names)` of the modules stored quantized, in
+    the order their tensors come, recognised by the tensors each format writes beside the weight."""
+    by_name, single = ct_bits
     modules: dict[str, dict] = {}
     aux_keys: set[str] = set()
     for key, info in tensors.items():
         if key.endswith(".weight_packed"):  # compressed-tensors pack-quantized
             module = key.removesuffix(".weight_packed")
-            bits = ct_bits.get(module, ct_single)
+            bits = by_name.get(module, single)
             if bits is None:
                 raise ValueError(f"{folder}: `{key}` has no compressed-tensors config group naming its bits.")
             rows, words = info["shape"]
@@ -134,6 +157,12 @@ def describe_stored(folder: str) -> dict:
             modules[module] = {"stored_as": f"{low_bit.get('quant_type', 'nf4')} (4-bit)",
                                "parameters": 2 * _numel(tensors[module + ".weight"]["shape"])}
             aux_keys.add(key)
+    return modules, aux_keys
+
+
+def _precision(tensors: dict, sparse_shapes: dict, modules: dict, aux_keys: set[str]) -> dict[str, dict]:
+    """`{kind: {"parameters", "modules"}}`: the quantized modules first, then every other stored tensor in its dtype.
+    Adds the remaining modules (in their dtype, or `mixed`) to `modules` and the bitmasks to `aux_keys`."""
     quantized = set(modules)
     quantized_weights = {m + suffix for m in quantized for suffix in (".weight", ".weight_packed")}
     precision: dict[str, dict] = {}
@@ -161,11 +190,4 @@ def describe_stored(folder: str) -> dict:
         if module not in quantized and entry["stored_as"] != dtype:
             entry["stored_as"] = "mixed"
         add(dtype, module, numel)
-    aux_bytes = sum(_numel(tensors[k]["shape"]) * _DTYPE_BYTES.get(tensors[k]["dtype"], 1) for k in aux_keys)
-    return {
-        "modules": modules,
-        "precision": precision,
-        "quantized": {k: precision[k] for k in sorted({modules[m]["stored_as"] for m in quantized})},
-        "parameters": sum(g["parameters"] for g in precision.values()),
-        "auxiliary": {"tensors": len(aux_keys), "bytes": aux_bytes},
-    }
+    return precision

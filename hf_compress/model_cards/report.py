@@ -382,10 +382,10 @@ def build_report(
         base_dir (`str`, *optional*): the uncompressed checkpoint's folder, for on-disk bytes and the size ratio.
         base_model_id (`str`, *optional*): Hub id or path of the base model, written to the card as `base_model`.
         techniques (`list[str]`, *optional*): e.g. `["distillation", "pruning"]`; `quantization` and `pruning`
-            are added when measured (bitsandbytes layers / more than 1% zeros in linear weights).
+            are added when measured (quantized weights of any backend / more than 1% zeros in linear weights).
         base_metrics, compressed_metrics (`dict`, *optional*): metrics computed by the caller on the same split.
         eval_dataset (`datasets.Dataset`, *optional*): tokenized labelled rows; when given, missing metrics are
-            computed with `evaluate_classifier`, and `verification_examples` rows are recorded for `--verify`.
+            computed with `evaluate_classifier`, and `verification_examples` rows are recorded for `--verify_push`.
         tokenizer (*optional*): used to pad evaluation batches.
         metrics (`tuple[str]`, defaults to `("accuracy",)`): `evaluate` metric names.
         eval_info (`dict`, *optional*): `dataset` (Hub id or name), `dataset_name`, `split` (e.g. `"test[:1000]"`),
@@ -398,17 +398,11 @@ def build_report(
     Returns:
         `dict`: the report.
     """
-    if base_metrics is not None and not isinstance(base_metrics, dict):
-        raise ValueError(f"base_metrics must be a dict like {{'accuracy': 0.8}}, got {type(base_metrics).__name__}.")
-    if compressed_metrics is not None and not isinstance(compressed_metrics, dict):
-        raise ValueError(f"compressed_metrics must be a dict like {{'accuracy': 0.8}}, got {type(compressed_metrics).__name__}.")
-    if verification_examples < 0:
-        raise ValueError(f"verification_examples must be >= 0, got {verification_examples}.")
-    compressed_files = checkpoint_bytes(output_dir)
-    base_files = checkpoint_bytes(base_dir) if base_dir is not None else None
-
     from .files import describe_stored
 
+    _check_report_arguments(base_metrics, compressed_metrics, verification_examples)
+    compressed_files = checkpoint_bytes(output_dir)
+    base_files = checkpoint_bytes(base_dir) if base_dir is not None else None
     stats = weight_stats(model)
     base_stats = weight_stats(base_model) if base_model is not None else None
     quant = quantization_summary(model, output_dir)
@@ -422,12 +416,48 @@ def build_report(
         if base_metrics is None and base_model is not None:
             base_metrics = evaluate_classifier(base_model, eval_dataset, tokenizer, metrics)
 
+    size = _size_section(compressed_files, base_files, stored_params, base_stats)
+    report = {
+        "format": REPORT_FORMAT,
+        "base_model": base_model_id,
+        "architecture": getattr(model, "architecture_name", None) or type(model).__name__,  # an ONNX session names its source
+        "techniques": _techniques_found(techniques, quant, stats),
+        "size": size,
+        **_count_sections(stats, base_stats, stored_params, size),  # parameters, nonzeros, sparsity, bits, layers
+        "quantization": quant,
+        "eval": {"task": "text-classification", **(eval_info or {})},
+        "metrics": {"base": base_metrics, "compressed": compressed_metrics},
+        "variants": _plot_variants(compressed_files, base_files, base_metrics, compressed_metrics, variants),
+    }
+    if eval_dataset is not None and verification_examples:
+        report["verification"] = verification_sample(model, eval_dataset, tokenizer, verification_examples, metrics)
+    if save:
+        save_report(report, output_dir)
+    return report
+
+
+def _check_report_arguments(base_metrics, compressed_metrics, verification_examples: int) -> None:
+    if base_metrics is not None and not isinstance(base_metrics, dict):
+        raise ValueError(f"base_metrics must be a dict like {{'accuracy': 0.8}}, got {type(base_metrics).__name__}.")
+    if compressed_metrics is not None and not isinstance(compressed_metrics, dict):
+        raise ValueError(f"compressed_metrics must be a dict like {{'accuracy': 0.8}}, got {type(compressed_metrics).__name__}.")
+    if verification_examples < 0:
+        raise ValueError(f"verification_examples must be >= 0, got {verification_examples}.")
+
+
+def _techniques_found(techniques: list[str] | None, quant: dict | None, stats: dict) -> list[str]:
+    """The caller's techniques, plus `quantization` and `pruning` when the measurements show them (quantized weights;
+    more than 1% zeros in the linear weights)."""
     found = list(techniques or [])
     if quant and "quantization" not in found:
         found.append("quantization")
     if stats["linear_sparsity"] > 0.01 and "pruning" not in found:
         found.append("pruning")
+    return found
 
+
+def _size_section(compressed_files: dict, base_files: dict | None, stored_params: int, base_stats: dict | None) -> dict:
+    """The report's `size`: bytes on disk of both checkpoints, their ratio and the bits each weight costs on disk."""
     size = {"compressed_weights_bytes": compressed_files["weights_bytes"], "compressed_total_bytes": compressed_files["total_bytes"],
             "compressed_weight_files": compressed_files["weight_files"]}
     if base_files:
@@ -437,20 +467,12 @@ def build_report(
     size["bits_per_weight_on_disk"] = round(8 * compressed_files["weights_bytes"] / stored_params, 4)
     if base_files and base_stats:
         size["base_bits_per_weight_on_disk"] = round(8 * base_files["weights_bytes"] / base_stats["parameters"], 4)
+    return size
 
-    all_variants = []
-    if base_files and base_metrics:
-        all_variants.append({"name": "base", "weights_bytes": base_files["weights_bytes"], "metrics": base_metrics})
-    all_variants += list(variants or [])
-    if compressed_metrics:
-        all_variants.append({"name": "compressed", "weights_bytes": compressed_files["weights_bytes"], "metrics": compressed_metrics})
 
-    report = {
-        "format": REPORT_FORMAT,
-        "base_model": base_model_id,
-        "architecture": getattr(model, "architecture_name", None) or type(model).__name__,  # an ONNX session names its source
-        "techniques": found,
-        "size": size,
+def _count_sections(stats: dict, base_stats: dict | None, stored_params: int, size: dict) -> dict:
+    """The report's `parameters`, `nonzeros`, `sparsity`, `bits_per_weight` and `layers`, in that order."""
+    return {
         "parameters": {"compressed": stored_params, "base": base_stats["parameters"] if base_stats else None},
         "nonzeros": {"compressed": stats["nonzeros"], "base": base_stats["nonzeros"] if base_stats else None},
         "sparsity": {
@@ -463,16 +485,19 @@ def build_report(
         "bits_per_weight": {"in_memory": stats["bits_per_weight_in_memory"], "on_disk": size["bits_per_weight_on_disk"],
                             "base_in_memory": base_stats["bits_per_weight_in_memory"] if base_stats else None},
         "layers": stats["per_layer"],
-        "quantization": quant,
-        "eval": {"task": "text-classification", **(eval_info or {})},
-        "metrics": {"base": base_metrics, "compressed": compressed_metrics},
-        "variants": all_variants,
     }
-    if eval_dataset is not None and verification_examples:
-        report["verification"] = verification_sample(model, eval_dataset, tokenizer, verification_examples, metrics)
-    if save:
-        save_report(report, output_dir)
-    return report
+
+
+def _plot_variants(compressed_files: dict, base_files: dict | None, base_metrics, compressed_metrics,
+                   variants) -> list[dict]:
+    """The points of the accuracy-vs-size plot: the base, the caller's `variants`, then the compressed model."""
+    out = []
+    if base_files and base_metrics:
+        out.append({"name": "base", "weights_bytes": base_files["weights_bytes"], "metrics": base_metrics})
+    out += list(variants or [])
+    if compressed_metrics:
+        out.append({"name": "compressed", "weights_bytes": compressed_files["weights_bytes"], "metrics": compressed_metrics})
+    return out
 
 
 def save_report(report: dict, output_dir: str) -> str:

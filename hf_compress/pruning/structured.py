@@ -221,10 +221,27 @@ def structured_importance(model, batches=None, structures=STRUCTURES, layer_metr
     model.eval()
     store: dict = {}
     current: dict = {}
+    head_shape = _head_dims(model) if "heads" in structures else (None, None, None)
+    handles = _importance_hooks(model, blocks, structures, layer_metric, store, current, head_shape)
+    try:
+        for batch in batches:
+            current["w"] = _token_weights(batch)
+            forward_batch(model, model_inputs(batch, labels=False))
+    finally:
+        for h in handles:
+            h.remove()
+    scores = _activation_scores(store, len(blocks.layers), structures, layer_metric, head_shape)
+    if "layers" in structures and layer_metric == "loss":
+        scores["layers"] = _skip_loss_importance(model, blocks, batches)
+    model.train(was_training)
+    return scores
+
+
+def _importance_hooks(model, blocks: _Blocks, structures, layer_metric: str, store: dict, current: dict, head_shape):
+    """Registers the forward hooks that add each structure's activations to `store` (weighted by the attention mask
+    the caller puts in `current["w"]` before each batch); returns their handles (all removed again if one fails)."""
+    n_q, _, head_dim = head_shape
     handles = []
-    n_q = n_kv = head_dim = None
-    if "heads" in structures:
-        n_q, n_kv, head_dim = _head_dims(model)
     try:
         for i, layer in enumerate(blocks.layers):
             if "ffn" in structures:
@@ -247,13 +264,17 @@ def structured_importance(model, batches=None, structures=STRUCTURES, layer_metr
             for norm in _hidden_norms(blocks, model):
                 handles.append(norm.register_forward_hook(
                     lambda m, args, out: _accumulate(store, "hidden", out.abs(), current.get("w"))))
-        for batch in batches:
-            current["w"] = _token_weights(batch)
-            forward_batch(model, model_inputs(batch, labels=False))
-    finally:
+    except BaseException:
         for h in handles:
             h.remove()
-    L = len(blocks.layers)
+        raise
+    return handles
+
+
+def _activation_scores(store: dict, num_layers: int, structures, layer_metric: str, head_shape) -> dict:
+    """The mean activations in `store` as scores (`method: "activation"`); `layers` only for the cosine metric."""
+    n_q, n_kv, _ = head_shape
+    L = num_layers
     scores: dict[str, torch.Tensor] = {"method": "activation"}
 
     def mean(key):
@@ -267,12 +288,8 @@ def structured_importance(model, batches=None, structures=STRUCTURES, layer_metr
         scores["heads"] = per_q.reshape(L, n_kv, n_q // n_kv).sum(-1)  # query heads of a group are contiguous
     if "hidden" in structures:
         scores["hidden"] = mean("hidden").cpu()
-    if "layers" in structures:
-        if layer_metric == "cosine":
-            scores["layers"] = torch.stack([mean(("layers", i))[0] for i in range(L)]).cpu()
-        else:
-            scores["layers"] = _skip_loss_importance(model, blocks, batches)
-    model.train(was_training)
+    if "layers" in structures and layer_metric == "cosine":
+        scores["layers"] = torch.stack([mean(("layers", i))[0] for i in range(L)]).cpu()
     return scores
 
 
@@ -487,88 +504,106 @@ def prune_structures(model, plan: StructuredPlan):
     `num_attention_heads / num_key_value_heads` is unchanged.
     """
     blocks = _blocks(model)
-    cfg = model.config
     if plan.ffn is not None:
-        sizes = {len(k) for k in plan.ffn}
-        if len(sizes) != 1 or len(plan.ffn) != len(blocks.layers):
-            raise StructuredPruningError("plan.ffn must keep the same number of neurons in every layer (one intermediate_size).")
-        width = ffn_size(model)
-        for layer, kept in zip(blocks.layers, plan.ffn):
-            idx = torch.tensor(kept)
-            for lin, parts in _ffn_in(blocks, layer):  # a fused gate|up keeps neuron j's row in each half
-                _slice_linear(lin, 0, torch.cat([idx + p * width for p in range(parts)]))
-            _slice_linear(_ffn_out(blocks, layer), 1, idx)
-        setattr(cfg, blocks.family.ffn_size, sizes.pop())
+        _prune_ffn(model, blocks, plan.ffn)
     if plan.kv_groups is not None:
-        n_q, n_kv, head_dim = _head_dims(model)
-        sizes = {len(k) for k in plan.kv_groups}
-        if len(sizes) != 1 or len(plan.kv_groups) != len(blocks.layers):
-            raise StructuredPruningError("plan.kv_groups must keep the same number of KV heads in every layer.")
-        for layer, groups in zip(blocks.layers, plan.kv_groups):
-            q_idx, kv_idx = _head_index(groups, n_q, n_kv, head_dim)
-            if blocks.family.attn_in:
-                q, k, v = (_at(layer, p) for p in blocks.family.attn_in)
-                _slice_linear(q, 0, q_idx)
-                _slice_linear(k, 0, kv_idx)
-                _slice_linear(v, 0, kv_idx)
-            else:  # one fused q|k|v projection: its layout from `FUSED_PROJECTIONS`
-                parts = {k: torch.tensor(v) for k, v in fused_parts(blocks.family.qkv.split(".")[-1], cfg).items()}
-                fused = torch.cat([parts["q"][q_idx], parts["k"][kv_idx], parts["v"][kv_idx]])
-                _slice_linear(_at(layer, blocks.family.qkv), 0, fused)
-            _slice_linear(_attn_out(blocks, layer), 1, q_idx)
-            if blocks.family.qk_norm == "full":  # OLMo-2: one norm over all heads' rows
-                q_norm, k_norm = _qk_norms(blocks, layer)
-                _slice_vector(q_norm, "weight", q_idx)
-                _slice_vector(k_norm, "weight", kv_idx)
-        kept = sizes.pop()
-        for layer in blocks.layers:  # head counts some attention modules cache from the config at init (Phi-3)
-            for module in layer.modules():
-                for name, value in (("num_key_value_heads", kept), ("num_heads", kept * (n_q // n_kv))):
-                    if isinstance(getattr(module, name, None), int):
-                        setattr(module, name, value)
-        cfg.head_dim = head_dim  # explicit: hidden_size / heads no longer gives it
-        cfg.num_key_value_heads = kept
-        cfg.num_attention_heads = kept * (n_q // n_kv)
+        _prune_kv_groups(model, blocks, plan.kv_groups)
     if plan.hidden is not None:
-        _, _, head_dim = _head_dims(model)
-        cfg.head_dim = head_dim
-        fam = blocks.family
-        idx = torch.tensor(plan.hidden)
-        old, new = cfg.hidden_size, len(idx)
-        emb = model.get_input_embeddings()
-        out_emb = model.get_output_embeddings()
-        tied = out_emb is not None and out_emb.weight is emb.weight
-        heads = [h for h in _task_heads(model, old) if h is not out_emb]
-        weight = emb.weight.data.index_select(1, idx.to(emb.weight.device))
-        # Gemma multiplies the embeddings by sqrt(hidden_size), a buffer rebuilt from the config on load: fold
-        # sqrt(old / new) into the embedding weights so the stream keeps its scale, in memory and after a reload.
-        ratio = (old**0.5 / new**0.5) if fam.embed_scale else 1.0
-        emb.weight = nn.Parameter((weight * ratio).clone(), requires_grad=emb.weight.requires_grad)
-        emb.embedding_dim = new
-        if fam.embed_scale:
-            emb.embed_scale.copy_(torch.tensor(new**0.5))
-            emb.scalar_embed_scale = new**0.5
-        if out_emb is not None:
-            if tied:
-                out_emb.weight = emb.weight
-                out_emb.in_features = new
-            else:
-                _slice_linear(out_emb, 1, idx)
-        for lin in _hidden_readers(blocks) + heads:
-            _slice_linear(lin, 1, idx)
-        for lin in _hidden_writers(blocks):
-            _slice_linear(lin, 0, idx)
-        norms = _hidden_norms(blocks, model)
-        for norm in norms:
-            _slice_vector(norm, "weight", idx)
-            _slice_vector(norm, "bias", idx)
-        if tied and ratio != 1.0 and norms:
-            # The tied output embeddings grew by `ratio` too: the final norm (the head's only input) shrinks by it.
-            _scale_norm(norms[-1], fam.norm, 1.0 / ratio)
-        cfg.hidden_size = new
+        _prune_hidden(model, blocks, plan.hidden)
     if plan.layers is not None:
         drop_layers(model, plan.layers)
     return model
+
+
+def _prune_ffn(model, blocks: _Blocks, kept_neurons: list[list[int]]) -> None:
+    """Keep FFN neurons `kept_neurons[layer]` (the same count in every layer) and set the config's FFN size."""
+    sizes = {len(k) for k in kept_neurons}
+    if len(sizes) != 1 or len(kept_neurons) != len(blocks.layers):
+        raise StructuredPruningError("plan.ffn must keep the same number of neurons in every layer (one intermediate_size).")
+    width = ffn_size(model)
+    for layer, kept in zip(blocks.layers, kept_neurons):
+        idx = torch.tensor(kept)
+        for lin, parts in _ffn_in(blocks, layer):  # a fused gate|up keeps neuron j's row in each half
+            _slice_linear(lin, 0, torch.cat([idx + p * width for p in range(parts)]))
+        _slice_linear(_ffn_out(blocks, layer), 1, idx)
+    setattr(model.config, blocks.family.ffn_size, sizes.pop())
+
+
+def _prune_kv_groups(model, blocks: _Blocks, kv_groups: list[list[int]]) -> None:
+    """Keep KV groups `kv_groups[layer]` (each with all its query heads, the same count in every layer) and set the
+    head counts, in the config and where attention modules cached them."""
+    cfg = model.config
+    n_q, n_kv, head_dim = _head_dims(model)
+    sizes = {len(k) for k in kv_groups}
+    if len(sizes) != 1 or len(kv_groups) != len(blocks.layers):
+        raise StructuredPruningError("plan.kv_groups must keep the same number of KV heads in every layer.")
+    for layer, groups in zip(blocks.layers, kv_groups):
+        q_idx, kv_idx = _head_index(groups, n_q, n_kv, head_dim)
+        if blocks.family.attn_in:
+            q, k, v = (_at(layer, p) for p in blocks.family.attn_in)
+            _slice_linear(q, 0, q_idx)
+            _slice_linear(k, 0, kv_idx)
+            _slice_linear(v, 0, kv_idx)
+        else:  # one fused q|k|v projection: its layout from `FUSED_PROJECTIONS`
+            parts = {k: torch.tensor(v) for k, v in fused_parts(blocks.family.qkv.split(".")[-1], cfg).items()}
+            fused = torch.cat([parts["q"][q_idx], parts["k"][kv_idx], parts["v"][kv_idx]])
+            _slice_linear(_at(layer, blocks.family.qkv), 0, fused)
+        _slice_linear(_attn_out(blocks, layer), 1, q_idx)
+        if blocks.family.qk_norm == "full":  # OLMo-2: one norm over all heads' rows
+            q_norm, k_norm = _qk_norms(blocks, layer)
+            _slice_vector(q_norm, "weight", q_idx)
+            _slice_vector(k_norm, "weight", kv_idx)
+    kept = sizes.pop()
+    for layer in blocks.layers:  # head counts some attention modules cache from the config at init (Phi-3)
+        for module in layer.modules():
+            for name, value in (("num_key_value_heads", kept), ("num_heads", kept * (n_q // n_kv))):
+                if isinstance(getattr(module, name, None), int):
+                    setattr(module, name, value)
+    cfg.head_dim = head_dim  # explicit: hidden_size / heads no longer gives it
+    cfg.num_key_value_heads = kept
+    cfg.num_attention_heads = kept * (n_q // n_kv)
+
+
+def _prune_hidden(model, blocks: _Blocks, kept_channels: list[int]) -> None:
+    """Keep hidden channels `kept_channels` everywhere the residual stream is read or written (embeddings, norms,
+    blocks, heads), keep tied embeddings tied and the stream's scale unchanged, and set `hidden_size`."""
+    cfg = model.config
+    _, _, head_dim = _head_dims(model)
+    cfg.head_dim = head_dim
+    fam = blocks.family
+    idx = torch.tensor(kept_channels)
+    old, new = cfg.hidden_size, len(idx)
+    emb = model.get_input_embeddings()
+    out_emb = model.get_output_embeddings()
+    tied = out_emb is not None and out_emb.weight is emb.weight
+    heads = [h for h in _task_heads(model, old) if h is not out_emb]
+    weight = emb.weight.data.index_select(1, idx.to(emb.weight.device))
+    # Gemma multiplies the embeddings by sqrt(hidden_size), a buffer rebuilt from the config on load: fold
+    # sqrt(old / new) into the embedding weights so the stream keeps its scale, in memory and after a reload.
+    ratio = (old**0.5 / new**0.5) if fam.embed_scale else 1.0
+    emb.weight = nn.Parameter((weight * ratio).clone(), requires_grad=emb.weight.requires_grad)
+    emb.embedding_dim = new
+    if fam.embed_scale:
+        emb.embed_scale.copy_(torch.tensor(new**0.5))
+        emb.scalar_embed_scale = new**0.5
+    if out_emb is not None:
+        if tied:
+            out_emb.weight = emb.weight
+            out_emb.in_features = new
+        else:
+            _slice_linear(out_emb, 1, idx)
+    for lin in _hidden_readers(blocks) + heads:
+        _slice_linear(lin, 1, idx)
+    for lin in _hidden_writers(blocks):
+        _slice_linear(lin, 0, idx)
+    norms = _hidden_norms(blocks, model)
+    for norm in norms:
+        _slice_vector(norm, "weight", idx)
+        _slice_vector(norm, "bias", idx)
+    if tied and ratio != 1.0 and norms:
+        # The tied output embeddings grew by `ratio` too: the final norm (the head's only input) shrinks by it.
+        _scale_norm(norms[-1], fam.norm, 1.0 / ratio)
+    cfg.hidden_size = new
 
 
 def drop_layers(model, keep_layers: list[int]):
