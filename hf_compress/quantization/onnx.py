@@ -5,7 +5,9 @@ quantizing, converted by `onnxruntime.quantization.quantize_dynamic` (int8 weigh
 per tensor at run time by `DynamicQuantizeLinear`, matrix products in `MatMulInteger`). It is our own small exporter:
 optimum-onnx does not install with our transformers pin. Covered: the encoder tasks (`logits`, or `start_logits` /
 `end_logits` for extractive QA) and causal LMs as a graph without KV cache (`logits` for every position; generation
-re-runs the whole prefix). Nothing here imports onnx or onnxruntime at import time.
+re-runs the whole prefix). With `--bits 4` the fp32 graph is rewritten to weight-only int4 on our compressed-tensors
+grid (`MatMulNBits`, [`onnx_int4`]), which QAT replays exactly. Nothing here imports onnx or onnxruntime at import
+time.
 """
 
 from __future__ import annotations
