@@ -391,7 +391,8 @@ def prepare(model_args: ModelArguments, data_args: DataArguments, training_args,
         from .quantization.onnx import onnx_refusal
 
         reason = onnx_refusal(getattr(config, "model_type", None), task_name, model_args.quantize, quantization_args.bits,
-                              model_args.qat, model_args.train)
+                              model_args.qat, model_args.train, group_size=quantization_args.group_size,
+                              backend=quantization_args.backend, config=config)
         if reason is not None:
             raise CompressionInputError(reason)
     try:
@@ -835,7 +836,7 @@ def export_checkpoint(plan: CompressionPlan, model, tokenizer, ckpt: str, log) -
         from .quantization.onnx import export_onnx, load_onnx
 
         info = export_onnx(model, ckpt, tokenizer, plan.task.name, quantize=ma.quantize,
-                           quantize_embeddings=qa.quantize_embeddings)
+                           quantize_embeddings=qa.quantize_embeddings, args=qa)
         log(f"Exported an ONNX Runtime graph ({info['precision']}); max |logit diff| to the trained model "
             f"{info['max_abs_logit_diff']:.2e}.")
         return load_onnx(ckpt, source=model.eval()), info  # evaluated through onnxruntime, as users run it
@@ -946,7 +947,8 @@ def _check_loaders(plan, trained, tokenizer, ckpt, log) -> dict:
         log("Loaders not checked: the held-out split has no plain text column to feed them.")
         return {}
     reference = trained
-    if plan.model_args.quantize and plan.model_args.format != "onnx":  # ORT's run-time int8 has no replay
+    # ORT's run-time int8 has no replay; the int4 graph (`--bits 4`) computes the fake-quantized model exactly.
+    if plan.model_args.quantize and (plan.model_args.format != "onnx" or plan.quantization_args.bits == 4):
         from .quantization.export import fake_quantized_copy
 
         reference = fake_quantized_copy(trained, plan.quantization_args)

@@ -124,7 +124,8 @@ def test_card_snippet_runs_verbatim_without_hf_compress(case, tmp_path):
 
 
 REFUSALS = {  # (model_type, task, quantize, bits, qat, train) -> message
-    "4-bit": (("bert", "sequence-classification", True, 4, False, True), r"dynamic int8 only, got `--bits 4`; pass `--bits 8`, or `--format compressed-tensors`"),
+    # `--bits 4` is the int4 graph (tests/test_onnx_int4.py): refused without compressed-tensors' grid and a group size.
+    "4-bit": (("bert", "sequence-classification", True, 4, False, True), r"`--format onnx --bits 4` writes compressed-tensors' int4 grid.*pass `--backend compressed-tensors --group_size 32`"),
     "qat": (("llama", "causal-lm", True, 8, True, True), r"which QAT does not replay.*pass `--no_qat`, or `--format compressed-tensors`"),
     "cohere": (("cohere", "causal-lm", True, 8, False, True), r"not 'cohere'; use `--format compressed-tensors` \(or `dense`\)"),
     "moe": (("qwen3_moe", "causal-lm", False, 8, False, True), r"not 'qwen3_moe'"),
@@ -160,7 +161,8 @@ def tiny(tmp_path_factory):
 
 @pytest.mark.parametrize("extra,message", [
     ([], "pass `--no_qat`"),
-    (["--no_qat", "--bits", "4"], "got `--bits 4`"),
+    (["--no_qat", "--bits", "4"], "got `--backend bitsandbytes`; pass `--backend compressed-tensors --group_size 32`"),
+    (["--bits", "4", "--backend", "compressed-tensors"], "needs `--group_size` 32, 64 or 128"),
 ])
 def test_cli_refuses_before_training(tiny, tmp_path, capsys, extra, message):
     out = tmp_path / "out"

@@ -5,7 +5,9 @@ quantizing, converted by `onnxruntime.quantization.quantize_dynamic` (int8 weigh
 per tensor at run time by `DynamicQuantizeLinear`, matrix products in `MatMulInteger`). It is our own small exporter:
 optimum-onnx does not install with our transformers pin. Covered: the encoder tasks (`logits`, or `start_logits` /
 `end_logits` for extractive QA) and causal LMs as a graph without KV cache (`logits` for every position; generation
-re-runs the whole prefix). Nothing here imports onnx or onnxruntime at import time.
+re-runs the whole prefix). With `--bits 4` the fp32 graph is rewritten to weight-only int4 on our compressed-tensors
+grid (`MatMulNBits`, [`onnx_int4`]), which QAT replays exactly. Nothing here imports onnx or onnxruntime at import
+time.
 """
 
 from __future__ import annotations
@@ -34,20 +36,28 @@ INT8_OPS = ("MatMulInteger", "DynamicQuantizeLinear", "DequantizeLinear", "Quant
 FLOAT_MATMUL_OPS = ("MatMul", "Gemm", "FusedMatMul")
 
 
-def onnx_refusal(model_type: str | None, task: str, quantize: bool, bits: int, qat: bool, train: bool) -> str | None:
+def onnx_refusal(model_type: str | None, task: str, quantize: bool, bits: int, qat: bool, train: bool,
+                 group_size: int | None = None, backend: str | None = None, config=None) -> str | None:
     """
     Why `--format onnx` cannot make this model exactly, in one line (`None` when it can): a pure function of the
-    config values, so [`prepare`] refuses before any data is read or any step is trained.
+    config values, so [`prepare`] refuses before any data is read or any step is trained. `bits=4` is the int4 graph
+    of [`onnx_int4`]: `group_size`, `backend` and the model `config`'s widths decide whether it can be written.
     """
     if task not in OUTPUTS:
         return f"`--format onnx` exports {', '.join(OUTPUTS)}, not {task!r}; use `--format compressed-tensors`."
     if model_type not in ONNX_MODEL_TYPES:
         return (f"`--format onnx` is checked for model types {', '.join(ONNX_MODEL_TYPES)}, not {model_type!r}; use "
                 "`--format compressed-tensors` (or `dense`) for this model.")
-    if quantize and bits != 8:
-        return (f"`--format onnx` quantizes with ONNX Runtime's dynamic int8 only, got `--bits {bits}`; pass `--bits 8`, "
-                "or `--format compressed-tensors` for 4-bit weights.")
-    if quantize and qat and train:
+    if quantize and bits == 4:  # exact int4 weights: QAT replays them, so it is allowed
+        from .onnx_int4 import int4_refusal
+
+        reason = int4_refusal(model_type, group_size, backend, config)
+        if reason is not None:
+            return reason
+    elif quantize and bits != 8:
+        return (f"`--format onnx` quantizes with ONNX Runtime's dynamic int8 or to our int4 grid, got `--bits {bits}`; "
+                "pass `--bits 8` or `--bits 4`.")
+    if quantize and bits == 8 and qat and train:
         return ("`--format onnx` int8 rounds activations per tensor at run time (`DynamicQuantizeLinear`), which QAT does "
                 "not replay, so QAT would train for other numerics; pass `--no_qat`, or `--format compressed-tensors` to "
                 "train with QAT.")
@@ -104,25 +114,38 @@ def op_counts(path: str) -> dict:
     ops = collections.Counter(n.op_type for n in graph.node)
     int8 = {op: c for op, c in sorted(ops.items()) if op in INT8_OPS or op.startswith("QLinear")}
     floats = {op: c for op, c in sorted(ops.items()) if op in FLOAT_MATMUL_OPS}
-    int8_weights = sum(1 for t in graph.initializer if t.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8) and len(t.dims) >= 2)
-    return {"int8_ops": int8, "float_matmul_ops": floats, "int8_weight_tensors": int8_weights}
+    int4 = {op: c for op, c in sorted(ops.items()) if op in ("MatMulNBits", "GatherBlockQuantized")}
+    packed = {i for n in graph.node if n.op_type in int4 for i in n.input}  # uint8-packed int4, not int8
+    int8_weights = sum(1 for t in graph.initializer if t.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
+                       and len(t.dims) >= 2 and t.name not in packed)
+    counts = {"int8_ops": int8, "float_matmul_ops": floats, "int8_weight_tensors": int8_weights}
+    return {**counts, "int4_ops": int4} if int4 else counts
 
 
-def export_onnx(model, folder: str, tokenizer, task: str, quantize: bool, quantize_embeddings: bool = False) -> dict:
+def export_onnx(model, folder: str, tokenizer, task: str, quantize: bool, quantize_embeddings: bool = False,
+                args=None) -> dict:
     """
     Write `model` as `folder/model.onnx` (the dynamic-int8 graph when `quantize`, else fp32) with its `config.json`
     and tokenizer, and check it against `model` on a probe batch of another shape than the traced one. int8 covers
     the `MatMul` weights, and the embedding tables (`Gather`) only with `quantize_embeddings`, as the other formats.
+    With `quantize` and `args.bits == 4` (`args`: the [`QuantizationArguments`], compressed-tensors, a group size)
+    it is the weight-only int4 graph of [`onnx_int4`], checked against the fake-quantized model instead.
 
     Returns:
         `dict`: `format`, `precision`, the inputs and outputs, `max_abs_logit_diff_fp32` (fp32 graph vs model,
         must be <= `FP32_ATOL`), `max_abs_logit_diff` (the written graph vs model) and the graph's `op_counts`.
 
     Raises:
-        `RuntimeError`: the fp32 graph differs from the model by more than `FP32_ATOL` (nothing is written).
+        `RuntimeError`: the fp32 graph differs from the model by more than `FP32_ATOL` (nothing is written); int4: the
+        graph differs from the fake-quantized model by more than `onnx_int4.RELATIVE_ATOL` of its logit scale.
     """
     import onnxruntime as ort
 
+    int4 = bool(quantize and args is not None and args.bits == 4)
+    if int4:  # traced without fake quantizers; the graph must then compute QAT's fake-quantized forward
+        from . import onnx_int4
+
+        model, int4_model = onnx_int4.plain_and_reference(model, args)
     model = model.eval()
     inputs, outputs = graph_inputs(model, tokenizer), list(OUTPUTS[task])
     wrapper = _Graph(model, inputs, outputs, causal=task == "causal-lm").eval()
@@ -141,33 +164,41 @@ def export_onnx(model, folder: str, tokenizer, task: str, quantize: bool, quanti
         probe = _probe(vocab, inputs, batch=3, length=11, seed=1)
         with torch.no_grad():
             reference = _stack(wrapper(*(probe[n] for n in inputs))).float()
+            if int4:
+                int4_reference = _stack(_Graph(int4_model, inputs, outputs, wrapper.causal)(*(probe[n] for n in inputs)))
 
-        def diff(path):
+        def diff(path, ref=reference):
             sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
             got = sess.run(outputs, {n: probe[n].numpy() for n in inputs})
-            return float((_stack([torch.from_numpy(g) for g in got]) - reference).abs().max())
+            return float((_stack([torch.from_numpy(g) for g in got]) - ref).abs().max())
 
         diff_fp32 = diff(fp32)
         if not diff_fp32 <= FP32_ATOL:
             raise RuntimeError(f"The ONNX graph of `{type(model).__name__}` differs from the model by {diff_fp32:.2e} "
                                f"(> {FP32_ATOL}); nothing was written. Use `--format compressed-tensors` for this model.")
-        written = fp32
-        if quantize:
+        written, extra = fp32, {}
+        if int4:
+            written = os.path.join(tmp, "int4.onnx")
+            extra = onnx_int4.write_int4(fp32, written, model, args)
+            extra["max_abs_logit_diff_fake_quantized"] = onnx_int4.check_exact(diff(written, int4_reference), int4_reference)
+        elif quantize:
             from onnxruntime.quantization import QuantType, quantize_dynamic
 
             written = os.path.join(tmp, "int8.onnx")
             ops = ["MatMul", "Gather"] if quantize_embeddings else ["MatMul"]
             quantize_dynamic(fp32, written, weight_type=QuantType.QInt8, op_types_to_quantize=ops)
+        precision = "dynamic int8 (weights per tensor, activations per tensor at run time)" if quantize else "fp32"
         info = {"format": "onnx", "task": task, "runtime": f"onnxruntime {ort.__version__}", "opset": OPSET,
-                "precision": "dynamic int8 (weights per tensor, activations per tensor at run time)" if quantize else "fp32",
+                "precision": extra.pop("precision", precision),
                 "quantized_embeddings": bool(quantize and quantize_embeddings),
                 "inputs": inputs, "outputs": outputs, "kv_cache": False, "fp32_atol": FP32_ATOL,
-                "max_abs_logit_diff_fp32": diff_fp32, "max_abs_logit_diff": diff(written), "op_counts": op_counts(written)}
+                "max_abs_logit_diff_fp32": diff_fp32, "max_abs_logit_diff": diff(written), "op_counts": op_counts(written),
+                **extra}
         model.config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         os.replace(written, os.path.join(folder, ONNX_FILE))
         for name in os.listdir(tmp):
-            if name not in ("fp32.onnx", "int8.onnx"):
+            if name not in ("fp32.onnx", "int8.onnx", "int4.onnx"):
                 os.replace(os.path.join(tmp, name), os.path.join(folder, name))
     return info
 
@@ -237,7 +268,9 @@ def describe_export(report: dict | None) -> str:
     counts = info.get("op_counts") or {}
     int8 = ", ".join(f"{c} `{op}`" for op, c in (counts.get("int8_ops") or {}).items()) or "none"
     floats = ", ".join(f"{c} `{op}`" for op, c in (counts.get("float_matmul_ops") or {}).items()) or "none"
-    text += f" Precision: {info.get('precision')}. int8 nodes: {int8}; float matrix products left: {floats}"
+    int4 = ", ".join(f"{c} `{op}`" for op, c in (counts.get("int4_ops") or {}).items())
+    text += f" Precision: {info.get('precision')}. " + (f"int4 nodes: {int4}" if int4 else f"int8 nodes: {int8}")
+    text += f"; float matrix products left: {floats}"
     text += " (the attention products of two activations)." if info.get("precision", "").startswith("dynamic") else "."
     text += (f" Max |logit diff| to the trained model on a probe batch: {info.get('max_abs_logit_diff', float('nan')):.2e}"
              f" (fp32 graph: {info.get('max_abs_logit_diff_fp32', float('nan')):.2e}, tolerance {info.get('fp32_atol')}).")
