@@ -54,7 +54,7 @@ def _accuracy(model, tok, test_set) -> float:
 def _bnb_information_limit(model, info, fields) -> int:
     """bits x weights + the float32 scales bitsandbytes stores: one per row (LLM.int8) or per 64-value block (4-bit;
     along rows for every real width, so a group of 64)."""
-    from hf_compress.quantization.compressed_tensors import information_limit_bytes
+    from hf_compress.quantization.backends.compressed_tensors import information_limit_bytes
 
     layout = (8, None) if fields["bits"] == 8 else (4, 64)
     return information_limit_bytes(model, {n: layout for n in info["quantized_linear_modules"] + info["quantized_embeddings"]})

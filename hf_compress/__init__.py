@@ -25,8 +25,8 @@ _LAZY = {
     "PruningArguments": "hf_compress.pruning.config",
     "quantize_and_save": "hf_compress.quantization.export",
     "load_quantized": "hf_compress.quantization.export",
-    "save_compressed": "hf_compress.pruning.compressed",
-    "load_compressed": "hf_compress.pruning.compressed",
+    "save_compressed": "hf_compress.formats.bitmask",
+    "load_compressed": "hf_compress.formats.bitmask",
     "push_to_hub": "hf_compress.hub",
     "compress": "hf_compress.compression",
 }
@@ -52,7 +52,7 @@ _REGISTRY = "transformers.quantizers.auto"
 
 
 def _register_bitmask() -> None:
-    importlib.import_module("hf_compress.pruning.hf_quantizer")  # registers on import
+    importlib.import_module("hf_compress.formats.bitmask_quantizer")  # registers on import
 
 
 class _RegisterWhenImported(importlib.abc.MetaPathFinder):

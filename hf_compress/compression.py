@@ -829,55 +829,14 @@ def export_checkpoint(plan: CompressionPlan, model, tokenizer, ckpt: str, log) -
     The export stage: write the trained `model` (and tokenizer) into `ckpt` and return the model as a user reloads
     it, with what the stage did. Every on-disk format goes through here.
     """
-    from tqdm.auto import tqdm
+    from .formats import get_format
 
-    ma, qa = plan.model_args, plan.quantization_args
-    if ma.format == "onnx":
-        from .quantization.onnx import export_onnx, load_onnx
-
-        info = export_onnx(model, ckpt, tokenizer, plan.task.name, quantize=ma.quantize,
-                           quantize_embeddings=qa.quantize_embeddings, args=qa)
-        log(f"Exported an ONNX Runtime graph ({info['precision']}); max |logit diff| to the trained model "
-            f"{info['max_abs_logit_diff']:.2e}.")
-        return load_onnx(ckpt, source=model.eval()), info  # evaluated through onnxruntime, as users run it
-    if ma.quantize:
-        from .quantization import load_quantized, quantize_and_save
-
-        with tqdm(total=2, desc=f"Exporting {qa.bits}-bit", leave=False) as bar:
-            info = quantize_and_save(model, ckpt, qa, tokenizer=tokenizer)
-            bar.update()
-            # Evaluate what was written, reloaded the way a user loads it (low-bit embeddings need `load_quantized`).
-            # compressed-tensors decompressed on load: the same weights and logits as its compressed forward (the
-            # loaders check compares both with the trained model), and the report then counts the model's weights
-            # and zeros, not packed int32 words, scales and shapes.
-            import warnings
-
-            kwargs = {}
-            if qa.backend == "compressed-tensors":
-                from transformers import CompressedTensorsConfig
-
-                kwargs["quantization_config"] = CompressedTensorsConfig(dequantize=True)
-            with warnings.catch_warnings():  # "loading attributes (['dequantize', ...]) will be overwritten": asked for
-                warnings.filterwarnings("ignore", message="You passed `quantization_config`")
-                result = load_quantized(ckpt, **kwargs)
-            bar.update()
-        log(f"Exported {qa.bits}-bit weights ({qa.backend}).")
-        return result.eval(), info
-    if ma.format == "bitmask":
-        from .pruning import load_compressed, save_compressed
-
-        with tqdm(total=2, desc="Exporting bitmask", leave=False) as bar:
-            info = save_compressed(model, ckpt, tokenizer=tokenizer)
-            bar.update()
-            result = load_compressed(ckpt)
-            bar.update()
-        log("Saved in the bitmask format (from_pretrained reads it once hf_compress is imported).")
-        return result.eval(), {"format": "bitmask", **{k: v for k, v in info.items() if isinstance(v, (int, float, str))}}
-    with tqdm(total=1, desc="Exporting", leave=False) as bar:
-        model.save_pretrained(ckpt)
-        tokenizer.save_pretrained(ckpt)
-        bar.update()
-    return model.eval(), {"format": "safetensors"}
+    ma = plan.model_args
+    args = plan.quantization_args if ma.quantize else None  # `--format onnx --no_quantize` writes an fp32 graph
+    result, info, message = get_format(ma.format).export(model, tokenizer, ckpt, args, task=plan.task.name)
+    if message:
+        log(message)
+    return result, info
 
 
 def _fmt_metrics(metrics: dict) -> str:

@@ -84,7 +84,7 @@ def main(argv=None) -> int:
     from hf_compress.fsdp import full_tensor, save_full_state_dict
     from hf_compress.pruning import sparsity_stats
     from hf_compress.quantization import QuantizationArguments
-    from hf_compress.quantization.export import quantization_targets
+    from hf_compress.quantization.targets import quantization_targets
     from hf_compress.quantization.qat import attach_fake_quant
 
     torch.use_deterministic_algorithms(True)

@@ -26,7 +26,7 @@ from hf_compress.quantization import (
     quantize_and_save,
     quantize_model,
 )
-from hf_compress.quantization.compressed_tensors import fake_quantize_int, symmetric_scales
+from hf_compress.quantization.numerics import fake_quantize_int, symmetric_scales
 
 from conftest import tiny_bert_config
 

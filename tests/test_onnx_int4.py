@@ -26,7 +26,7 @@ from family_configs import build  # noqa: E402
 from task_helpers import tiny_tokenizer  # noqa: E402
 
 from hf_compress.quantization import QuantizationArguments, attach_fake_quant, quantization_targets  # noqa: E402
-from hf_compress.quantization.compressed_tensors import fake_quantize_int  # noqa: E402
+from hf_compress.quantization.numerics import fake_quantize_int  # noqa: E402
 from hf_compress.quantization.onnx import export_onnx, onnx_refusal, op_counts  # noqa: E402
 from hf_compress.quantization.onnx_int4 import (  # noqa: E402
     RELATIVE_ATOL,
@@ -229,11 +229,11 @@ def test_int4_graph_equals_the_compressed_tensors_reload(tmp_path):
     from onnx import numpy_helper
     from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
-    from hf_compress.quantization.compressed_tensors import save
+    from hf_compress.quantization import quantize_and_save
 
     model = build("llama", "causal-lm")
     args = _args(32)
-    save(model, tmp_path / "ct", args)
+    quantize_and_save(model, str(tmp_path / "ct"), args)
     # Decompressed on load (as the pipeline's own check reloads it): plain `nn.Linear` weights.
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ct",
                                                     quantization_config=CompressedTensorsConfig(dequantize=True)).eval()

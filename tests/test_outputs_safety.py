@@ -317,7 +317,7 @@ def test_load_compressed_ignores_a_v1_file_left_beside_a_v2_save(tmp_path, caplo
     beside a v2 save of model B. config.json (written with B) names the v2 file, which `from_pretrained` reads too:
     `load_compressed` returns B, and warns about the v1 file."""
     from hf_compress.pruning import load_compressed, save_compressed
-    from hf_compress.pruning.compressed import SAFE_WEIGHTS_NAME, WEIGHTS_NAME
+    from hf_compress.formats.bitmask import SAFE_WEIGHTS_NAME, WEIGHTS_NAME
 
     a, b = _model(0), _model(1)
     save_compressed(a, tmp_path / "a")

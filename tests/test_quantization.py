@@ -29,7 +29,7 @@ from hf_compress.quantization import (
     remove_fake_quant,
     straight_through,
 )
-from hf_compress.quantization import functional as Q
+from hf_compress.quantization import numerics as Q
 
 transformers.utils.logging.disable_progress_bar()
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # the float16 cast of LLM.int8 inputs

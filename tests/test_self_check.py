@@ -18,7 +18,7 @@ from test_cli import FAST, make_csv, make_tiny_model
 
 from hf_compress.cli.main import main
 from hf_compress.pruning import attach_masks, magnitude_masks, remove_masks, resolve_targets
-from hf_compress.pruning.compressed import load_compressed, save_compressed
+from hf_compress.formats.bitmask import load_compressed, save_compressed
 from hf_compress.pruning.self_check import (
     SelfCheckError,
     check_batch,
@@ -276,16 +276,16 @@ def test_cli_wrong_permanent_step_is_one_line_and_writes_nothing(setup, mode, mo
 
 
 def test_cli_wrong_bitmask_reload_is_one_line_and_writes_nothing(setup, monkeypatch, capsys):
-    import hf_compress.pruning as pruning
+    import hf_compress.formats.bitmask as bitmask  # the bitmask format's loader, which the export stage reloads with
 
-    real = pruning.load_compressed
+    real = bitmask.load_compressed
 
     def lossy_load(folder, *args, **kwargs):
         model = real(folder, *args, **kwargs)
         _zero_extra_row(model)
         return model
 
-    monkeypatch.setattr(pruning, "load_compressed", lossy_load)
+    monkeypatch.setattr(bitmask, "load_compressed", lossy_load)
     model, data, tmp = setup
     out = tmp / "out"
     capsys.readouterr()

@@ -19,7 +19,7 @@ from hf_compress.architectures import compressed_tensors_refusal, weight_layout,
 from hf_compress.callbacks import GradualPruningCallback
 from hf_compress.pruning import default_targets, load_compressed, magnitude_masks, save_compressed, sparsity_stats
 from hf_compress.quantization import QuantizationArguments, attach_fake_quant, quantization_targets, quantize_and_save
-from hf_compress.quantization.compressed_tensors import fake_quantize_int
+from hf_compress.quantization.numerics import fake_quantize_int
 
 FAMILY_LIST = list(FAMILIES)
 # The block projections of each family, by module path below the block index (what `default_targets` must find).

@@ -27,8 +27,8 @@ class QuantizationCallback(TrainerCallback):
     def __init__(self, quantization_args: QuantizationArguments, output_dir: str, eval_fn: Callable | None = None):
         if not isinstance(quantization_args, QuantizationArguments):
             raise TypeError(f"quantization_args must be a `QuantizationArguments`, got {type(quantization_args).__name__}.")
-        from ..quantization.compressed_tensors import require_compressed_tensors
-        from ..quantization.export import require_bitsandbytes
+        from ..quantization.backends.bitsandbytes import require_bitsandbytes
+        from ..quantization.backends.compressed_tensors import require_compressed_tensors
 
         # Fail at construction, not after hours of training.
         if quantization_args.backend == "compressed-tensors":
@@ -88,8 +88,8 @@ class QATCallback(TrainerCallback):
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         if model is None or self.num_fake_quantized or state.global_step < self.start_step:
             return
-        from ..quantization.export import quantization_targets
         from ..quantization.qat import attach_fake_quant
+        from ..quantization.targets import quantization_targets
 
         linears, embeddings = quantization_targets(model, self.quantization_args)
         self.num_fake_quantized = attach_fake_quant(model, self.quantization_args, linears, embeddings)

@@ -228,32 +228,12 @@ def _sha256(path: str) -> str:
 
 
 def load_checkpoint(folder: str):
-    """Load a checkpoint (any task: the class comes from `config.architectures`) saved densely (`from_pretrained`), with
-    `save_compressed`, or by `quantize_and_save` (`load_quantized`: low-bit embeddings, and the float32 path the
-    report was measured on)."""
-    from hf_compress.pruning.compressed import is_bitmask_checkpoint
+    """Load a checkpoint in any format (any task: the class comes from `config.architectures`) as hf_compress loads
+    it: the format's own loader ([`hf_compress.formats.detect_format`]), e.g. `load_compressed` for bitmask and
+    `load_quantized` for bitsandbytes (low-bit embeddings, and the float32 path the report was measured on)."""
+    from hf_compress.formats import detect_format
 
-    from hf_compress.quantization.onnx import is_onnx_checkpoint
-
-    if is_onnx_checkpoint(folder):  # `--format onnx`: the graph behind the transformers call convention
-        from hf_compress.quantization.onnx import load_onnx
-
-        return load_onnx(folder)
-    if is_bitmask_checkpoint(folder):
-        from hf_compress.pruning import load_compressed
-
-        return load_compressed(folder)
-    with open(os.path.join(folder, "config.json")) as f:
-        if "quantization_config" in json.load(f):
-            from hf_compress.quantization import load_quantized
-
-            return load_quantized(folder)
-    import transformers
-
-    from hf_compress.model_cards.loading import _config, auto_class_name
-
-    auto = auto_class_name((_config(folder).get("architectures") or [None])[0])
-    return getattr(transformers, auto).from_pretrained(folder).eval()
+    return detect_format(folder).load(folder)
 
 
 def verify_pushed(folder: str, repo_id: str, revision: str, endpoint: str | None = None, token: str | None = None,

@@ -56,14 +56,6 @@ def _pattern(module: str) -> str:
     return re.sub(r"\.\d+(?=\.|$)", ".*", module)
 
 
-def _config(folder: str) -> dict:
-    try:
-        with open(os.path.join(folder, "config.json")) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return {}
-
-
 def _ct_bits(qconfig: dict) -> tuple[dict[str, int], int | None]:
     """`({module name: bits}, bits of a single group)` from a compressed-tensors `quantization_config`."""
     by_name, single = {}, None
@@ -88,9 +80,10 @@ def describe_stored(folder: str) -> dict:
         each stored tensor once) and `auxiliary` (`{"tensors", "bytes"}` of scales, zero points, shapes, bitmasks
         and quantization states: not parameters).
     """
-    from ..quantization.export import EMBEDDINGS_CONFIG_KEY, EMBEDDINGS_FILE
+    from ..formats.base import read_config
+    from ..quantization.backends.bitsandbytes import EMBEDDINGS_CONFIG_KEY, EMBEDDINGS_FILE
 
-    config = _config(folder)
+    config = read_config(folder)
     qconfig = config.get("quantization_config") or {}
     ct_bits = _ct_bits(qconfig) if qconfig.get("quant_method") == "compressed-tensors" else ({}, None)
     low_bit = config.get(EMBEDDINGS_CONFIG_KEY) or {}

@@ -10,175 +10,52 @@ from __future__ import annotations
 import json
 import os
 
-FORMATS = ("dense", "bitmask", "bitsandbytes", "compressed-tensors", "onnx")
-_AUTO = (("ForSequenceClassification", "AutoModelForSequenceClassification"), ("ForCausalLM", "AutoModelForCausalLM"),
-         ("ForTokenClassification", "AutoModelForTokenClassification"), ("ForQuestionAnswering", "AutoModelForQuestionAnswering"))
-_TASKS = {"AutoModelForSequenceClassification": "text-classification", "AutoModelForCausalLM": "text-generation",
-          "AutoModelForTokenClassification": "token-classification", "AutoModelForQuestionAnswering": "question-answering"}
-
-
-def _config(folder) -> dict:
-    try:
-        with open(os.path.join(folder, "config.json")) as f:
-            return json.load(f)
-    except (OSError, ValueError, TypeError):
-        return {}
+from ..formats.base import PIPELINE_TASKS as _TASKS
+from ..formats.base import VLLM_SOURCE, auto_class_name, read_config  # noqa: F401  (re-exported: the card cites them)
 
 
 def checkpoint_format(folder=None, report: dict | None = None) -> dict:
-    """`{"format", "low_bit_embeddings"}` of a checkpoint folder (or, without one, of a compression report)."""
-    from ..pruning.compressed import is_bitmask_checkpoint
-    from ..quantization.export import EMBEDDINGS_CONFIG_KEY
+    """`{"format", "low_bit_embeddings"}` of a checkpoint folder (or, without one, of a compression report), as the
+    format table recognises it ([`hf_compress.formats.detect_format`])."""
+    from ..formats import detect_format, get_format
 
-    config = _config(folder) if folder else {}
+    config = read_config(folder) if folder else {}
     if not config and report is not None:
         config = {"quantization_config": (report.get("quantization") or {}).get("quantization_config")}
-    qc = config.get("quantization_config") or {}
-    from ..quantization.onnx import is_onnx_checkpoint
-
-    if is_onnx_checkpoint(folder) or (not folder and (report or {}).get("format") == "onnx"):
-        return {"format": "onnx", "low_bit_embeddings": False}
-    if (folder and is_bitmask_checkpoint(folder)) or qc.get("quant_method") == "hf_compress_bitmask":
-        fmt = "bitmask"
-    elif qc.get("quant_method") == "compressed-tensors":
-        fmt = "compressed-tensors"
-    elif qc.get("load_in_8bit") or qc.get("load_in_4bit") or qc.get("quant_method") == "bitsandbytes":
-        fmt = "bitsandbytes"
+    if not folder and (report or {}).get("format") == "onnx":  # a graph has no config.json entry to recognise it by
+        fmt = get_format("onnx")
     else:
-        fmt = "dense"
-    weight_files = ((report or {}).get("size") or {}).get("compressed_weight_files") or []
-    low_bit = bool(config.get(EMBEDDINGS_CONFIG_KEY)) or any(f.endswith("quantized_embeddings.safetensors") for f in weight_files)
-    return {"format": fmt, "low_bit_embeddings": low_bit}
-
-
-def auto_class_name(architecture: str | None) -> str:
-    for suffix, auto in _AUTO:
-        if architecture and architecture.endswith(suffix):
-            return auto
-    return "AutoModel"
+        fmt = detect_format(folder, config)
+    return {"format": fmt.name, "low_bit_embeddings": fmt.low_bit_embeddings(config, report)}
 
 
 def usage_snippet(report: dict, ref: str, weight_files=(), folder=None) -> str:
     """The card's loading code for the checkpoint at `ref` (a Hub id or a folder)."""
+    from ..formats import get_format
+
     info = checkpoint_format(folder, report)
     note = "# " + format_note(report, folder) + "\n"
-    if info["format"] == "onnx":
-        from ..quantization.onnx import usage_snippet as onnx_snippet
-
-        return note + onnx_snippet(ref, report)
-    auto = auto_class_name(report.get("architecture"))
-    task = _TASKS.get(auto)
-    tail = f'\nclassifier = pipeline("{task}", model=model, tokenizer=tokenizer)' if task else ""
-    if info["format"] == "bitsandbytes" and info["low_bit_embeddings"]:
-        # Plain from_pretrained stops on the embedding sentinel (loudly); load_quantized restores the 8/4-bit tables.
-        return note + (f"from hf_compress.quantization import load_quantized\nfrom transformers import AutoTokenizer, pipeline\n\n"
-                f"model = load_quantized({ref!r})  # restores the 8/4-bit embeddings\n"
-                f"tokenizer = AutoTokenizer.from_pretrained({ref!r}){tail}")
-    head = ""
-    if info["format"] == "bitmask":
-        head = "import hf_compress  # registers the bitmask format with transformers' from_pretrained\n"
-    elif info["format"] == "compressed-tensors":
-        head = "# needs `pip install compressed-tensors` (not hf_compress)\n"
-    return note + (f"{head}from transformers import {auto}, AutoTokenizer, pipeline\n\n"
-            f"model = {auto}.from_pretrained({ref!r})\n"
-            f"tokenizer = AutoTokenizer.from_pretrained({ref!r}){tail}")
+    return note + get_format(info["format"]).usage_snippet(ref, report, info["low_bit_embeddings"])
 
 
 def format_note(report: dict, folder=None) -> str:
     """One sentence for the card: the format and who can load it."""
+    from ..formats import get_format
+
     info = checkpoint_format(folder, report)
-    if info["format"] == "onnx":
-        from ..quantization.onnx import describe_export
-
-        return describe_export(report)
-    return {
-        "dense": "Dense safetensors: loads anywhere transformers runs.",
-        "bitmask": ("Bitmask format (nonzero values + a bitmask, smaller on disk): `from_pretrained` and `pipeline()` read it "
-                    "after `import hf_compress`; without hf_compress they stop with a size-mismatch error. "
-                    "For sharing where size is not the point, the dense save (`save_pretrained`) loads everywhere."),
-        "compressed-tensors": ("compressed-tensors `pack-quantized` int weights: plain `from_pretrained`, `pipeline()` and "
-                               "vLLM load it with `compressed-tensors` installed; hf_compress is not needed."),
-        "bitsandbytes": ("bitsandbytes weights: `from_pretrained` loads them with bitsandbytes installed"
-                         + ("; the low-bit embedding tables need `hf_compress.quantization.load_quantized` (plain "
-                            "`from_pretrained` stops with a size-mismatch error)." if info["low_bit_embeddings"] else ".")),
-    }[info["format"]]
-
-
-# vLLM's code as read for the serving claims (not run: no vLLM is installed here). Its Llama builds the input
-# embedding as `VocabParallelEmbedding(vocab_size, hidden_size, org_num_embeddings=...)`, with no quant config and no
-# prefix, and a tied head as `self.lm_head.weight = self.model.embed_tokens.weight` (vllm/model_executor/models/llama.py
-# at commit 0035bdf2b1ac243ef6f31eef27411b022461df8e), so a checkpoint whose `embed_tokens` is stored as
-# `weight_packed` / `weight_scale` has no parameter to load into. Its compressed-tensors WNA16 scheme runs int4 / int8
-# weights (`WNA16_SUPPORTED_BITS = [4, 8]`, schemes/compressed_tensors_wNa16.py) on the Marlin kernels:
-# `MARLIN_SUPPORTED_GROUP_SIZES = [-1, 32, 64, 128]` (-1: one scale per row) and, per tensor-parallel shard,
-# out_features % 64 == 0 and in_features % 128 == 0 (`GPTQ_MARLIN_MIN_THREAD_N`, `GPTQ_MARLIN_MIN_THREAD_K`,
-# vllm/model_executor/layers/quantization/utils/marlin_utils.py at commit 007d50058a06dec0f82472d63c819244d460c40d).
-VLLM_SOURCE = ("vLLM source read (not run): models/llama.py @ 0035bdf2, quantization/compressed_tensors/schemes/"
-               "compressed_tensors_wNa16.py, quantization/utils/marlin_utils.py @ 007d5005")
-VLLM_ARCHITECTURES_READ = ("LlamaForCausalLM",)
-MARLIN_MIN_OUT, MARLIN_MIN_IN = 64, 128
-
-
-_EMBEDDING_NAMES = ("embed_tokens", "word_embeddings", "wte", "wpe", "position_embeddings", "token_type_embeddings",
-                    "embed_positions")
-
-
-def _export_info(folder: str) -> dict:
-    from ..quantization.export import REPORT_FILE
-
-    try:
-        with open(os.path.join(folder, REPORT_FILE)) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return {}
+    return get_format(info["format"]).card_note(report, folder, info["low_bit_embeddings"])
 
 
 def vllm_support(folder: str) -> dict:
     """
     Whether vLLM serves the checkpoint in `folder`, from what was read in vLLM's code ([`VLLM_SOURCE`]):
     `{"serves": True | False | None, "why": str, "source": str}`; `None` is "not established" (not read or not run),
-    never assumed either way.
+    never assumed either way. The format answers ([`CheckpointFormat.vllm_support`]).
     """
-    from ..quantization.config import VLLM_GROUP_SIZES
-    from .files import describe_stored
+    from ..formats import detect_format
 
-    fmt = checkpoint_format(folder)
-    config = _config(folder)
-    arch = (config.get("architectures") or [None])[0]
-    out = {"source": VLLM_SOURCE}
-    if fmt["format"] == "bitmask":
-        return {**out, "serves": False, "why": "`hf_compress_bitmask` is hf_compress' own format; vLLM has no loader for it."}
-    if fmt["format"] == "bitsandbytes" and fmt["low_bit_embeddings"]:
-        return {**out, "serves": False, "why": "the low-bit embedding tables sit in `quantized_embeddings.safetensors`, "
-                                              "hf_compress' own file, behind empty sentinels in `model.safetensors`."}
-    if fmt["format"] != "compressed-tensors":
-        return {**out, "serves": None, "why": f"not checked: vLLM's loader for {fmt['format']} checkpoints was not read or run here."}
-    qc = config.get("quantization_config") or {}
-    stored = describe_stored(folder)
-    packed = {n: m for n, m in stored["modules"].items() if "shape" in m}
-    embeddings = set(_export_info(folder).get("quantized_embeddings") or ())
-    embeddings |= {n for n in packed if n.rsplit(".", 1)[-1] in _EMBEDDING_NAMES}
-    if embeddings & set(packed):
-        name = sorted(embeddings & set(packed))[0]
-        return {**out, "serves": False, "why": f"the input embedding is stored quantized (`{name}.weight_packed`): vLLM's "
-                "Llama builds its embedding without a quantization config, so those weights have nowhere to load, and a "
-                "tied `lm_head` reads the embedding's `weight`. Export without `--quantize_embeddings` for vLLM."}
-    for group in (qc.get("config_groups") or {}).values():
-        w = group.get("weights") or {}
-        if w.get("num_bits") not in (4, 8) or not w.get("symmetric", False):
-            return {**out, "serves": False, "why": f"{w.get('num_bits')}-bit {'symmetric' if w.get('symmetric') else 'asymmetric'} "
-                    "weights: vLLM's WNA16 scheme runs symmetric 4 and 8 bits."}
-        if w.get("group_size") not in VLLM_GROUP_SIZES:
-            return {**out, "serves": False, "why": f"group_size {w.get('group_size')}: vLLM's Marlin kernels run "
-                    + ", ".join("per-channel" if g is None else str(g) for g in VLLM_GROUP_SIZES) + "."}
-    bad = sorted(n for n, m in packed.items() if m["shape"][0] % MARLIN_MIN_OUT or m["shape"][1] % MARLIN_MIN_IN)
-    if bad:
-        return {**out, "serves": None, "why": f"not established: {len(bad)} quantized layers (e.g. `{bad[0]}`) miss Marlin's "
-                f"shape rule (out % {MARLIN_MIN_OUT}, in % {MARLIN_MIN_IN}); vLLM may choose another kernel, not read here."}
-    if arch not in VLLM_ARCHITECTURES_READ:
-        return {**out, "serves": None, "why": f"the format is one vLLM's WNA16 scheme runs; its `{arch}` model code was not read here."}
-    return {**out, "serves": True, "why": "Linear-only pack-quantized int weights with a group size and layer shapes vLLM's "
-            "WNA16 / Marlin path runs, embedding and `lm_head` in 16-bit (read in vLLM's code, not run here)."}
+    config = read_config(folder)
+    return detect_format(folder, config).vllm_support(folder, config)
 
 
 def serving_engines(folder: str, loaders: dict | None = None) -> dict:
@@ -288,15 +165,6 @@ def logit_tolerance(fmt: str, loader: str, logit_scale: float, bits: int | None 
     return relative * max(1.0, float(logit_scale))
 
 
-def _bits(folder: str) -> int | None:
-    from ..quantization.onnx import is_onnx_checkpoint, op_counts
-
-    if is_onnx_checkpoint(folder):
-        return 8 if op_counts(os.path.join(folder, "model.onnx"))["int8_ops"] else None
-    qc = _config(folder).get("quantization_config") or {}
-    return 4 if qc.get("load_in_4bit") else 8 if qc.get("load_in_8bit") else None
-
-
 def check_loaders(folder: str, texts: list[str], reference_logits, atol: float | None = None) -> dict:
     """
     Load `folder` with every loader and compare the logits of `texts` (tokenized by the folder's tokenizer) with
@@ -311,17 +179,20 @@ def check_loaders(folder: str, texts: list[str], reference_logits, atol: float |
 
     import torch
 
+    from ..formats import detect_format
+
     folder = os.path.abspath(folder)
-    info = checkpoint_format(folder)
-    auto = auto_class_name((_config(folder).get("architectures") or [None])[0])
+    config = read_config(folder)
+    fmt = detect_format(folder, config)
+    auto = auto_class_name((config.get("architectures") or [None])[0])
     dtype = reference_logits.dtype if isinstance(reference_logits, torch.Tensor) else torch.float32
     ref = torch.as_tensor(reference_logits, dtype=torch.float32)
     scale = float(ref.abs().max()) if ref.numel() else 1.0
-    bits = _bits(folder)
+    bits = fmt.bits(folder, config)
     out = {}
 
     def compare(logits, loader):
-        tol = atol if atol is not None else logit_tolerance(info["format"], loader, scale, bits, dtype)
+        tol = atol if atol is not None else logit_tolerance(fmt.name, loader, scale, bits, dtype)
         logits = torch.as_tensor(logits, dtype=torch.float32)
         if logits.shape != ref.shape:
             return {"ok": False, "status": "mismatch", "error": f"logits of shape {list(logits.shape)}, expected {list(ref.shape)}",
@@ -330,8 +201,8 @@ def check_loaders(folder: str, texts: list[str], reference_logits, atol: float |
         ok = diff <= tol  # NaN compares False: a failure
         return {"ok": ok, "status": "match" if ok else "mismatch", "max_abs_logit_diff": diff, "tolerance": tol}
 
-    if info["format"] == "onnx":  # no torch weights in the folder: the graph is what users run
-        return {"onnxruntime.InferenceSession (without hf_compress)": _check_onnx(folder, texts, compare)}
+    if fmt.graph_runtime:  # no torch weights in the folder (ONNX): the graph is what users run
+        return {fmt.graph_runtime: _check_onnx(folder, texts, compare)}
     code = (f"import json, torch, transformers\nfrom transformers import AutoTokenizer\n"
             f"tok = AutoTokenizer.from_pretrained({folder!r})\n"
             f"try:\n    m = transformers.{auto}.from_pretrained({folder!r}).eval()\n"
@@ -358,13 +229,11 @@ def check_loaders(folder: str, texts: list[str], reference_logits, atol: float |
             out["pipeline()"] = compare(logits, "pipeline()")
         except Exception as err:  # the expected loud errors are recorded, not raised
             out["pipeline()"] = {"ok": False, "status": "error", "error": f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"}
-    if info["format"] in ("bitmask", "bitsandbytes"):
-        from ..hub.push import load_checkpoint
-
-        name = "load_compressed" if info["format"] == "bitmask" else "load_quantized"
-        model = load_checkpoint(folder)
+    if fmt.own_loader is not None:  # hf_compress' loader of the format (`load_compressed`, `load_quantized`)
+        model = fmt.load(folder)
         with torch.no_grad():
-            out[name] = compare(main_logits(model(**tok(texts, padding=True, truncation=True, return_tensors="pt"))), name)
+            out[fmt.own_loader] = compare(main_logits(model(**tok(texts, padding=True, truncation=True, return_tensors="pt"))),
+                                          fmt.own_loader)
     return out
 
 

@@ -159,20 +159,22 @@ def quantization_summary(model: torch.nn.Module, folder: str | None = None) -> d
     """
     What was quantized, read from the written files where there are any ([`describe_stored`]: the safetensors headers
     and `config.json`'s `quantization_config`), else from the model (its `quantization_config` and bitsandbytes
-    layers). `None` when nothing is quantized.
+    layers). `None` when nothing is quantized. The format's own fields (method, data type, skipped modules, ...) come
+    from the format table ([`hf_compress.formats.quantization_format`]).
 
     `num_quantized_modules` counts the modules whose weight is stored quantized; `precision` gives, for each storage
     kind (`int8`, `int4`, `nf4 (4-bit)`, ..., or a dtype), the parameters stored that way and the modules holding
     them; scales, zero points, shapes and quantization states are not parameters (`auxiliary_tensors`).
     """
+    from ..formats import quantization_format
     from .files import describe_stored
 
     qconfig = None
     if folder and os.path.isfile(os.path.join(folder, "config.json")):
         with open(os.path.join(folder, "config.json")) as f:
             qconfig = json.load(f).get("quantization_config")
-    if (qconfig or {}).get("quant_method") == "hf_compress_bitmask":
-        qconfig = None  # a storage format for pruned weights, loaded dense: nothing is quantized
+    if qconfig is not None and not quantization_format(qconfig).quantized:
+        qconfig = None  # the bitmask format: pruned weights stored compactly and loaded dense; nothing is quantized
     if qconfig is None:
         cfg = getattr(getattr(model, "config", None), "quantization_config", None)
         if cfg is not None:
@@ -183,44 +185,31 @@ def quantization_summary(model: torch.nn.Module, folder: str | None = None) -> d
         stored = None  # no safetensors file (e.g. `.bin` only): describe the model instead
     if qconfig is None and not modules and not (stored and stored["quantized"]):
         return None
-    method = (qconfig or {}).get("quant_method", "bitsandbytes")
-    ct = method == "compressed-tensors"
+    fmt = quantization_format(qconfig)
+    kinds = None
     if stored is not None:
         kinds = sorted({m["stored_as"] for m in stored["modules"].values() if m["stored_as"] in stored["quantized"]})
         bits = sorted({4 if "4" in k else 8 for k in kinds})
         quantized = sorted(n for n, m in stored["modules"].items() if m["stored_as"] in stored["quantized"])
-        # bitsandbytes: the layer classes a user gets back; compressed-tensors: the stored scheme (transformers
-        # rebuilds plain `nn.Linear` / `nn.Embedding` layers).
-        types = sorted(set(modules.values())) if modules and not ct else [f"{k} {(qconfig or {}).get('format', 'pack-quantized')}" if ct else k for k in kinds]
         precision = _tied_labels(model, stored["precision"])
     else:
-        bits = sorted({_BNB_BITS[c] for c in modules.values()})
-        if not bits and ct:
-            bits = sorted({g["weights"]["num_bits"] for g in (qconfig.get("config_groups") or {}).values() if g.get("weights")})
-        if not bits and qconfig:
-            bits = [4] if qconfig.get("load_in_4bit") else [8] if qconfig.get("load_in_8bit") else []
-        quantized, types, precision = sorted(modules), sorted(set(modules.values())), precision_summary(model)
-    skipped = (qconfig or {}).get("ignore" if ct else "llm_int8_skip_modules") or []
-    groups = [g["weights"] for g in ((qconfig or {}).get("config_groups") or {}).values() if g.get("weights")] if ct else []
-    if ct:
-        quant_type = "int (symmetric)" if all(g.get("symmetric") for g in groups) else "int"
-    else:
-        quant_type = (qconfig or {}).get("bnb_4bit_quant_type") if 4 in bits else "int8" if 8 in bits else None
+        bits = sorted({_BNB_BITS[c] for c in modules.values()}) or fmt.config_bits(qconfig or {})
+        quantized, precision = sorted(modules), precision_summary(model)
+    fields = fmt.summary_fields(qconfig or {}, bits, kinds, modules)
     out = {
-        "method": method,
+        "method": fields.pop("method"),
         "bits": bits,
-        "quant_type": quant_type,
-        "double_quant": (qconfig or {}).get("bnb_4bit_use_double_quant") if 4 in bits and not ct else None,
+        "quant_type": fields.pop("quant_type"),
+        "double_quant": fields.pop("double_quant"),
         "num_quantized_modules": len(quantized),
-        "quantized_module_types": types,
+        "quantized_module_types": fields.pop("quantized_module_types"),
         "quantized_modules": quantized,
-        "skip_modules": list(skipped),
+        "skip_modules": fields.pop("skip_modules"),
         # What each weight is stored in (int8, int4, nf4, bfloat16, ...), tied weights named once.
         "precision": precision,
         "quantization_config": qconfig,
+        **fields,  # the format's extra fields (compressed-tensors: `group_size`)
     }
-    if ct:
-        out["group_size"] = sorted({g.get("group_size") for g in groups}, key=lambda g: -1 if g is None else g)
     if stored is not None:
         out["auxiliary_tensors"] = stored["auxiliary"]
     return out

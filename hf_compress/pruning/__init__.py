@@ -1,7 +1,11 @@
 """Gradual magnitude pruning (schedule, mask selection, masks on modules, a smaller save format) and structured
-(Minitron-style) width/depth pruning that makes the model physically smaller."""
+(Minitron-style) width/depth pruning that makes the model physically smaller.
 
-from .compressed import load_compressed, load_compressed_state_dict, save_compressed, size_report
+The bitmask save format lives in [`hf_compress.formats.bitmask`]; its functions stay importable from here
+(`from hf_compress.pruning import save_compressed`), resolved on first use: that module imports `pruning.masks`, so
+importing it while this package initialises would be an import cycle.
+"""
+
 from .config import PruningArguments
 from .masks import (
     apply_masks,
@@ -31,6 +35,19 @@ from .structured import (
     structured_prune,
 )
 from .structured_config import StructuredPruningArguments
+
+_BITMASK_NAMES = ("load_compressed", "load_compressed_state_dict", "save_compressed", "size_report")
+
+
+def __getattr__(name: str):
+    if name in _BITMASK_NAMES:
+        from ..formats import bitmask
+
+        value = getattr(bitmask, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'hf_compress.pruning' has no attribute {name!r}")
+
 
 __all__ = [
     "PruningArguments",

@@ -28,7 +28,8 @@ import hashlib
 import numpy as np
 import torch
 
-from .compressed_tensors import int_quantize, symmetric_scales, targets, targets_for_qat
+from .numerics import int_quantize, symmetric_scales
+from .targets import compressed_tensors_targets, targets_for_qat
 
 BITS = 4
 OFFSET = 8  # MatMulNBits' default zero point for 4 bits: a stored code c means c - 8
@@ -141,7 +142,7 @@ def int4_targets(model, args) -> tuple[dict, dict, list[str]]:
     from torch import nn
 
     linears, embeddings = targets_for_qat(model, args)
-    kept = targets(model, args)[2]
+    kept = compressed_tensors_targets(model, args)[2]
     weights = {n: m.weight.detach() for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))}
     return {n: weights[n] for n in linears}, {n: weights[n] for n in embeddings}, kept
 

@@ -1,5 +1,8 @@
 """Quantization-aware fine-tuning: the export's exact numerics (bitsandbytes or compressed-tensors) as
-`torch.nn.utils.parametrize` fake quantizers."""
+`torch.nn.utils.parametrize` fake quantizers.
+
+Depends on the numerics only (`numerics.py`): which weights to fake-quantize comes from `targets.py`, chosen by the
+caller ([`QATCallback`]), and no backend is imported."""
 
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ from torch.nn.utils import parametrize
 from ..architectures import is_conv1d
 from ..fsdp import check_not_sharded
 from .config import QuantizationArguments
-from .functional import fake_quantize_weight, int8_linear, int8_rowwise_quantize, straight_through
+from .numerics import fake_quantize_int, fake_quantize_weight, int8_linear, int8_rowwise_quantize, straight_through
 
 _HOOK_ATTR = "_hf_compress_int8_hook"
 _STATE_HOOKS_ATTR = "_hf_compress_state_dict_hooks"
@@ -86,8 +89,6 @@ class IntFakeQuantize(FakeQuantize):
         self.bits, self.group_size = bits, group_size
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        from .compressed_tensors import fake_quantize_int
-
         return straight_through(weight, fake_quantize_int(weight, self.bits, self.group_size))
 
     def extra_repr(self) -> str:

@@ -1,6 +1,6 @@
-"""bitsandbytes' quantization numerics as pure torch functions (no bitsandbytes import).
+"""The quantization numerics of every backend as pure torch functions (no bitsandbytes or compressed-tensors import).
 
-Each function replays, operation for operation, what bitsandbytes 0.50 computes on its CPU backend, so that a
+bitsandbytes: each function replays, operation for operation, what bitsandbytes 0.50 computes on its CPU backend, so that a
 fake-quantized model gives the logits of the exported bnb model:
 
 - 8-bit weights: `Int8Params._quantize` casts to float16 and quantizes each row by its absmax
@@ -9,6 +9,12 @@ fake-quantized model gives the logits of the exported bnb model:
 - 4-bit weights: blocks of 64 values scaled by their absmax and rounded to the nearest NF4 / FP4 code
   (Dettmers et al. 2023, https://arxiv.org/abs/2305.14314); double quantization stores the absmax values minus
   their mean in the 8-bit dynamic data type, blocks of 256.
+
+compressed-tensors `pack-quantized` (symmetric int8 / int4, weight-only): each row (or each group of `group_size`
+weights of a row) gets the scale `absmax / ((2^bits - 1) / 2)`, the weights are divided by it, clamped to
+[-2^(bits-1), 2^(bits-1) - 1] and rounded half to even. These are exactly what compressed-tensors 0.20 computes
+(`calculate_qparams`, `quantize`, `dequantize`), so the fake quantization of quantization-aware training gives the
+reloaded checkpoint's weights bit for bit. Zeros stay zeros (0 / scale rounds to 0), so pruned weights survive.
 """
 
 from __future__ import annotations
@@ -246,3 +252,54 @@ def straight_through(full: torch.Tensor, quantized: torch.Tensor) -> torch.Tenso
     2013, https://arxiv.org/abs/1308.3432). Unlike `full + (quantized - full).detach()` the forward value is
     bit-exact."""
     return _StraightThrough.apply(full, quantized)
+
+
+# --- symmetric int (compressed-tensors pack-quantized) -----------------------------------------------------------
+
+
+def int_range(bits: int) -> tuple[int, int]:
+    """The signed integer range of `bits` bits: (-2^(bits-1), 2^(bits-1) - 1)."""
+    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+
+def _grouped(weight: torch.Tensor, group_size: int | None) -> torch.Tensor:
+    """`weight` as (rows, groups, group_size); per-channel is one group of the whole row."""
+    w = weight.detach()
+    size = w.shape[-1] if group_size is None else group_size
+    if w.shape[-1] % size:
+        raise ValueError(f"group_size {size} does not divide the row length {w.shape[-1]}; keep this layer in full precision.")
+    return w.unflatten(-1, (w.shape[-1] // size, size))
+
+
+def symmetric_scales(weight: torch.Tensor, bits: int, group_size: int | None = None) -> torch.Tensor:
+    """The scale of each row (`group_size=None`, shape (rows, 1)) or of each group (shape (rows, groups)), as
+    compressed-tensors' `calculate_qparams` computes it for symmetric int weights: absmax over (2^bits - 1) / 2, a
+    zero scale replaced by the dtype's epsilon."""
+    g = _grouped(weight, group_size)
+    lo, hi = int_range(bits)
+    mins = torch.minimum(g.amin(-1), torch.zeros((), dtype=g.dtype))
+    maxs = torch.maximum(g.amax(-1), torch.zeros((), dtype=g.dtype))
+    absmax = torch.maximum(mins.abs(), maxs.abs())
+    scales = absmax / (torch.tensor(hi - lo, dtype=absmax.dtype) / 2)
+    return torch.where(scales == 0, torch.tensor(torch.finfo(scales.dtype).eps, dtype=scales.dtype), scales)
+
+
+def int_quantize(weight: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int | None = None) -> torch.Tensor:
+    """Integer codes (int8 tensor, weight's shape): divide by the scale, clamp, round half to even."""
+    lo, hi = int_range(bits)
+    g = _grouped(weight, group_size)
+    q = torch.round(torch.clamp(g / scales.unsqueeze(-1), lo, hi))
+    return q.flatten(-2).to(torch.int8)
+
+
+def int_dequantize(q: torch.Tensor, scales: torch.Tensor, group_size: int | None = None) -> torch.Tensor:
+    """The weight a loader multiplies by: code x scale, in the scale's dtype."""
+    g = _grouped(q, group_size).to(scales.dtype)
+    return (g * scales.unsqueeze(-1)).flatten(-2)
+
+
+def fake_quantize_int(weight: torch.Tensor, bits: int, group_size: int | None = None) -> torch.Tensor:
+    """The weight the compressed-tensors checkpoint holds after reload (no gradient; see `straight_through`)."""
+    with torch.no_grad():
+        scales = symmetric_scales(weight, bits, group_size)
+        return int_dequantize(int_quantize(weight, scales, bits, group_size), scales, group_size).to(weight.dtype)

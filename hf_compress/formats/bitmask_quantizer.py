@@ -7,6 +7,9 @@ and quantizer classes below are registered with transformers (`register_quantiza
 and `from_pretrained` / `pipeline()` rebuild the dense weights while loading. Without hf_compress, transformers does
 not know the method, and the 1-D values under the weight's own name stop the load with a size-mismatch error: a
 bitmask checkpoint is never silently loaded with random weights.
+
+Imports transformers at the top: `hf_compress/__init__.py` imports this module only once transformers imports its
+quantizer registry.
 """
 
 from __future__ import annotations
@@ -22,8 +25,7 @@ from transformers.quantizers.auto import (
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-QUANT_METHOD = "hf_compress_bitmask"
-BITMASK_SUFFIX = "_bitmask"
+from .bitmask import BITMASK_SUFFIX, QUANT_METHOD, bitmask_quantization_config
 
 
 class BitmaskConfig(QuantizationConfigMixin):
@@ -40,7 +42,7 @@ class BitmaskConfig(QuantizationConfigMixin):
         self.format_version = format_version
 
     def to_dict(self) -> dict:
-        return {"quant_method": QUANT_METHOD, "format_version": self.format_version}
+        return bitmask_quantization_config(self.format_version)
 
 
 class BitmaskDecompress(ConversionOps):
@@ -50,7 +52,7 @@ class BitmaskDecompress(ConversionOps):
         self.hf_quantizer = hf_quantizer
 
     def convert(self, input_dict, full_layer_name=None, model=None, **kwargs):
-        from .masks import unpack_bool
+        from ..pruning.masks import unpack_bool
 
         values = input_dict["weight"]
         values = values[0] if isinstance(values, list) else values

@@ -1,4 +1,4 @@
-"""A smaller save format for pruned models: a bitmask plus the nonzero values, in safetensors.
+"""`--format bitmask`: a smaller save format for pruned models, a bitmask plus the nonzero values, in safetensors.
 
 Each tensor whose zeros make it worth it is stored as `<name>.__bits` (its zero / nonzero pattern, 8 entries a
 byte) and `<name>.__values` (the nonzero entries, in order, original dtype); the others are stored dense. The
@@ -15,16 +15,26 @@ import logging
 
 import torch
 
-from .masks import pack_bool, unpack_bool
+from ..pruning.masks import pack_bool, unpack_bool
+from .base import CheckpointFormat, read_config
 
 # v2 (current): `model.safetensors` + a `quantization_config` that `from_pretrained` reads once hf_compress is imported
-# (see `hf_quantizer.py`); v1: `model.compressed.safetensors`, read by `load_compressed` only.
+# (see `bitmask_quantizer.py`); v1: `model.compressed.safetensors`, read by `load_compressed` only.
 SAFE_WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_NAME = "model.compressed.safetensors"
 FORMAT = "hf_compress.bitmask.v1"
 FORMAT_V2 = "hf_compress.bitmask.v2"
+# The `quant_method` of a v2 folder's `quantization_config`, which `bitmask_quantizer.py` registers with transformers,
+# and the suffix of the bitmask stored beside each sparse weight's values.
+QUANT_METHOD = "hf_compress_bitmask"
+BITMASK_SUFFIX = "_bitmask"
 logger = logging.getLogger(__name__)
 _INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def bitmask_quantization_config(format_version: int = 2) -> dict:
+    """The `quantization_config` a v2 bitmask folder's `config.json` carries (what `BitmaskConfig.to_dict` gives)."""
+    return {"quant_method": QUANT_METHOD, "format_version": format_version}
 
 
 def _nonzero_bits(t: torch.Tensor) -> torch.Tensor:
@@ -91,7 +101,6 @@ def save_compressed(model: torch.nn.Module, output_dir: str, tokenizer=None) -> 
     from safetensors.torch import save_file
 
     from ..atomic import atomic_output_dir
-    from .hf_quantizer import BITMASK_SUFFIX, BitmaskConfig
 
     if not hasattr(model, "config"):
         raise ValueError(f"save_compressed needs a transformers PreTrainedModel with a `config`, got {type(model).__name__}.")
@@ -116,7 +125,7 @@ def save_compressed(model: torch.nn.Module, output_dir: str, tokenizer=None) -> 
 
     config = copy.deepcopy(model.config)
     config.architectures = [type(model).__name__]  # as save_pretrained does, so load_compressed finds the class
-    config.quantization_config = BitmaskConfig().to_dict()
+    config.quantization_config = bitmask_quantization_config()
 
     with atomic_output_dir(str(output_dir), marker=True) as folder:
         config.save_pretrained(folder)
@@ -139,7 +148,7 @@ def _bitmask_config(folder: str) -> dict | None:
             qc = json.load(f).get("quantization_config") or {}
     except (OSError, ValueError):
         return None
-    return qc if qc.get("quant_method") == "hf_compress_bitmask" else None
+    return qc if qc.get("quant_method") == QUANT_METHOD else None
 
 
 def is_bitmask_checkpoint(folder: str) -> bool:
@@ -241,3 +250,42 @@ def load_compressed(model_dir: str, model_class=None):
 def _has_aliases(state: dict[str, torch.Tensor]) -> bool:
     ptrs = [t.data_ptr() for t in state.values() if t.numel()]
     return len(ptrs) != len(set(ptrs))
+
+
+class BitmaskFormat(CheckpointFormat):
+    """`--format bitmask`: pruned weights as their nonzero values plus a bitmask, loaded back dense and bit-identical
+    ([`save_compressed`], [`load_compressed`])."""
+
+    name = "bitmask"
+    own_loader = "load_compressed"
+
+    @classmethod
+    def detect(cls, folder, config: dict) -> bool:
+        qc = config.get("quantization_config") or {}
+        return bool(folder and is_bitmask_checkpoint(folder)) or qc.get("quant_method") == QUANT_METHOD
+
+    def save(self, model, tokenizer, folder: str, args=None, task: str | None = None) -> dict:
+        info = save_compressed(model, folder, tokenizer=tokenizer)
+        return {"format": "bitmask", **{k: v for k, v in info.items() if isinstance(v, (int, float, str))}}
+
+    def load(self, folder: str, **kwargs):
+        return load_compressed(folder, **kwargs)
+
+    def export(self, model, tokenizer, folder: str, args=None, task: str | None = None):
+        result, info, _ = super().export(model, tokenizer, folder, args, task)
+        return result, info, "Saved in the bitmask format (from_pretrained reads it once hf_compress is imported)."
+
+    def plain_loaders(self, low_bit_embeddings: bool = False) -> dict:
+        return {"from_pretrained": True, "pipeline": True, "needs_hf_compress": True, "needs": []}
+
+    def vllm_support(self, folder: str, config: dict) -> dict:
+        return {**super().vllm_support(folder, config), "serves": False,
+                "why": "`hf_compress_bitmask` is hf_compress' own format; vLLM has no loader for it."}
+
+    def card_note(self, report: dict, folder, low_bit_embeddings: bool) -> str:
+        return ("Bitmask format (nonzero values + a bitmask, smaller on disk): `from_pretrained` and `pipeline()` read it "
+                "after `import hf_compress`; without hf_compress they stop with a size-mismatch error. "
+                "For sharing where size is not the point, the dense save (`save_pretrained`) loads everywhere.")
+
+    def _snippet_head(self) -> str:
+        return "import hf_compress  # registers the bitmask format with transformers' from_pretrained\n"
