@@ -1,11 +1,11 @@
-"""Distributed and interrupted runs: start-up checks, mask synchronisation, checkpoint validation, atomic output.
+"""Distributed and interrupted runs: start-up checks, the process group, checkpoint validation, atomic output.
 
 What works where (see the README section "Distributed and interrupted runs"):
 
 - DDP (`torchrun` / `accelerate launch` without FSDP): every rank holds the full model and DDP all-reduces the
   gradients, so the weights are bit-identical on every rank after each optimizer step and magnitude masks
-  computed locally (with a stable sort) are identical too. [`broadcast_masks`] copies rank 0's masks to the
-  others for the cautious, [`check_same_across_ranks`] proves it.
+  computed locally (with a stable sort) are identical too (the DDP test proves it by comparing digests across
+  ranks, `tests/dist_helpers.py`).
 - FSDP2 (`fully_shard`) shards every weight along dim 0 as a DTensor: the pruning callback chooses its masks on
   the all-gathered full weights and keeps its shard of them, fake quantization runs on the weight FSDP gathers
   for each forward (see `hf_compress.fsdp`). [`check_distributed_support`] refuses what is not exact there: FSDP1,
@@ -19,7 +19,6 @@ What works where (see the README section "Distributed and interrupted runs"):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -163,74 +162,13 @@ def check_fsdp_support(args=None, callbacks=()) -> None:
         )
 
 
-# ---- masks across ranks -------------------------------------------------------------------------------------
+# ---- the process group ---------------------------------------------------------------------------------------
 
 
 def _dist():
     import torch.distributed as dist
 
     return dist if dist.is_available() and dist.is_initialized() else None
-
-
-def broadcast_masks(model, src: int = 0) -> int:
-    """
-    Overwrite every rank's pruning masks (the `<param>_mask` buffers) with those of rank `src`, in place.
-
-    A no-op outside `torch.distributed`. Under DDP the masks are already identical (same weights, stable sort);
-    this makes it so even where a backend's reductions are not bit-deterministic across devices.
-
-    Returns:
-        `int`: the number of masks broadcast.
-    """
-    from .pruning.masks import get_masks
-
-    masks = get_masks(model)
-    dist = _dist()
-    if dist is None:
-        return 0
-    for name in sorted(masks):
-        mask = masks[name]
-        buf = mask.to(dtype=_uint8())
-        if dist.get_backend() == "nccl" and not buf.is_cuda:
-            raise ValueError(f"The mask of {name} is on {buf.device} but the backend is nccl; move the model to CUDA.")
-        dist.broadcast(buf, src=src)
-        mask.copy_(buf.bool())
-    return len(masks)
-
-
-def _uint8():
-    import torch
-
-    return torch.uint8
-
-
-def tensors_digest(tensors: dict) -> str:
-    """A SHA-256 over the names, shapes, dtypes and bytes of a `{name: tensor}` dict (order-independent)."""
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].detach().cpu().contiguous()
-        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
-        h.update(t.view(-1).view(_uint8()).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
-def check_same_across_ranks(tensors: dict, what: str = "masks") -> str:
-    """
-    Raise when `tensors` differ between ranks (compared by [`tensors_digest`]); a no-op in a single process.
-
-    Returns:
-        `str`: this rank's digest.
-    """
-    digest = tensors_digest(tensors)
-    dist = _dist()
-    if dist is None:
-        return digest
-    digests = [None] * dist.get_world_size()
-    dist.all_gather_object(digests, digest)
-    differ = [rank for rank, d in enumerate(digests) if d != digests[0]]
-    if differ:
-        raise RuntimeError(f"The {what} of ranks {differ} differ from rank 0's; call `broadcast_masks(model)`.")
-    return digest
 
 
 # ---- checkpoints --------------------------------------------------------------------------------------------
@@ -330,14 +268,11 @@ from .atomic import atomic_output_dir  # noqa: E402
 
 __all__ = [
     "atomic_output_dir",
-    "broadcast_masks",
     "check_distributed_support",
     "check_fsdp_support",
     "check_safetensors_file",
-    "check_same_across_ranks",
     "fsdp_settings",
     "last_valid_checkpoint",
     "parallel_backend",
-    "tensors_digest",
     "validate_checkpoint",
 ]

@@ -101,9 +101,9 @@ def main(argv=None) -> int:
 
     from hf_compress.callbacks import GradualPruningCallback
     from hf_compress.distillation import DistillationArguments
-    from hf_compress.distributed import (
-        broadcast_masks, check_distributed_support, check_same_across_ranks, last_valid_checkpoint, tensors_digest,
-    )
+    from dist_helpers import broadcast_masks, check_same_across_ranks, tensors_digest
+
+    from hf_compress.distributed import check_distributed_support, last_valid_checkpoint
     from hf_compress.pruning import get_masks, sparsity_stats
     from hf_compress.trainers import DistillationTrainer
 

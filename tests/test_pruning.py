@@ -159,8 +159,20 @@ def test_pruning_arguments_parse_next_to_training_arguments():
     train, prune = HfArgumentParser((TrainingArguments, PruningArguments)).parse_args_into_dataclasses(
         ["--output_dir", "x", "--target_sparsity", "0.8", "--pruning_frequency", "5", "--pruning_target_modules", "query", "key"]
     )
-    cb = GradualPruningCallback.from_args(prune)
+    cb = GradualPruningCallback(prune)
     assert (cb.config.target_sparsity, cb.config.pruning_frequency, cb.config.pruning_target_modules) == (0.8, 5, ["query", "key"])
+
+
+def test_pruning_callback_keywords_build_the_same_arguments_as_the_arguments_object():
+    by_keywords = GradualPruningCallback(target_sparsity=0.8, end_step=600, frequency=5, scope="global")
+    by_args = GradualPruningCallback(PruningArguments(target_sparsity=0.8, pruning_end_step=600, pruning_frequency=5,
+                                                      pruning_scope="global"))
+    assert by_keywords.config == by_args.config == GradualPruningCallback.from_args(by_args.config).config
+    assert (by_keywords.end_step, by_keywords.config.pruning_end_fraction) == (600, 0.75)
+    with pytest.raises(TypeError, match=r"unknown options \['sparsity'\]"):
+        GradualPruningCallback(sparsity=0.5)
+    with pytest.raises(TypeError, match="a `PruningArguments` or keyword options, not both"):
+        GradualPruningCallback(PruningArguments(), frequency=3)
 
 
 # --- the callback in a Trainer ------------------------------------------------------------------------------

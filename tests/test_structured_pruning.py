@@ -261,6 +261,24 @@ def test_gradual_callback_masks_then_prunes_at_train_end(tmp_path):
     assert len(report["scores"]["ffn"]) == 4 and report["layers"] == cb.plan.layers
 
 
+def test_structured_callback_keywords_build_the_same_arguments_as_the_arguments_object():
+    from hf_compress.callbacks.structured_pruning import StructuredPruningCallback
+    from hf_compress.pruning import StructuredPruningArguments
+
+    by_keywords = StructuredPruningCallback("ffn,layers", keep={"ffn": 0.5, "layers": 3}, end_fraction=0.25, frequency=2)
+    by_args = StructuredPruningCallback(StructuredPruningArguments(
+        prune_structure="ffn,layers", prune_ffn_keep=0.5, prune_layers_keep=3, prune_end_fraction=0.25,
+        prune_frequency=2, prune_schedule="gradual"))
+    assert by_keywords.config == by_args.config == StructuredPruningCallback.from_args(by_args.config).config
+    assert (by_keywords.keep, by_keywords.end_fraction, by_keywords.frequency) == ({"ffn": 0.5, "layers": 3}, 0.25, 2)
+    with pytest.raises(ValueError, match="either prune_target_params or kept amounts"):
+        StructuredPruningCallback("ffn", keep={"ffn": 0.5}, target_params=10)
+    with pytest.raises(ValueError, match=r"keep must name exactly the structures \['ffn'\], got \['ffn', 'layers'\]"):
+        StructuredPruningCallback("ffn", keep={"ffn": 0.5, "layers": 2})
+    with pytest.raises(TypeError, match=r"unknown options \['prune_steps'\]"):
+        StructuredPruningCallback("ffn", keep={"ffn": 0.5}, steps=3)
+
+
 def test_partial_plan_masks_least_important_first():
     from hf_compress.callbacks.structured_pruning import partial_plan
     from hf_compress.pruning.structured import StructuredPlan

@@ -489,3 +489,64 @@ def test_verify_push_recomputes_recorded_outputs_for_every_task(models, tmp_path
     (out / "compression_report.json").write_text(json.dumps(report))
     with pytest.raises(HubPushError, match=f"Verification failed.*{names[0]}"):
         push_to_hub(str(out), repo, endpoint=hub.url, token=TOKEN, verify=True)
+
+
+# --- the one task table ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("class_name, task", [
+    ("BertForSequenceClassification", "sequence-classification"),
+    ("RobertaForTokenClassification", "token-classification"),
+    ("DistilBertForQuestionAnswering", "question-answering"),
+    ("LlamaForCausalLM", "causal-lm"),
+    ("GPT2LMHeadModel", "causal-lm"),
+    ("PeftModelForCausalLM", "causal-lm"),
+    ("BertModel", None),
+    (None, None),
+])
+def test_task_of_class_reads_the_class_suffixes_of_the_table(class_name, task):
+    from hf_compress.tasks import task_of_class
+
+    found = task_of_class(class_name)
+    assert (found.name if found is not None else None) == task
+
+
+def test_task_of_model_names_the_task_or_asks_for_it():
+    from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel
+
+    from hf_compress.distillation import infer_task
+    from hf_compress.tasks import task_of_model
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=50))
+    assert task_of_model(gpt2) == infer_task(gpt2) == "causal-lm"
+    bare = BertModel(BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8, vocab_size=50))
+    with pytest.raises(ValueError, match=r"^Cannot tell the task of a `BertModel`; pass `distillation_task` \(or `--task`\): "
+                                         r"one of sequence-classification, token-classification, question-answering, causal-lm\.$"):
+        task_of_model(bare)
+
+
+def test_task_table_holds_the_layout_distillation_and_the_cache_read():
+    from hf_compress.distillation.cache import cache_features
+    from hf_compress.distillation.config import TASK_CHOICES
+    from hf_compress.tasks import TASKS, get_task
+
+    assert TASKS == ("sequence-classification", "token-classification", "question-answering", "causal-lm")
+    assert TASK_CHOICES == ("auto",) + TASKS
+    rows = [(get_task(t).auto_class, get_task(t).pipeline_tag, get_task(t).logit_layout.outputs,
+             get_task(t).logit_layout.per_position, get_task(t).logit_layout.classes,
+             get_task(t).logit_layout.shift_labels, get_task(t).logit_layout.token_average) for t in TASKS]
+    assert rows == [
+        ("AutoModelForSequenceClassification", "text-classification", ("logits",), False, "labels", False, False),
+        ("AutoModelForTokenClassification", "token-classification", ("logits",), True, "labels", False, True),
+        ("AutoModelForQuestionAnswering", "question-answering", ("start_logits", "end_logits"), True, "positions", False, False),
+        ("AutoModelForCausalLM", "text-generation", ("logits",), True, "vocabulary", True, True),
+    ]
+    # The cache's columns follow the layout: logits over positions are kept whole in float32, never top-k.
+    assert {k: str(v.feature.dtype) for k, v in cache_features("question-answering", "bfloat16", 8).items() if k != "length"} == {
+        "teacher_start_logits": "float32", "teacher_end_logits": "float32"}
+    assert {k: str(v.feature.dtype) for k, v in cache_features("causal-lm", "bfloat16", None).items() if k != "length"} == {
+        "teacher_logits": "int16"}
+    assert {k: str(v.feature.dtype) for k, v in cache_features("causal-lm", "bfloat16", 8).items() if k != "length"} == {
+        "teacher_logits": "float32", "teacher_indices": "int32"}
+    with pytest.raises(ValueError, match="classes must be one of labels, vocabulary, positions, got 'tokens'"):
+        type(get_task("causal-lm").logit_layout)(classes="tokens")

@@ -62,6 +62,17 @@ def _masked_sharded_grad(mask: torch.Tensor):
     return hook
 
 
+def _pruning_arguments(options: dict) -> PruningArguments:
+    """A `PruningArguments` from the callback's keyword options: each is its field's name without `pruning_`."""
+    fields = set(PruningArguments.__dataclass_fields__)
+    names = {key: key if key in fields else f"pruning_{key}" for key in options}
+    unknown = sorted(key for key, name in names.items() if name not in fields)
+    if unknown:
+        allowed = ", ".join(f.removeprefix("pruning_") for f in PruningArguments.__dataclass_fields__)
+        raise TypeError(f"GradualPruningCallback got unknown options {unknown}; allowed: {allowed}.")
+    return PruningArguments(**{names[key]: value for key, value in options.items()})
+
+
 class GradualPruningCallback(TrainerCallback):
     r"""
     Prunes weights by magnitude on the cubic schedule of
@@ -83,58 +94,39 @@ class GradualPruningCallback(TrainerCallback):
     ([`~hf_compress.pruning.self_check.check_reload`]).
 
     Args:
-        target_sparsity (`float`, *optional*, defaults to `0.5`): final sparsity in [0, 1).
-        initial_sparsity (`float`, *optional*, defaults to `0.0`): sparsity at `start_step`.
-        start_step (`int`, *optional*, defaults to `0`): first optimizer step that prunes.
-        end_step (`int`, *optional*): step at which `target_sparsity` is reached exactly; defaults to
-            `end_fraction * max_steps`.
-        end_fraction (`float`, *optional*, defaults to `0.75`): used when `end_step` is not given.
-        frequency (`int`, *optional*, defaults to `10`): optimizer steps between mask updates.
-        scope (`str`, *optional*, defaults to `"layer"`): `"layer"` or `"global"` magnitude threshold.
-        pattern (`str`, *optional*): `"N:M"` semi-structured pruning (e.g. `"2:4"`), applied at `start_step`.
-        target_modules (`list[str]`, *optional*): regexes over module names; defaults to every `nn.Linear` and
-            `Conv1D` in the encoder/decoder blocks ([`default_targets`]). Each part of a fused projection (q, k, v of
-            `qkv_proj` / `c_attn` / `query_key_value`, gate and up of `gate_up_proj`, each expert of a known
-            mixture of experts) is pruned to the target on its own with `scope="layer"`.
-        log_per_layer (`bool`, *optional*, defaults to `True`): log each pruned tensor's sparsity too.
+        args ([`PruningArguments`], *optional*): the options (`target_sparsity`, `pruning_*`).
+        **kwargs: or the same options as keywords without their `pruning_` prefix, e.g.
+            `GradualPruningCallback(target_sparsity=0.8, end_step=600, frequency=10)`: `target_sparsity`,
+            `initial_sparsity`, `start_step`, `end_step` (defaults to `end_fraction * max_steps`), `end_fraction`,
+            `frequency`, `scope` (`"layer"` or `"global"`), `pattern` (`"N:M"`, applied at `start_step`),
+            `target_modules` (regexes over module names; defaults to every `nn.Linear` and `Conv1D` in the
+            encoder/decoder blocks, [`~hf_compress.pruning.masks.default_targets`]; each part of a fused projection
+            (q, k, v of `qkv_proj` / `c_attn` / `query_key_value`, gate and up of `gate_up_proj`, each expert of a
+            known mixture of experts) is pruned to the target on its own with `scope="layer"`), `log_per_layer`.
+            See [`PruningArguments`] for their defaults and checks.
 
     Example:
 
     ```python
     trainer = Trainer(model=model, args=training_args, train_dataset=ds,
-                      callbacks=[GradualPruningCallback(target_sparsity=0.8, frequency=10)])
+                      callbacks=[GradualPruningCallback(PruningArguments(target_sparsity=0.8, pruning_frequency=10))])
     trainer.train()
     save_compressed(model, "pruned")  # bitmask + nonzero values
     ```
     """
 
-    def __init__(
-        self,
-        target_sparsity: float = 0.5,
-        initial_sparsity: float = 0.0,
-        start_step: int = 0,
-        end_step: int | None = None,
-        end_fraction: float = 0.75,
-        frequency: int = 10,
-        scope: str = "layer",
-        pattern: str | None = None,
-        target_modules: list[str] | None = None,
-        log_per_layer: bool = True,
-    ):
-        # Validation lives in PruningArguments.__post_init__, so both entry points check the same way.
-        self.config = PruningArguments(
-            target_sparsity=target_sparsity,
-            pruning_initial_sparsity=initial_sparsity,
-            pruning_start_step=start_step,
-            pruning_end_step=end_step,
-            pruning_end_fraction=end_fraction,
-            pruning_frequency=frequency,
-            pruning_scope=scope,
-            pruning_pattern=pattern,
-            pruning_target_modules=target_modules,
-            pruning_log_per_layer=log_per_layer,
-        )
-        self.end_step = end_step
+    def __init__(self, args: PruningArguments | None = None, **kwargs):
+        # One construction path: keywords become a `PruningArguments`, whose `__post_init__` checks every option.
+        if args is None:
+            args = _pruning_arguments(kwargs)
+        elif kwargs:
+            raise TypeError(
+                f"GradualPruningCallback takes a `PruningArguments` or keyword options, not both (got {sorted(kwargs)})."
+            )
+        elif not isinstance(args, PruningArguments):
+            raise TypeError(f"args must be a `PruningArguments`, got {type(args).__name__}.")
+        self.config = args
+        self.end_step = args.pruning_end_step
         self._pairs: list[tuple[str, torch.nn.Parameter, torch.Tensor]] = []
         self._active = False
         self._hooks: list = []
@@ -144,19 +136,8 @@ class GradualPruningCallback(TrainerCallback):
 
     @classmethod
     def from_args(cls, args: PruningArguments) -> GradualPruningCallback:
-        """Build the callback from a `PruningArguments`."""
-        return cls(
-            target_sparsity=args.target_sparsity,
-            initial_sparsity=args.pruning_initial_sparsity,
-            start_step=args.pruning_start_step,
-            end_step=args.pruning_end_step,
-            end_fraction=args.pruning_end_fraction,
-            frequency=args.pruning_frequency,
-            scope=args.pruning_scope,
-            pattern=args.pruning_pattern,
-            target_modules=args.pruning_target_modules,
-            log_per_layer=args.pruning_log_per_layer,
-        )
+        """The same as `GradualPruningCallback(args)` (kept for older code)."""
+        return cls(args)
 
     # --- schedule -----------------------------------------------------------------------------------------
 

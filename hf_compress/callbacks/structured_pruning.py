@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import itertools
 import os
 
 import torch
 from transformers import TrainerCallback
 
+from ..data.calibration import first_batches
 from ..pruning.structured import (
     StructuredPlan,
     attach_structured_masks,
@@ -20,16 +20,9 @@ from ..pruning.structured import (
     select_structures,
     structured_importance,
 )
+from ..pruning.structured_config import StructuredPruningArguments
 
 REPORT_FILE = "structured_pruning.json"
-
-
-def first_batches(dataloader, n: int) -> list[dict]:
-    """The first `n` batches of a dataloader, on the CPU (calibration data for the importance scores)."""
-    out = []
-    for batch in itertools.islice(iter(dataloader), n):
-        out.append({k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
-    return out
 
 
 def _dropped_in_order(scores: torch.Tensor, kept: list[int]) -> list[int]:
@@ -61,6 +54,28 @@ def partial_plan(plan: StructuredPlan, sizes: dict, fraction: float) -> Structur
     return out
 
 
+def _structured_arguments(structures, keep: dict | None = None, **options) -> StructuredPruningArguments:
+    """A gradual `StructuredPruningArguments` from the callback's keyword form: `keep` per structure becomes
+    `prune_<structure>_keep`, every other option is its field's name without `prune_`."""
+    fields = set(StructuredPruningArguments.__dataclass_fields__)
+    if not isinstance(structures, str):
+        structures = ",".join(structures)
+    values = {"prune_structure": structures, "prune_schedule": "gradual"}
+    named = [s.strip() for s in structures.split(",") if s.strip()]
+    if keep is not None and set(keep) - set(named):
+        raise ValueError(f"keep must name exactly the structures {named}, got {sorted(keep)}.")
+    for structure, amount in (keep or {}).items():
+        values[f"prune_{structure}_keep"] = amount
+    values.update({f"prune_{name}": value for name, value in options.items()})
+    unknown = sorted(name for name in values if name not in fields)
+    if unknown:
+        raise TypeError(
+            f"StructuredPruningCallback got unknown options {unknown}; allowed: keep, "
+            f"{', '.join(f.removeprefix('prune_') for f in sorted(fields) if not f.endswith('_keep'))}."
+        )
+    return StructuredPruningArguments(**values)
+
+
 class StructuredPruningCallback(TrainerCallback):
     r"""
     Structured pruning during training: mask gradually, remove physically at the end.
@@ -76,7 +91,8 @@ class StructuredPruningCallback(TrainerCallback):
     Trainer then saves is the smaller one, and computes what the masked model computed.
 
     Args:
-        structures (`str` or `list[str]`): e.g. `"ffn,layers"`.
+        args ([`StructuredPruningArguments`] or `str` or `list[str]`): the options (`prune_*`), or the structures
+            (e.g. `"ffn,layers"`) with the options below as keywords.
         keep (`dict`, *optional*): kept fraction (float) or count (int > 1) per structure.
         target_params (`int`, *optional*): instead of `keep`, a parameter budget.
         calibration_batches (`int`, *optional*, defaults to `16`): 0 scores by weight magnitude.
@@ -84,27 +100,34 @@ class StructuredPruningCallback(TrainerCallback):
         end_fraction (`float`, *optional*, defaults to `0.5`): share of `max_steps` by which all are masked.
         frequency (`int`, *optional*, defaults to `10`): optimizer steps between mask updates.
 
+    The keywords are [`StructuredPruningArguments`]' fields without their `prune_` prefix (`keep` per structure);
+    either way the options are checked by its `__post_init__`.
+
     After training, `callback.plan` holds the plan, the importance scores and the self-check's figures
     ([`~hf_compress.pruning.structured.check_structured_cut`]: pruned vs masked and reloaded vs masked on the first
     calibration batch; beyond the tolerance `on_train_end` raises and writes nothing); `on_train_end` also writes
     them to `output_dir/structured_pruning.json` on the main process.
     """
 
-    def __init__(self, structures, keep: dict | None = None, target_params: int | None = None, calibration_batches: int = 16,
-                 layer_metric: str = "cosine", end_fraction: float = 0.5, frequency: int = 10):
-        if (keep is None) == (target_params is None):
-            raise ValueError("StructuredPruningCallback needs exactly one of `keep` and `target_params`.")
-        if not 0.0 < end_fraction <= 1.0:
-            raise ValueError(f"end_fraction must be in (0, 1], got {end_fraction}.")
-        if frequency < 1:
-            raise ValueError(f"frequency must be >= 1 optimizer step, got {frequency}.")
-        self.structures = structures
-        self.keep = keep
-        self.target_params = target_params
-        self.calibration_batches = calibration_batches
-        self.layer_metric = layer_metric
-        self.end_fraction = end_fraction
-        self.frequency = frequency
+    def __init__(self, args, **options):
+        # One construction path: keyword options become a `StructuredPruningArguments`, which checks them.
+        if not isinstance(args, StructuredPruningArguments):
+            args = _structured_arguments(args, **options)
+        elif options:
+            raise TypeError(
+                f"StructuredPruningCallback takes a `StructuredPruningArguments` or the structures with keyword "
+                f"options, not both (got {sorted(options)})."
+            )
+        if not args.enabled:
+            raise ValueError("StructuredPruningCallback needs `prune_structure` (e.g. `\"ffn,layers\"`).")
+        self.config = args
+        self.structures = args.prune_structure
+        self.keep = args.keep()
+        self.target_params = args.prune_target_params
+        self.calibration_batches = args.prune_calibration_batches
+        self.layer_metric = args.prune_layer_metric
+        self.end_fraction = args.prune_end_fraction
+        self.frequency = args.prune_frequency
         self.plan: StructuredPlan | None = None
         self._sizes: dict = {}
         self._end_step = None
@@ -112,11 +135,9 @@ class StructuredPruningCallback(TrainerCallback):
         self.history: list[tuple[int, float]] = []
 
     @classmethod
-    def from_args(cls, args) -> "StructuredPruningCallback":
-        """From [`StructuredPruningArguments`]."""
-        return cls(args.structures, keep=args.keep(), target_params=args.prune_target_params,
-                   calibration_batches=args.prune_calibration_batches, layer_metric=args.prune_layer_metric,
-                   end_fraction=args.prune_end_fraction, frequency=args.prune_frequency)
+    def from_args(cls, args: StructuredPruningArguments) -> "StructuredPruningCallback":
+        """The same as `StructuredPruningCallback(args)` (kept for older code)."""
+        return cls(args)
 
     def fraction(self, step: int) -> float:
         """Share of the dropped structures masked after optimizer step `step` (linear, updated every `frequency`)."""

@@ -1,4 +1,5 @@
-"""Real data that ships inside the package, so every default runs offline."""
+"""Data: the real data that ships inside the package, so every default runs offline (here), plain-text files read as
+documents (`data.text`), and the calibration batches read from a training dataloader (`data.calibration`)."""
 
 from __future__ import annotations
 

@@ -27,9 +27,20 @@ import shutil
 import numpy as np
 import torch
 
+from ..tasks import get_task
+
 logger = logging.getLogger(__name__)
 
-LOGITS, INDICES, START, END = "teacher_logits", "teacher_indices", "teacher_start_logits", "teacher_end_logits"
+
+
+def teacher_key(output: str) -> str:
+    """The batch / cache entry that holds the teacher's values of the model output `output` (`logits` ->
+    `teacher_logits`)."""
+    return f"teacher_{output}"
+
+
+LOGITS, START, END = teacher_key("logits"), teacher_key("start_logits"), teacher_key("end_logits")
+INDICES = "teacher_indices"  # the class ids of top-k log-probabilities
 CACHE_COLUMNS = (LOGITS, INDICES, START, END)
 ROW = "teacher_cache_row"  # the training set's pointer into the cache
 LENGTH = "length"
@@ -54,12 +65,13 @@ def teacher_forward(teacher, batch: dict, task: str, width: int | None = None) -
     device = _input_device(teacher)
     inputs = {k: v.to(device) for k, v in batch.items() if k in MODEL_INPUTS and torch.is_tensor(v)}
     out = teacher(**inputs)
-    if task == "question-answering":
-        return {START: out.start_logits, END: out.end_logits}
-    logits = out.logits
-    if width is not None and logits.shape[-1] > width:
-        logits = logits[..., :width]
-    return {LOGITS: logits}
+    values = {}
+    for name in get_task(task).logit_layout.outputs:
+        logits = getattr(out, name)
+        if width is not None and logits.shape[-1] > width:
+            logits = logits[..., :width]
+        values[teacher_key(name)] = logits
+    return values
 
 
 def left_padding_position_ids(batch: dict) -> torch.Tensor | None:
@@ -207,18 +219,28 @@ def _span_mask(input_ids: torch.Tensor, spans) -> torch.Tensor:
     return mask.reshape(input_ids.shape)
 
 
+def stored_dtype(key: str, dtype: str, top_k: bool, over_positions: bool) -> str:
+    """The dtype a cache column holds: int32 class ids, float32 for logits over positions (QA) and for top-k
+    log-probabilities, else the cache's `dtype`."""
+    if key == INDICES:
+        return "int32"
+    return "float32" if over_positions or top_k else dtype
+
+
 def cache_features(task: str, dtype: str, top_k: int | None):
-    """The `datasets.Features` of a cache row for `task`, stored `dtype` and `top_k` (bfloat16 kept as int16)."""
+    """The `datasets.Features` of a cache row for `task`, stored `dtype` and `top_k` (bfloat16 kept as int16).
+
+    Logits over positions are always kept whole (no top-k): there are only as many classes as tokens.
+    """
     import datasets
 
-    store = "int16" if dtype == "bfloat16" else dtype
+    layout = get_task(task).logit_layout
+    top = top_k is not None and not layout.over_positions
+    keys = [teacher_key(name) for name in layout.outputs] + ([INDICES] if top else [])
     feats = {LENGTH: datasets.Value("int32")}
-    if task == "question-answering":
-        feats[START] = feats[END] = datasets.Sequence(datasets.Value("float32"))
-    else:
-        feats[LOGITS] = datasets.Sequence(datasets.Value("float32" if top_k is not None else store))
-        if top_k is not None:
-            feats[INDICES] = datasets.Sequence(datasets.Value("int32"))
+    for key in keys:
+        value = stored_dtype(key, dtype, top, layout.over_positions)
+        feats[key] = datasets.Sequence(datasets.Value("int16" if value == "bfloat16" else value))
     return datasets.Features(feats)
 
 
@@ -266,7 +288,8 @@ def compute_teacher_cache(
     cols = [c for c in (columns or dataset.column_names) if c in dataset.column_names and c != ROW]
     if positions is None:
         positions = unpadded_positions_apply(teacher)
-    per_position = task != "sequence-classification"
+    layout = get_task(task).logit_layout
+    per_position = layout.per_position
     features = cache_features(task, dtype, top_k)
     writer = ArrowWriter(features=features, path=path, writer_batch_size=max(1, batch_size))
     try:
@@ -298,7 +321,8 @@ def compute_teacher_cache(
                     rows[INDICES].append(idx.to(torch.int32).cpu().reshape(-1).numpy())
                 else:
                     for key, value in parts.items():
-                        rows[key].append(_to_numpy(value.cpu().reshape(-1), "float32" if key in (START, END) else dtype))
+                        stored = stored_dtype(key, dtype, False, layout.over_positions)
+                        rows[key].append(_to_numpy(value.cpu().reshape(-1), stored))
                 rows[LENGTH].append(length)
             writer.write_batch(rows)
         writer.finalize()
@@ -336,7 +360,7 @@ def load_or_compute_teacher_cache(
             if json.load(f) == key:
                 return datasets.Dataset.from_file(os.path.join(cache_dir, DATA_FILE)), key
         logger.info("The teacher cache in %s was made for another teacher or data set: recomputing it.", cache_dir)
-    if top_k is None and task != "sequence-classification":
+    if top_k is None and get_task(task).logit_layout.per_position:
         size = estimated_cache_bytes(dataset, width or 0, dtype, None)
         parent = os.path.dirname(os.path.abspath(cache_dir))
         os.makedirs(parent, exist_ok=True)
@@ -372,6 +396,7 @@ class TeacherCacheCollator:
     def __init__(self, collator, task: str, cache=None, padding_side: str = "right", dtype: str = "float32", width=None):
         self.collator = collator
         self.task = task
+        self.layout = get_task(task).logit_layout
         self.cache = cache.with_format("arrow") if cache is not None else None
         self.padding_side = padding_side
         self.dtype = dtype
@@ -390,26 +415,26 @@ class TeacherCacheCollator:
         batch = self.collator([{k: v for k, v in f.items() if k != ROW} for f in features])
         table = self.cache[rows]
         lengths = table.column(LENGTH).to_pylist()
-        if self.task == "sequence-classification":
-            if INDICES in table.column_names:  # top-k: float32 log-probabilities and their class ids
-                batch[LOGITS] = torch.stack(self._column(table, LOGITS, "float32"))
-                batch[INDICES] = torch.stack(self._column(table, INDICES, "int32")).long()
-            else:
-                batch[LOGITS] = torch.stack(self._column(table, LOGITS, self.dtype))
+        top_k = INDICES in table.column_names  # top-k: float32 log-probabilities and their class ids
+        positions = self.layout.over_positions
+        keys = [k for k in (*map(teacher_key, self.layout.outputs), INDICES) if k in table.column_names]
+        if not self.layout.per_position:  # one row of values per example
+            for key in keys:
+                batch[key] = torch.stack(self._column(table, key, stored_dtype(key, self.dtype, top_k, positions)))
+            if top_k:
+                batch[INDICES] = batch[INDICES].long()
             return batch
         spans = example_spans(batch["input_ids"], [f["input_ids"] for f in features], self.padding_side)
         ids = batch["input_ids"] if batch["input_ids"].dim() == 2 else batch["input_ids"][None]
         shape = ids.shape
         covered = torch.zeros(shape, dtype=torch.bool)
-        for key in (LOGITS, INDICES, START, END):
-            if key not in table.column_names:
-                continue
-            dtype = "int32" if key == INDICES else "float32" if key in (START, END) or INDICES in table.column_names else self.dtype
-            values = self._column(table, key, dtype)
-            per_pos = next((v.numel() // n for v, n in zip(values, lengths) if n), 1) if key not in (START, END) else 1
-            # QA padding gets no probability; top-k padding is a valid (empty) log-probability row, so the placed
-            # cache is a well-formed teacher everywhere. Padding positions are masked out of the loss regardless.
-            pad = PAD_LOGIT if key in (START, END) or (key == LOGITS and INDICES in table.column_names) else 0
+        for key in keys:
+            values = self._column(table, key, stored_dtype(key, self.dtype, top_k, positions))
+            # Logits over positions hold one value per position; the others a row of classes (or top-k) each.
+            per_pos = 1 if positions else next((v.numel() // n for v, n in zip(values, lengths) if n), 1)
+            # Padding positions get no probability (over positions) or a valid, empty top-k log-probability row, so
+            # the placed cache is a well-formed teacher everywhere. Padding is masked out of the loss regardless.
+            pad = PAD_LOGIT if positions or (top_k and key != INDICES) else 0
             out = torch.full((*shape, per_pos), pad, dtype=values[0].dtype)
             for (r, s, n), value, length in zip(spans, values, lengths):
                 if length != n:
@@ -419,7 +444,7 @@ class TeacherCacheCollator:
                     )
                 out[r, s : s + n] = value.reshape(n, per_pos)
                 covered[r, s : s + n] = True
-            batch[key] = out[..., 0] if key in (START, END) else out
+            batch[key] = out[..., 0] if positions else out
         if INDICES in batch:
             batch[INDICES] = batch[INDICES].long()
         batch[COVERED] = covered

@@ -6,7 +6,10 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-TASKS = ("auto", "sequence-classification", "token-classification", "question-answering", "causal-lm")
+from ..tasks import TASKS
+
+# `auto` (the student's class decides) or a task of the one table, `hf_compress.tasks`.
+TASK_CHOICES = ("auto",) + TASKS
 TEACHER_DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -75,7 +78,7 @@ class DistillationArguments(TrainingArguments):
         default=None, metadata={"help": "Teacher device (default: the student's device on each process)."}
     )
     distillation_task: str = field(
-        default="auto", metadata={"help": f"One of {', '.join(TASKS)}."}
+        default="auto", metadata={"help": f"One of {', '.join(TASK_CHOICES)}."}
     )
 
     def __post_init__(self):
@@ -121,6 +124,8 @@ class DistillationArguments(TrainingArguments):
             raise ValueError(
                 f"teacher_cache_dtype must be one of {', '.join(TEACHER_DTYPES)}, got {self.teacher_cache_dtype!r}."
             )
-        if self.distillation_task not in TASKS:
-            raise ValueError(f"distillation_task must be one of {', '.join(TASKS)}, got {self.distillation_task!r}.")
+        if self.distillation_task not in TASK_CHOICES:
+            raise ValueError(
+                f"distillation_task must be one of {', '.join(TASK_CHOICES)}, got {self.distillation_task!r}."
+            )
         super().__post_init__()

@@ -4,31 +4,10 @@ from __future__ import annotations
 
 import torch
 
-_AUTO_CLASSES = {
-    "sequence-classification": "AutoModelForSequenceClassification",
-    "token-classification": "AutoModelForTokenClassification",
-    "question-answering": "AutoModelForQuestionAnswering",
-    "causal-lm": "AutoModelForCausalLM",
-}
-_CLASS_SUFFIXES = (
-    ("ForSequenceClassification", "sequence-classification"),
-    ("ForTokenClassification", "token-classification"),
-    ("ForQuestionAnswering", "question-answering"),
-    ("ForCausalLM", "causal-lm"),
-    ("LMHeadModel", "causal-lm"),
-)
+from ..tasks import get_task, task_of_model
 
-
-def infer_task(model) -> str:
-    """The distillation task of a `*For<Task>` model, from its class name."""
-    name = type(model).__name__
-    for suffix, task in _CLASS_SUFFIXES:
-        if name.endswith(suffix):
-            return task
-    raise ValueError(
-        f"Cannot tell the task of a `{name}`; pass `distillation_task` (sequence-classification, "
-        "token-classification, question-answering or causal-lm)."
-    )
+# The older name of `hf_compress.tasks.task_of_model` (the task of a loaded `*For<Task>` model), kept for imports.
+infer_task = task_of_model
 
 
 def load_teacher(teacher, task: str, dtype: str | None = None):
@@ -39,7 +18,7 @@ def load_teacher(teacher, task: str, dtype: str | None = None):
         raise TypeError(f"teacher_model must be a PreTrainedModel or a path, got {type(teacher).__name__}.")
     import transformers
 
-    auto_class = getattr(transformers, _AUTO_CLASSES[task])
+    auto_class = getattr(transformers, get_task(task).auto_class)
     kwargs = {"dtype": getattr(torch, dtype)} if dtype else {}
     try:
         return auto_class.from_pretrained(teacher, **kwargs)
@@ -95,16 +74,6 @@ def prepare_teacher(teacher, device=None, dtype: str | None = None, accelerator=
     return teacher
 
 
-def _num_outputs(model, task: str) -> tuple[str, int]:
-    if task == "causal-lm":
-        out = model.get_output_embeddings()
-        size = out.weight.shape[0] if out is not None else model.config.vocab_size
-        return "vocab_size", size
-    if task == "question-answering":
-        return "outputs", 2
-    return "num_labels", model.config.num_labels
-
-
 def input_vocabulary_rows(model) -> int | None:
     """The rows of the model's input embedding (`get_input_embeddings().num_embeddings`): the token ids it reads.
 
@@ -150,14 +119,16 @@ def check_compatible(student, teacher, task: str, student_tokenizer=None, teache
 
     For every task the teacher reads the student's token ids, so the input embeddings must cover the same
     vocabulary (`get_input_embeddings().num_embeddings`), and the tokenizers, when both are known, must map every
-    token to the same id. Sizes that differ only by padding rows are accepted when a tokenizer fits in both. A causal LM is also compared on its usable logit width: with padded heads the logits are
-    sliced to the narrower width, which is returned. Returns `None` when the widths are equal or not logits.
+    token to the same id. Sizes that differ only by padding rows are accepted when a tokenizer fits in both. Logits
+    over a vocabulary (a causal LM) are also compared on their usable width: with padded heads the logits are sliced
+    to the narrower width, which is returned. Returns `None` when the widths are equal or not a vocabulary.
     """
-    what, s = _num_outputs(student, task)
-    _, t = _num_outputs(teacher, task)
+    layout = get_task(task).logit_layout
+    what, s = layout.class_count(student)
+    _, t = layout.class_count(teacher)
     width = None
     if s != t:
-        if what != "vocab_size":
+        if not layout.over_vocabulary:
             raise ValueError(f"The student has {what} {s} but the teacher has {t}; use a teacher trained on the same labels.")
         width = _shared_rows(what, s, t, student_tokenizer, teacher_tokenizer, "head")
     s_in, t_in = input_vocabulary_rows(student), input_vocabulary_rows(teacher)
@@ -166,7 +137,7 @@ def check_compatible(student, teacher, task: str, student_tokenizer=None, teache
             "input-embedding size (`get_input_embeddings().num_embeddings`)", s_in, t_in, student_tokenizer,
             teacher_tokenizer, "embedding",
         )
-    if task in ("sequence-classification", "token-classification"):
+    if layout.compares_label_maps:
         s_map, t_map = student.config.id2label, teacher.config.id2label
         generic = lambda m: all(v == f"LABEL_{k}" for k, v in m.items())  # noqa: E731
         if not generic(s_map) and not generic(t_map) and s_map != t_map:

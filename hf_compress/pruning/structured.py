@@ -607,20 +607,32 @@ def _prune_hidden(model, blocks: _Blocks, kept_channels: list[int]) -> None:
 
 
 def drop_layers(model, keep_layers: list[int]):
-    """Keep only the blocks `keep_layers` (in place), renumbering their `layer_idx` and the config's per-layer lists."""
-    blocks = _blocks(model)
-    n = len(blocks.layers)
+    """Keep only the blocks `keep_layers` (in place), renumbering their `layer_idx` and the config's per-layer lists.
+
+    Works on any model: a family structured pruning lists gives its block list; any other model, its one
+    `nn.ModuleList` of `config.num_hidden_layers` modules (what a layer-dropped distillation student needs).
+    """
+    try:
+        layers = _blocks(model).layers
+    except StructuredPruningError:
+        n = model.config.num_hidden_layers
+        layers = next((m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) == n), None)
+        if layers is None:
+            raise StructuredPruningError(
+                f"Cannot find the {n} transformer layers of `{type(model).__name__}` to drop some of them."
+            ) from None
+    n = len(layers)
     if not keep_layers or any(not 0 <= i < n for i in keep_layers) or len(set(keep_layers)) != len(keep_layers):
         raise StructuredPruningError(f"keep_layers must be distinct layer indices in [0, {n}), got {keep_layers}.")
     keep_layers = sorted(keep_layers)
-    kept = [blocks.layers[i] for i in keep_layers]
+    kept = [layers[i] for i in keep_layers]
     for new_idx, layer in enumerate(kept):
         for module in layer.modules():
             if hasattr(module, "layer_idx"):
                 module.layer_idx = new_idx  # KV-cache slot of decoder layers
-    blocks.layers._modules.clear()
+    layers._modules.clear()
     for i, layer in enumerate(kept):
-        blocks.layers.add_module(str(i), layer)
+        layers.add_module(str(i), layer)
     cfg = model.config
     for name in ("layer_types", "sliding_window_pattern_list", "mlp_only_layers"):
         value = getattr(cfg, name, None)

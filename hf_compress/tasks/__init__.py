@@ -1,4 +1,8 @@
-"""The tasks `hf-compress` runs, one module each, and how a checkpoint's task is inferred.
+"""The one table of tasks, one module each, and how a checkpoint's or a model's task is inferred.
+
+Each [`Task`] entry holds its name (`--task`, `distillation_task`), its auto class, the class-name suffixes of its
+models, its pipeline tag and metrics, and how its logits are laid out ([`LogitLayout`]): the pipeline, distillation
+and the model cards read them from here.
 
 Adding a task: write a [`Task`] subclass in a new module and list it in `TASK_CLASSES`.
 """
@@ -6,6 +10,7 @@ Adding a task: write a [`Task`] subclass in a new module and list it in `TASK_CL
 from __future__ import annotations
 
 from .base import CompressionInputError, Task
+from .layout import LogitLayout
 from .causal_lm import CausalLMTask
 from .question_answering import QuestionAnsweringTask
 from .sequence_classification import SequenceClassificationTask
@@ -24,6 +29,30 @@ def get_task(name: str) -> type[Task]:
     if name not in TASK_CLASSES:
         raise CompressionInputError(f"task must be auto or one of {', '.join(TASKS)}, got {name!r}.")
     return TASK_CLASSES[name]
+
+
+def task_of_class(name: str | None) -> type[Task] | None:
+    """The task whose model classes are named like `name` (`BertForSequenceClassification`, `GPT2LMHeadModel`, a
+    PEFT `PeftModelForCausalLM`, a card's `architecture`), by [`Task.class_suffixes`]; `None` when none matches."""
+    for task in TASK_CLASSES.values():
+        if name and name.endswith(task.class_suffixes):
+            return task
+    return None
+
+
+def task_of_model(model) -> str:
+    """The task name of a loaded `*For<Task>` model, from its class name ([`task_of_class`]).
+
+    Raises:
+        `ValueError`: the class names no task; the message asks for the task to be given.
+    """
+    name = type(model).__name__
+    task = task_of_class(name)
+    if task is None:
+        raise ValueError(
+            f"Cannot tell the task of a `{name}`; pass `distillation_task` (or `--task`): one of {', '.join(TASKS)}."
+        )
+    return task.name
 
 
 def _ecosystem_task(arch: str) -> str | None:
@@ -92,5 +121,6 @@ def check_task_supported(config, task: str) -> None:
         )
 
 
-__all__ = ["TASKS", "TASK_CLASSES", "CompressionInputError", "Task", "check_task_supported", "get_task", "infer_task",
+__all__ = ["TASKS", "TASK_CLASSES", "CompressionInputError", "LogitLayout", "Task", "check_task_supported", "get_task",
+           "infer_task", "task_of_class", "task_of_model",
            "CausalLMTask", "QuestionAnsweringTask", "SequenceClassificationTask", "TokenClassificationTask"]

@@ -1,13 +1,16 @@
-"""What every task module provides to the pipeline, and the helpers they share.
+"""What every task module provides to the pipeline, to distillation and to the cards, and the helpers they share.
 
-The pipeline (`hf_compress.compression`) never branches on the task: it asks a [`Task`] for the columns, the
-preprocessing, the collator, the evaluation and the card's metadata. A task is one subclass in one module, listed
-once in `hf_compress.tasks.TASKS`.
+Nothing branches on the task's name: the pipeline asks a [`Task`] for the columns, the preprocessing, the collator,
+the evaluation and the card's metadata; distillation asks its [`~hf_compress.tasks.layout.LogitLayout`]
+(`Task.logit_layout`) how the logits are laid out. A task is one subclass in one module, listed once in
+`hf_compress.tasks.TASK_CLASSES` (whose names are `hf_compress.tasks.TASKS`).
 """
 
 from __future__ import annotations
 
 import torch
+
+from .layout import LogitLayout
 
 
 class CompressionInputError(ValueError):
@@ -97,6 +100,8 @@ class Task:
     Attributes:
         name (`str`): the `--task` value.
         auto_class (`str`): the transformers `AutoModelFor*` class.
+        class_suffixes (`tuple[str]`): how the names of this task's model classes end (`BertForSequenceClassification`,
+            `GPT2LMHeadModel`): the task of a loaded model or of a card's `architecture`.
         mapping_names (`str`): the `transformers.models.auto.modeling_auto` mapping of the model types that have a
             class for this task.
         optimum_tasks (`tuple[str]`): what optimum's `TasksManager.infer_task_from_model` calls this task.
@@ -104,20 +109,31 @@ class Task:
         metric_names (`tuple[str]`): the metrics `evaluate` returns, the first one is the headline.
         lower_is_better (`tuple[str]`): metrics where smaller is better (perplexity).
         new_head (`bool`): a headless checkpoint gets this task's head when `--task auto`.
-        verification_outputs (`tuple[str]`): the model outputs recorded for `--verify_push` (`verification_sample`).
+        logit_layout ([`~hf_compress.tasks.layout.LogitLayout`]): how the logits are laid out, what distillation reads.
+        verification_outputs (`tuple[str]`): the model outputs recorded for `--verify_push` (`verification_sample`):
+            the distilled outputs of `logit_layout`.
         verification_reduce (`bool`): record them by argmax and max along the last axis (a vocabulary), not in full.
     """
 
     name = ""
     auto_class = ""
+    class_suffixes: tuple = ()
     mapping_names = ""
     optimum_tasks: tuple = ()
     pipeline_tag = ""
     metric_names: tuple = ()
     lower_is_better: tuple = ()
     new_head = False
-    verification_outputs: tuple = ("logits",)
-    verification_reduce = False
+    logit_layout = LogitLayout()
+
+    @property
+    def verification_outputs(self) -> tuple:
+        return self.logit_layout.outputs
+
+    @property
+    def verification_reduce(self) -> bool:
+        # [positions, vocabulary] logits: recorded by argmax and max per position
+        return self.logit_layout.over_vocabulary
 
     def __init__(self, data_args, dataset_name: str):
         self.data_args = data_args

@@ -8,6 +8,7 @@ import math
 import torch
 
 from .base import CompressionInputError, Task, batched_outputs, is_string_feature, pick_column
+from .layout import LogitLayout
 
 TEXT_COLUMNS = ("text", "content", "document", "story", "body")
 MESSAGES_COLUMNS = ("messages", "conversations")
@@ -17,12 +18,14 @@ IGNORE = -100
 class CausalLMTask(Task):
     name = "causal-lm"
     auto_class = "AutoModelForCausalLM"
+    class_suffixes = ("ForCausalLM", "LMHeadModel")
     mapping_names = "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"
     optimum_tasks = ("text-generation", "text-generation-with-past")
     pipeline_tag = "text-generation"
     metric_names = ("perplexity", "token_accuracy")
-    verification_reduce = True  # [positions, vocabulary] logits: recorded by argmax and max per position
     lower_is_better = ("perplexity",)
+    # Next-token logits over the vocabulary, averaged over the accumulated batch's tokens.
+    logit_layout = LogitLayout(classes="vocabulary", shift_labels=True, token_average=True)
 
     def resolve(self, train, evaluation, eval_split):
         da, name = self.data_args, self.dataset_name

@@ -7,6 +7,7 @@ import json
 import numpy as np
 
 from .base import CompressionInputError, Task, batched_outputs, pick_column
+from .layout import LogitLayout
 
 # The n best start and end logits tried per window, and the longest answer (in tokens): SQuAD v1.1's usual values.
 N_BEST = 20
@@ -16,11 +17,14 @@ MAX_ANSWER_TOKENS = 30
 class QuestionAnsweringTask(Task):
     name = "question-answering"
     auto_class = "AutoModelForQuestionAnswering"
+    class_suffixes = ("ForQuestionAnswering",)
     mapping_names = "MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES"
     optimum_tasks = ("question-answering",)
     pipeline_tag = "question-answering"
     metric_names = ("exact_match", "f1")
-    verification_outputs = ("start_logits", "end_logits")
+    # Start and end distributions over the positions; the answer span's positions are the labels.
+    logit_layout = LogitLayout(outputs=("start_logits", "end_logits"), classes="positions",
+                               label_names=("start_positions", "end_positions"))
 
     def resolve(self, train, evaluation, eval_split):
         da, name = self.data_args, self.dataset_name

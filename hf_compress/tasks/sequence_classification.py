@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .base import CompressionInputError, LabelledTask, encode_labels, is_string_feature, pick_column
+from .layout import LogitLayout
 
 TEXT_COLUMNS = ("text", "sentence", "review", "content", "document", "comment", "tweet", "utterance")
 PAIR_COLUMNS = (("sentence1", "sentence2"), ("premise", "hypothesis"), ("question", "sentence"), ("question1", "question2"))
@@ -12,11 +13,14 @@ LABEL_COLUMNS = ("label", "labels", "class", "target", "sentiment", "category")
 class SequenceClassificationTask(LabelledTask):
     name = "sequence-classification"
     auto_class = "AutoModelForSequenceClassification"
+    class_suffixes = ("ForSequenceClassification",)
     mapping_names = "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES"
     optimum_tasks = ("text-classification",)
     pipeline_tag = "text-classification"
     metric_names = ("accuracy", "f1")
     new_head = True
+    # One distribution over the labels per example (equal-sized micro-batches: averaged per micro-batch).
+    logit_layout = LogitLayout(per_position=False)
 
     def verification_sample(self, model, features, tokenizer, num_examples=8):
         """The examples' logits, predictions and metrics (`model_cards.verification_sample`): `--verify_push`

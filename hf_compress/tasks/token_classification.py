@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .base import CompressionInputError, LabelledTask, batched_outputs, encode_labels, pick_column
+from .layout import LogitLayout
 
 TOKENS_COLUMNS = ("tokens", "words")
 TAGS_COLUMNS = ("ner_tags", "tags", "labels", "label", "pos_tags", "chunk_tags")
@@ -14,11 +15,14 @@ class TokenClassificationTask(LabelledTask):
     label_noun = "tags"
     name = "token-classification"
     auto_class = "AutoModelForTokenClassification"
+    class_suffixes = ("ForTokenClassification",)
     mapping_names = "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES"
     optimum_tasks = ("token-classification",)
     pipeline_tag = "token-classification"
     # seqeval's entity-level F1 first: the standard NER figure; `accuracy` is per word.
     metric_names = ("f1", "precision", "recall", "accuracy")
+    # One distribution over the tags per token, averaged over the accumulated batch's labelled tokens.
+    logit_layout = LogitLayout(token_average=True)
 
     def resolve(self, train, evaluation, eval_split):
         import datasets

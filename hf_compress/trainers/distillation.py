@@ -2,12 +2,13 @@
 
 The distillation logic lives in [`DistillationMixin`], which composes with any `Trainer` subclass that keeps the
 `compute_loss` contract: `DistillationTrainer = DistillationMixin + Trainer`, and
-`hf_compress.trainers.trl.SFTDistillationTrainer = DistillationMixin + trl.SFTTrainer`.
+`hf_compress.trainers.SFTDistillationTrainer = DistillationMixin + trl.SFTTrainer` (`trainers/sft.py`).
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import NamedTuple
 
 import torch
 from transformers import Trainer
@@ -15,8 +16,21 @@ from transformers import Trainer
 from ..distillation import cache as teacher_cache
 from ..distillation.config import DistillationArguments
 from ..distillation.loss import distillation_loss, loss_mask
-from ..distillation.teacher import check_compatible, infer_task, load_teacher, prepare_teacher
+from ..distillation.teacher import check_compatible, load_teacher, prepare_teacher
 from ..distributed import check_distributed_support
+from ..tasks import get_task, task_of_model
+
+
+class _LossParts(NamedTuple):
+    """One batch's loss, its logged parts, the positions they count, what they are divided by, and the
+    `num_items_in_batch` the loss is already normalised by (`None`: per micro-batch)."""
+
+    loss: torch.Tensor
+    hard: torch.Tensor | None
+    soft: torch.Tensor
+    count: object
+    denominator: object
+    num_items: object
 
 
 class DistillationMixin:
@@ -35,88 +49,64 @@ class DistillationMixin:
 
     def __init__(self, model=None, teacher_model=None, args: DistillationArguments | None = None, teacher_tokenizer=None,
                  teacher_logits: str | None = None, **kwargs):
-        if args is None:
-            args = DistillationArguments(output_dir="tmp_trainer")
-        if not isinstance(args, DistillationArguments):
-            raise TypeError(
-                f"{type(self).__name__} needs `DistillationArguments`, got `{type(args).__name__}`; "
-                "build the arguments with `hf_compress.distillation.DistillationArguments(...)`."
-            )
-        if model is None:
-            raise ValueError(f"{type(self).__name__} needs a student `model`.")
-        if teacher_logits is not None:
-            if args.teacher_logits not in (None, teacher_logits):
-                raise ValueError(
-                    f"teacher_logits={teacher_logits!r} but args.teacher_logits={args.teacher_logits!r}; give it once."
-                )
-            args.teacher_logits = teacher_logits
-            if args.cache_teacher_logits:
-                raise ValueError(
-                    f"teacher_logits={teacher_logits!r} replaces the teacher and its cache; drop `cache_teacher_logits`."
-                )
-        hub_logits = args.teacher_logits
-        if hub_logits is not None:
-            if isinstance(teacher_model, torch.nn.Module):
-                raise ValueError(
-                    f"teacher_logits={hub_logits!r} replaces the teacher: pass `teacher_model=None` (or the teacher's id, "
-                    "checked against the cache), not a loaded model."
-                )
-            if teacher_model is not None and not isinstance(teacher_model, str):
-                raise TypeError(f"teacher_model must be None or the teacher's id with teacher_logits, got {type(teacher_model).__name__}.")
-            evaluates = str(getattr(args.eval_strategy, "value", args.eval_strategy)) != "no"
-            if kwargs.get("eval_dataset") is not None and evaluates:
-                raise ValueError(
-                    f"teacher_logits={hub_logits!r} holds the training set's logits only, so evaluation has no teacher; "
-                    "set `eval_strategy=\"no\"` and evaluate the student with a plain `Trainer`, or use a live teacher."
-                )
-        elif args.teacher_revision is not None:
-            raise ValueError(
-                f"teacher_revision={args.teacher_revision!r} is checked against Hub teacher logits only; set "
-                "`teacher_logits` or drop `teacher_revision`."
-            )
-        elif teacher_model is None:
-            raise ValueError(f"{type(self).__name__} needs a `teacher_model` (a PreTrainedModel or a path).")
+        args = _checked_arguments(type(self).__name__, model, teacher_model, args, teacher_logits, kwargs)
         # FSDP1, `use_cpu=True` + `fsdp` (silently DDP), callbacks that are not exact under the run's sharding.
         check_distributed_support(args, kwargs.get("callbacks") or ())
-        if args.distillation_task != "auto":
-            task = args.distillation_task
-        elif isinstance(model, torch.nn.Module):
-            task = infer_task(model)
-        elif self.default_task is not None:
-            task = self.default_task
-        else:
-            raise ValueError(f"{type(self).__name__} needs the student as a model; got {type(model).__name__}.")
-        if hub_logits is not None:
-            teacher = None  # the Hub cache replaces it: nothing of the teacher is ever loaded
-        else:
-            teacher = load_teacher(teacher_model, task, args.teacher_dtype)
-            if teacher_tokenizer is None and isinstance(teacher_model, str):
-                teacher_tokenizer = _try_load_tokenizer(teacher_model)
-            processing_class = _tokenizer_of(kwargs.get("processing_class"))
-            # Checked before the Trainer sets anything up: a mismatch is a one-line error, not a crash mid-epoch. A
-            # trainer that loads its own tokenizer (SFTTrainer) is checked once it has it.
-            if isinstance(model, torch.nn.Module) and (processing_class is not None or self.default_task is None):
-                check_compatible(model, teacher, task, processing_class, teacher_tokenizer)
+        task = self._student_task(model, args)
+        hub_logits = args.teacher_logits
+        teacher = None  # with Hub teacher logits nothing of the teacher is ever loaded
+        if hub_logits is None:
+            teacher, teacher_tokenizer = self._load_teacher(model, teacher_model, task, args, teacher_tokenizer, kwargs)
         if self.needs_tokenized_dataset:
             _check_tokenized(kwargs.get("train_dataset"), "train_dataset")
         super().__init__(model=model, args=args, **kwargs)
         self.task = task
+        self.logit_layout = get_task(task).logit_layout
         self.teacher_cache = None
         # Per mode: summed hard / soft losses over counted positions, and the count (see `log`).
         self._distill_sums = {"train": defaultdict(float), "eval": defaultdict(float)}
-        if self.task == "question-answering" and "start_positions" not in self.label_names:
-            self.label_names = ["start_positions", "end_positions"]
+        label_names = self.logit_layout.label_names
+        if label_names and label_names[0] not in self.label_names:
+            self.label_names = list(label_names)
         if hub_logits is not None:
             self.teacher = None
             self._use_hub_teacher_logits(hub_logits, teacher_model)
             return
+        self._place_teacher(teacher, teacher_tokenizer)
+
+    def _student_task(self, model, args: DistillationArguments) -> str:
+        """The task: `distillation_task`, else the student's class, else the trainer's `default_task`."""
+        if args.distillation_task != "auto":
+            return args.distillation_task
+        if isinstance(model, torch.nn.Module):
+            return task_of_model(model)
+        if self.default_task is not None:
+            return self.default_task
+        raise ValueError(f"{type(self).__name__} needs the student as a model; got {type(model).__name__}.")
+
+    def _load_teacher(self, model, teacher_model, task: str, args, teacher_tokenizer, kwargs):
+        """The teacher (loaded when given as a path) and its tokenizer, checked against the student when it can be."""
+        teacher = load_teacher(teacher_model, task, args.teacher_dtype)
+        if teacher_tokenizer is None and isinstance(teacher_model, str):
+            teacher_tokenizer = _try_load_tokenizer(teacher_model)
+        processing_class = _tokenizer_of(kwargs.get("processing_class"))
+        # Checked before the Trainer sets anything up: a mismatch is a one-line error, not a crash mid-epoch. A
+        # trainer that loads its own tokenizer (SFTTrainer) is checked once it has it.
+        if isinstance(model, torch.nn.Module) and (processing_class is not None or self.default_task is None):
+            check_compatible(model, teacher, task, processing_class, teacher_tokenizer)
+        return teacher, teacher_tokenizer
+
+    def _place_teacher(self, teacher, teacher_tokenizer) -> None:
+        """Check the teacher against the built student, freeze and place it, and cache its logits if asked."""
+        args = self.args
+        student = self.accelerator.unwrap_model(self.model)
         self.teacher_width = check_compatible(
-            self.accelerator.unwrap_model(self.model), teacher, task, _tokenizer_of(self.processing_class), teacher_tokenizer
+            student, teacher, self.task, _tokenizer_of(self.processing_class), teacher_tokenizer
         )
         # Left-padded rows are read at their unpadded positions when a model has absolute position embeddings.
-        self._takes_positions = teacher_cache.unpadded_positions_apply(self.accelerator.unwrap_model(self.model), teacher)
+        self._takes_positions = teacher_cache.unpadded_positions_apply(student, teacher)
         self.teacher = prepare_teacher(
-            teacher, args.teacher_device or self.args.device, args.teacher_dtype,
+            teacher, args.teacher_device or args.device, args.teacher_dtype,
             accelerator=self.accelerator if getattr(self, "is_deepspeed_enabled", False) else None,
             cached=args.cache_teacher_logits,
         )
@@ -139,7 +129,7 @@ class DistillationMixin:
         cols = self.train_dataset.column_names
         if self.args.remove_unused_columns:
             cols = [c for c in cols if c in self._signature_columns]
-        if self.task == "causal-lm":
+        if self.logit_layout.over_vocabulary:  # the cache stores the usable width of the head
             width = self.teacher_width or self.teacher.get_output_embeddings().weight.shape[0]
         else:
             width = None
@@ -227,70 +217,81 @@ class DistillationMixin:
                 f"{self.args.teacher_logits!r} covers the training set only); evaluate the student with a plain `Trainer`."
             )
         teacher_out = cached or teacher_cache.teacher_forward(self.teacher, inputs, self.task, self.teacher_width)
-        teacher_out = {k: v.to(outputs[_student_key(k)].device) for k, v in teacher_out.items()}
-        args = self.args
-        mode = "train" if model.training else "eval"
-
-        if self.task == "question-answering":
-            seq_len = outputs.start_logits.shape[1]
-            # The classes are the positions: a padded position is no answer for either model, so a padded row has
-            # the distribution of its unpadded example, live or cached (the cache holds no logits there).
-            valid = inputs.get("attention_mask")
-            if covered is not None:
-                valid = covered if valid is None else valid.bool() & covered.to(valid.device)
-            parts = []
-            for key, pos_key in (("start_logits", "start_positions"), ("end_logits", "end_positions")):
-                pos = labels.get(pos_key)
-                if pos is not None:  # as BERT's QA head: positions outside the sequence are ignored
-                    pos = torch.where((pos >= 0) & (pos < seq_len), pos, torch.full_like(pos, -100))
-                student_logits, teacher_logits = outputs[key], teacher_out[f"teacher_{key}"]
-                if valid is not None:
-                    pad = ~valid.bool().to(student_logits.device)
-                    student_logits = student_logits.masked_fill(pad, teacher_cache.PAD_LOGIT)
-                    teacher_logits = teacher_logits.masked_fill(pad, teacher_cache.PAD_LOGIT)
-                parts.append(distillation_loss(student_logits, teacher_logits, pos, args.temperature, args.alpha))
-            loss = (parts[0].loss + parts[1].loss) / 2
-            hard = None if parts[0].hard_loss is None else (parts[0].hard_loss + parts[1].hard_loss) / 2
-            soft = (parts[0].soft_loss + parts[1].soft_loss) / 2
-            count = denominator = outputs.start_logits.shape[0]
-            num_items_in_batch = None
+        device = outputs[self.logit_layout.outputs[0]].device
+        teacher_out = {k: v.to(device) for k, v in teacher_out.items()}
+        if self.logit_layout.over_positions:
+            parts = self._positions_loss(outputs, teacher_out, labels, inputs.get("attention_mask"), covered)
         else:
-            logits = outputs.logits
-            if self.teacher_width is not None and logits.shape[-1] > self.teacher_width:
-                logits = logits[..., : self.teacher_width]  # a view: the padded rows of the head are never used
-            y, shift = labels.get("labels"), self.task == "causal-lm"
-            if "shift_labels" in labels:  # a padding-free collator that already shifted the labels
-                y, shift = labels["shift_labels"], False
-            attention = inputs.get("attention_mask") if self.task != "sequence-classification" else None
-            if covered is not None:
-                attention = covered.to(logits.device) if attention is None else attention.bool() & covered.to(attention.device)
-            # Token-level tasks divide by the accumulated batch's label count, so gradient accumulation averages
-            # over tokens as one large batch would; classification averages per micro-batch (equal sizes).
-            n = num_items_in_batch if self.task in ("causal-lm", "token-classification") and y is not None else None
-            res = distillation_loss(
-                logits, teacher_out[teacher_cache.LOGITS], y, args.temperature, args.alpha, shift_labels=shift,
-                attention_mask=attention, num_items_in_batch=n, teacher_indices=teacher_out.get(teacher_cache.INDICES),
-            )
-            loss, hard, soft, num_items_in_batch = res.loss, res.hard_loss, res.soft_loss, n
-            mask, _ = loss_mask(logits.shape[:-1], y, attention, shift_labels=shift)
-            count = mask.sum()
-            denominator = count if n is None else n
+            parts = self._classes_loss(outputs, teacher_out, labels, inputs.get("attention_mask"), covered,
+                                       num_items_in_batch)
+        loss = parts.loss
         # Tell `training_step` whether this loss is already normalised for gradient accumulation.
-        self.loss_is_scaled_for_ga = num_items_in_batch is not None
-        if num_items_in_batch is not None and self.args.average_tokens_across_devices:
+        self.loss_is_scaled_for_ga = parts.num_items is not None
+        if parts.num_items is not None and self.args.average_tokens_across_devices:
             # As `Trainer.compute_loss`: the count was summed over processes and DDP averages the gradients.
             loss = loss * self.accelerator.num_processes
-
-        # Logged parts are per-position averages: sums and counts are kept and divided at logging time, so neither
-        # gradient accumulation (parts divided by the whole accumulated count) nor the world size shrinks them.
-        sums = self._distill_sums[mode]
-        denominator = torch.as_tensor(denominator, dtype=torch.float32).to(soft.device)
-        sums["soft_loss"] = sums["soft_loss"] + soft.detach().float() * denominator
-        if hard is not None:
-            sums["hard_loss"] = sums["hard_loss"] + hard.detach().float() * denominator
-        sums["count"] = sums["count"] + torch.as_tensor(count, dtype=torch.float32).to(soft.device)
+        self._add_logged_parts("train" if model.training else "eval", parts)
         outputs["loss"] = loss
         return (loss, outputs) if return_outputs else loss
+
+    def _positions_loss(self, outputs, teacher_out, labels, attention_mask, covered) -> _LossParts:
+        """The loss when the classes are the positions (QA spans): one distillation loss per output, averaged."""
+        args = self.args
+        seq_len = outputs[self.logit_layout.outputs[0]].shape[1]
+        # A padded position is no answer for either model, so a padded row has the distribution of its unpadded
+        # example, live or cached (the cache holds no logits there).
+        valid = attention_mask
+        if covered is not None:
+            valid = covered if valid is None else valid.bool() & covered.to(valid.device)
+        results = []
+        for key, pos_key in zip(self.logit_layout.outputs, self.logit_layout.label_names):
+            pos = labels.get(pos_key)
+            if pos is not None:  # as BERT's QA head: positions outside the sequence are ignored
+                pos = torch.where((pos >= 0) & (pos < seq_len), pos, torch.full_like(pos, -100))
+            student_logits, teacher_logits = outputs[key], teacher_out[teacher_cache.teacher_key(key)]
+            if valid is not None:
+                pad = ~valid.bool().to(student_logits.device)
+                student_logits = student_logits.masked_fill(pad, teacher_cache.PAD_LOGIT)
+                teacher_logits = teacher_logits.masked_fill(pad, teacher_cache.PAD_LOGIT)
+            results.append(distillation_loss(student_logits, teacher_logits, pos, args.temperature, args.alpha))
+        n = len(results)
+        hard = None if results[0].hard_loss is None else sum(r.hard_loss for r in results) / n
+        count = outputs[self.logit_layout.outputs[0]].shape[0]
+        return _LossParts(sum(r.loss for r in results) / n, hard, sum(r.soft_loss for r in results) / n, count, count,
+                          None)
+
+    def _classes_loss(self, outputs, teacher_out, labels, attention_mask, covered, num_items_in_batch) -> _LossParts:
+        """The loss over labels or a vocabulary, per example or per token, as the task's `logit_layout` says."""
+        args, layout = self.args, self.logit_layout
+        logits = outputs.logits
+        if self.teacher_width is not None and logits.shape[-1] > self.teacher_width:
+            logits = logits[..., : self.teacher_width]  # a view: the padded rows of the head are never used
+        y, shift = labels.get("labels"), layout.shift_labels
+        if "shift_labels" in labels:  # a padding-free collator that already shifted the labels
+            y, shift = labels["shift_labels"], False
+        attention = attention_mask if layout.per_position else None
+        if covered is not None:
+            attention = covered.to(logits.device) if attention is None else attention.bool() & covered.to(attention.device)
+        # Token averages divide by the accumulated batch's label count, so gradient accumulation averages over tokens
+        # as one large batch would; the others average per micro-batch (equal sizes).
+        n = num_items_in_batch if layout.token_average and y is not None else None
+        res = distillation_loss(
+            logits, teacher_out[teacher_cache.LOGITS], y, args.temperature, args.alpha, shift_labels=shift,
+            attention_mask=attention, num_items_in_batch=n, teacher_indices=teacher_out.get(teacher_cache.INDICES),
+        )
+        mask, _ = loss_mask(logits.shape[:-1], y, attention, shift_labels=shift)
+        count = mask.sum()
+        return _LossParts(res.loss, res.hard_loss, res.soft_loss, count, count if n is None else n, n)
+
+    def _add_logged_parts(self, mode: str, parts: _LossParts) -> None:
+        """Logged parts are per-position averages: sums and counts are kept and divided at logging time, so neither
+        gradient accumulation (parts divided by the whole accumulated count) nor the world size shrinks them."""
+        sums, soft = self._distill_sums[mode], parts.soft
+        denominator = torch.as_tensor(parts.denominator, dtype=torch.float32).to(soft.device)
+        sums["soft_loss"] = sums["soft_loss"] + soft.detach().float() * denominator
+        if parts.hard is not None:
+            sums["hard_loss"] = sums["hard_loss"] + parts.hard.detach().float() * denominator
+        sums["count"] = sums["count"] + torch.as_tensor(parts.count, dtype=torch.float32).to(soft.device)
 
     def train(self, resume_from_checkpoint=None, **kwargs):
         """[`Trainer.train`], after checking the checkpoint to resume from (a truncated file is named in one line).
@@ -347,6 +348,53 @@ class DistillationTrainer(DistillationMixin, Trainer):
     """
 
 
+def _checked_arguments(trainer: str, model, teacher_model, args, teacher_logits, kwargs) -> DistillationArguments:
+    """The run's `DistillationArguments` (with `teacher_logits` given to the trainer folded in), after checking that
+    the student, the teacher and the teacher logits are given in a way that can run."""
+    if args is None:
+        args = DistillationArguments(output_dir="tmp_trainer")
+    if not isinstance(args, DistillationArguments):
+        raise TypeError(
+            f"{trainer} needs `DistillationArguments`, got `{type(args).__name__}`; "
+            "build the arguments with `hf_compress.distillation.DistillationArguments(...)`."
+        )
+    if model is None:
+        raise ValueError(f"{trainer} needs a student `model`.")
+    if teacher_logits is not None:
+        if args.teacher_logits not in (None, teacher_logits):
+            raise ValueError(
+                f"teacher_logits={teacher_logits!r} but args.teacher_logits={args.teacher_logits!r}; give it once."
+            )
+        args.teacher_logits = teacher_logits
+        if args.cache_teacher_logits:
+            raise ValueError(
+                f"teacher_logits={teacher_logits!r} replaces the teacher and its cache; drop `cache_teacher_logits`."
+            )
+    hub_logits = args.teacher_logits
+    if hub_logits is not None:
+        if isinstance(teacher_model, torch.nn.Module):
+            raise ValueError(
+                f"teacher_logits={hub_logits!r} replaces the teacher: pass `teacher_model=None` (or the teacher's id, "
+                "checked against the cache), not a loaded model."
+            )
+        if teacher_model is not None and not isinstance(teacher_model, str):
+            raise TypeError(f"teacher_model must be None or the teacher's id with teacher_logits, got {type(teacher_model).__name__}.")
+        evaluates = str(getattr(args.eval_strategy, "value", args.eval_strategy)) != "no"
+        if kwargs.get("eval_dataset") is not None and evaluates:
+            raise ValueError(
+                f"teacher_logits={hub_logits!r} holds the training set's logits only, so evaluation has no teacher; "
+                "set `eval_strategy=\"no\"` and evaluate the student with a plain `Trainer`, or use a live teacher."
+            )
+    elif args.teacher_revision is not None:
+        raise ValueError(
+            f"teacher_revision={args.teacher_revision!r} is checked against Hub teacher logits only; set "
+            "`teacher_logits` or drop `teacher_revision`."
+        )
+    elif teacher_model is None:
+        raise ValueError(f"{trainer} needs a `teacher_model` (a PreTrainedModel or a path).")
+    return args
+
+
 def _check_tokenized(dataset, name: str) -> None:
     cols = getattr(dataset, "column_names", None)
     if cols is not None and "input_ids" not in cols and "inputs_embeds" not in cols:
@@ -373,10 +421,6 @@ def _padding_side(processing_class, collator) -> str:
 def _default_cache_dtype(teacher) -> str:
     dtype = getattr(teacher, "dtype", torch.float32)
     return {torch.float16: "float16", torch.bfloat16: "bfloat16"}.get(dtype, "float32")
-
-
-def _student_key(teacher_key: str) -> str:
-    return {"teacher_start_logits": "start_logits", "teacher_end_logits": "end_logits"}.get(teacher_key, "logits")
 
 
 def _try_load_tokenizer(path: str):
