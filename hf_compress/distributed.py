@@ -166,7 +166,8 @@ def check_fsdp_support(args=None, callbacks=()) -> None:
 # ---- masks across ranks -------------------------------------------------------------------------------------
 
 
-def _dist():
+def initialized_dist():
+    """`torch.distributed` when a process group is initialized (under a launcher), else `None`."""
     import torch.distributed as dist
 
     return dist if dist.is_available() and dist.is_initialized() else None
@@ -185,7 +186,7 @@ def broadcast_masks(model, src: int = 0) -> int:
     from .pruning.masks import get_masks
 
     masks = get_masks(model)
-    dist = _dist()
+    dist = initialized_dist()
     if dist is None:
         return 0
     for name in sorted(masks):
@@ -222,7 +223,7 @@ def check_same_across_ranks(tensors: dict, what: str = "masks") -> str:
         `str`: this rank's digest.
     """
     digest = tensors_digest(tensors)
-    dist = _dist()
+    dist = initialized_dist()
     if dist is None:
         return digest
     digests = [None] * dist.get_world_size()

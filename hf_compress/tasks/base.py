@@ -1,6 +1,6 @@
 """What every task module provides to the pipeline, and the helpers they share.
 
-The pipeline (`hf_compress.compression`) never branches on the task: it asks a [`Task`] for the columns, the
+The pipeline (`hf_compress.pipeline`) never branches on the task: it asks a [`Task`] for the columns, the
 preprocessing, the collator, the evaluation and the card's metadata. A task is one subclass in one module, listed
 once in `hf_compress.tasks.TASKS`.
 """
