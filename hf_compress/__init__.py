@@ -28,7 +28,7 @@ _LAZY = {
     "save_compressed": "hf_compress.formats.bitmask",
     "load_compressed": "hf_compress.formats.bitmask",
     "push_to_hub": "hf_compress.hub",
-    "compress": "hf_compress.compression",
+    "compress": "hf_compress.pipeline.runner",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

@@ -165,7 +165,8 @@ def check_fsdp_support(args=None, callbacks=()) -> None:
 # ---- the process group ---------------------------------------------------------------------------------------
 
 
-def _dist():
+def initialized_dist():
+    """`torch.distributed` when a process group is initialized (under a launcher), else `None`."""
     import torch.distributed as dist
 
     return dist if dist.is_available() and dist.is_initialized() else None

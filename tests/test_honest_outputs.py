@@ -111,17 +111,17 @@ def test_loaders_check_catches_a_gap_written_into_the_checkpoint(ct_export, tmp_
 
 def _run_cli(tmp_path, out, extra=(), perturb=None, monkeypatch=None):
     """`hf-compress` on the tiny BERT; `perturb(model)` runs on the in-memory trained model right after the export."""
-    import hf_compress.compression as compression
+    import hf_compress.pipeline.export as export
 
     if perturb is not None:
-        original = compression.export_checkpoint
+        original = export.export_checkpoint
 
         def export_then_perturb(plan, model, tokenizer, ckpt, log):
             result = original(plan, model, tokenizer, ckpt, log)
             perturb(model)
             return result
 
-        monkeypatch.setattr(compression, "export_checkpoint", export_then_perturb)
+        monkeypatch.setattr(export, "export_checkpoint", export_then_perturb)
     model = make_tiny_model(tmp_path / "model")
     data = make_csv(tmp_path / "data.csv")
     code = main(["--model", model, "--dataset", data, "--output_dir", str(out), "--sparsity", "0.5", *extra, *FAST])

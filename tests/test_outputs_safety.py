@@ -117,7 +117,7 @@ def test_error_lines_hold_no_token(tmp_path, capsys):
 
 def test_compress_api_records_no_token(monkeypatch):
     """`compress(hub_token=...)`: the command string and the recipe handed to the card and report hold no token."""
-    import hf_compress.compression as compression
+    import hf_compress.pipeline.runner as runner
 
     seen = {}
 
@@ -125,9 +125,9 @@ def test_compress_api_records_no_token(monkeypatch):
         seen.update(command=command, recipe=recipe)
         return None
 
-    monkeypatch.setattr(compression, "prepare", fake_prepare)
-    monkeypatch.setattr(compression, "run", lambda plan: plan)
-    compression.compress("m", "d.csv", "out", hub_token=FAKE_TOKEN, run_name=OTHER_TOKEN)
+    monkeypatch.setattr(runner, "prepare", fake_prepare)
+    monkeypatch.setattr(runner, "run", lambda plan: plan)
+    runner.compress("m", "d.csv", "out", hub_token=FAKE_TOKEN, run_name=OTHER_TOKEN)
     assert FAKE_TOKEN not in seen["command"] and OTHER_TOKEN not in seen["command"]
     assert f"hub_token='{REDACTED}'" in seen["command"] and f"run_name='{REDACTED}'" in seen["command"]
     assert "hub_token" not in seen["recipe"] and seen["recipe"]["run_name"] == REDACTED

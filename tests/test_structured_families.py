@@ -209,8 +209,8 @@ def test_gemma3_hidden_reload_in_a_fresh_process_without_hf_compress(tmp_path):
 
 
 def _prepare(model_dir, data, out, **structured):
-    from hf_compress.compression import DataArguments, ModelArguments, prepare
     from hf_compress.distillation import DistillationArguments
+    from hf_compress.pipeline import DataArguments, ModelArguments, prepare
     from hf_compress.pruning import PruningArguments
     from hf_compress.pruning.structured_config import StructuredPruningArguments
     from hf_compress.quantization import QuantizationArguments
@@ -245,7 +245,7 @@ def test_prepare_refuses_an_unknown_family(tmp_path):
 def test_plan_names_the_structured_stage(tmp_path):
     from test_cli import make_csv, make_tiny_model
 
-    from hf_compress.compression import describe_plan
+    from hf_compress.pipeline import describe_plan
 
     plan = _prepare(make_tiny_model(tmp_path / "model"), make_csv(tmp_path / "data.csv"), tmp_path / "out",
                     prune_structure="ffn,layers", prune_keep=0.5)

@@ -142,7 +142,7 @@ def test_causal_lm_perplexity_matches_the_model_loss(models, tmp_path):
     import datasets
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from hf_compress.compression import DataArguments
+    from hf_compress.pipeline import DataArguments
     from hf_compress.tasks import CausalLMTask
 
     tok = AutoTokenizer.from_pretrained(models["causal"])
@@ -164,7 +164,7 @@ def test_token_labels_align_to_first_word_piece(models):
     import datasets
     from transformers import AutoTokenizer
 
-    from hf_compress.compression import DataArguments
+    from hf_compress.pipeline import DataArguments
     from hf_compress.tasks import TokenClassificationTask
 
     tok = AutoTokenizer.from_pretrained(models["token"])
@@ -185,7 +185,7 @@ def test_qa_answer_span_in_a_later_window(models):
     import numpy as np
     from transformers import AutoTokenizer
 
-    from hf_compress.compression import DataArguments
+    from hf_compress.pipeline import DataArguments
     from hf_compress.tasks import QuestionAnsweringTask
     from hf_compress.tasks.question_answering import best_answers
 

@@ -11,8 +11,8 @@ import os
 
 import pytest
 
-from hf_compress.compression import DataArguments, describe_documents, load_dataset_any
 from hf_compress.data.text import paragraphs
+from hf_compress.pipeline import DataArguments, describe_documents, load_dataset_any
 from hf_compress.tasks.causal_lm import CausalLMTask
 from task_helpers import WORDS
 

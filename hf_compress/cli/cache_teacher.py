@@ -112,7 +112,8 @@ def main(argv: list[str]) -> int:
 def _load_split(name: str, split: str):
     import datasets
 
-    from ..compression import CompressionInputError, load_dataset_any
+    from ..pipeline.data import load_dataset_any
+    from ..tasks import CompressionInputError
 
     try:
         dsd = load_dataset_any(name)

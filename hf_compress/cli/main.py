@@ -84,7 +84,7 @@ def build_parser():
     """The `HfArgumentParser` over the pipeline's argument dataclasses."""
     from transformers import HfArgumentParser
 
-    from ..compression import DataArguments, ModelArguments
+    from ..pipeline.arguments import DataArguments, ModelArguments
     from ..distillation import DistillationArguments
     from ..pruning import PruningArguments
     from ..pruning.structured_config import StructuredPruningArguments
@@ -147,7 +147,7 @@ def _recipe(parser, argv, defaults, groups) -> dict:
     """Every option the run used that differs from the dataclass defaults (shown in the card)."""
     import dataclasses
 
-    from ..compression import ModelArguments
+    from ..pipeline.arguments import ModelArguments
 
     keep = set(defaults)
     for arg in argv:
@@ -245,7 +245,9 @@ def main(argv: list[str] | None = None) -> int:
         build_parser().print_help()
         return 0
     start = time.time()
-    from ..compression import CompressionInputError, prepare, run
+    from ..pipeline.plan import prepare
+    from ..pipeline.runner import run
+    from ..tasks import CompressionInputError
 
     try:
         groups, recipe, command = parse(argv)
