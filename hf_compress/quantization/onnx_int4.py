@@ -161,6 +161,119 @@ def _attrs(node) -> dict:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
+class _Int4Graph:
+    """The fp32 graph being rewritten: which weight each node reads, and the int4 initializers made so far (one set
+    per module, shared by every node reading that weight)."""
+
+    def __init__(self, model, linears: dict, embeddings: dict, group_size: int, accuracy_level: int):
+        from onnx import numpy_helper
+
+        self.model, self.graph = model, model.graph
+        self.linears, self.embeddings = linears, embeddings
+        self.group_size, self.accuracy_level = group_size, accuracy_level
+        self.inits = {t.name: t for t in self.graph.initializer}
+        self.arrays = {}
+        self.to_array = numpy_helper.to_array
+        # Weight as stored in the graph -> module: a MatMul reads W^T [K, N], a Gemm with transB=1 reads W [N, K].
+        self.by_matmul = {_key(w.float().numpy().T): n for n, w in linears.items()}
+        self.by_gemm_t = {_key(w.float().numpy()): n for n, w in linears.items()}
+        self.by_table = {_key(w.float().numpy()): n for n, w in embeddings.items()}
+        self.matched = {n: [] for n in list(linears) + list(embeddings)}
+        self.made: dict[tuple, list[str]] = {}
+        self.int4_bytes = 0
+
+    def array(self, name):
+        if name not in self.arrays:
+            self.arrays[name] = self.to_array(self.inits[name])
+        return self.arrays[name]
+
+    def is_float_2d(self, name) -> bool:
+        from onnx import TensorProto
+
+        return name in self.inits and self.inits[name].data_type == TensorProto.FLOAT and len(self.inits[name].dims) == 2
+
+    def linear_inputs(self, name) -> list[str]:
+        from onnx import numpy_helper
+
+        if (name, "linear") not in self.made:
+            b, scales = matmul_nbits_weights(self.linears[name], self.group_size)
+            base = f"{name}.weight_int4"
+            self.graph.initializer.extend([
+                numpy_helper.from_array(b.numpy(), f"{base}.B"),
+                numpy_helper.from_array(scales.numpy().astype(np.float32).reshape(-1), f"{base}.scales")])
+            self.int4_bytes += b.numel() + scales.numel() * 4
+            self.made[(name, "linear")] = [f"{base}.B", f"{base}.scales"]
+        return self.made[(name, "linear")]
+
+    def table_inputs(self, name) -> list[str]:
+        from onnx import TensorProto, helper, numpy_helper
+
+        if (name, "table") not in self.made:
+            w = self.embeddings[name]
+            data, scales = gather_block_weights(w, self.group_size)
+            base = f"{name}.weight_int4"
+            self.graph.initializer.extend([
+                helper.make_tensor(f"{base}.data", TensorProto.INT4, list(w.shape), data, raw=True),
+                numpy_helper.from_array(scales.numpy().astype(np.float32), f"{base}.scales")])
+            self.int4_bytes += len(data) + scales.numel() * 4
+            self.made[(name, "table")] = [f"{base}.data", f"{base}.scales"]
+        return self.made[(name, "table")]
+
+    def linear_target(self, node, attrs) -> tuple[str | None, str, str]:
+        """(module, activation input, bias input) of a `MatMul` / plain `Gemm` reading a quantized weight."""
+        if node.op_type == "MatMul" and self.is_float_2d(node.input[1]):
+            return self.by_matmul.get(_key(self.array(node.input[1]))), node.input[0], ""
+        if (node.op_type == "Gemm" and self.is_float_2d(node.input[1]) and attrs.get("alpha", 1.0) == 1.0
+                and attrs.get("beta", 1.0) == 1.0 and not attrs.get("transA", 0)):
+            table = self.by_gemm_t if attrs.get("transB", 0) else self.by_matmul
+            bias = node.input[2] if len(node.input) > 2 else ""
+            if bias and not (bias in self.inits and len(self.inits[bias].dims) == 1):
+                return None, "", ""  # a bias that is not a plain [N] vector: leave the node as it is
+            return table.get(_key(self.array(node.input[1]))), node.input[0], bias
+        return None, "", ""
+
+    def replace(self, node):
+        """The int4 node computing `node`, or `node` itself when it reads no quantized weight."""
+        from onnx import helper
+
+        attrs = _attrs(node)
+        label = node.name or node.output[0]
+        target, a, bias = self.linear_target(node, attrs)
+        if target is not None:
+            n_out, k_in = self.linears[target].shape
+            b_name, s_name = self.linear_inputs(target)
+            self.matched[target].append(label)
+            return helper.make_node(
+                "MatMulNBits", [a, b_name, s_name] + (["", "", bias] if bias else []), list(node.output),
+                name=f"{label}_int4", domain=MS_DOMAIN, K=k_in, N=n_out, bits=BITS, block_size=self.group_size,
+                accuracy_level=self.accuracy_level)
+        if node.op_type == "Gather" and attrs.get("axis", 0) == 0 and self.is_float_2d(node.input[0]):
+            table = self.by_table.get(_key(self.array(node.input[0])))
+            if table is not None:
+                d_name, s_name = self.table_inputs(table)
+                self.matched[table].append(label)
+                return helper.make_node(
+                    "GatherBlockQuantized", [d_name, node.input[1], s_name], list(node.output), name=f"{label}_int4",
+                    domain=MS_DOMAIN, gather_axis=0, quantize_axis=1, block_size=self.group_size, bits=BITS)
+        return node
+
+    def finish(self, new_nodes, dst: str) -> None:
+        """Swap the nodes in, drop the fp32 weights no node reads any more, declare the contrib domain, save."""
+        import onnx
+        from onnx import helper
+
+        graph = self.graph
+        del graph.node[:]
+        graph.node.extend(new_nodes)
+        used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+        kept = [t for t in graph.initializer if t.name in used]
+        del graph.initializer[:]
+        graph.initializer.extend(kept)
+        if not any(o.domain == MS_DOMAIN for o in self.model.opset_import):
+            self.model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+        onnx.save(self.model, dst)
+
+
 def rewrite_int4(src: str, dst: str, linears: dict, embeddings: dict, group_size: int, accuracy_level: int = 0,
                  others: dict | None = None) -> dict:
     """
@@ -177,104 +290,19 @@ def rewrite_int4(src: str, dst: str, linears: dict, embeddings: dict, group_size
         a quantized and an unquantized node role that cannot be told apart.
     """
     import onnx
-    from onnx import TensorProto, helper, numpy_helper
 
-    model = onnx.load(src)
-    graph = model.graph
-    inits = {t.name: t for t in graph.initializer}
-    arrays: dict[str, np.ndarray] = {}
-
-    def array(name):
-        if name not in arrays:
-            arrays[name] = numpy_helper.to_array(inits[name])
-        return arrays[name]
-
-    def is_float_2d(name):
-        return name in inits and inits[name].data_type == TensorProto.FLOAT and len(inits[name].dims) == 2
-
-    # Weight as stored in the graph -> module: a MatMul reads W^T [K, N], a Gemm with transB=1 reads W [N, K].
-    by_matmul = {_key(w.float().numpy().T): n for n, w in linears.items()}
-    by_gemm_t = {_key(w.float().numpy()): n for n, w in linears.items()}
-    by_table = {_key(w.float().numpy()): n for n, w in embeddings.items()}
-    clash = [n for n, w in (others or {}).items() if _key(w.float().numpy().T) in by_matmul]
+    g = _Int4Graph(onnx.load(src), linears, embeddings, group_size, accuracy_level)
+    clash = [n for n, w in (others or {}).items() if _key(w.float().numpy().T) in g.by_matmul]
     if clash:
         raise ValueError(f"{', '.join(clash)} (kept fp32) holds the same weight values as a quantized Linear, so their "
                          "ONNX nodes cannot be told apart; nothing was written. Use `--format compressed-tensors`.")
-    matched = {n: [] for n in list(linears) + list(embeddings)}
-    new_nodes, int4_bytes = [], 0
-    made: dict[tuple, list[str]] = {}  # (module, kind) -> initializer names, shared by nodes reading one weight
-
-    def linear_inputs(name):
-        nonlocal int4_bytes
-        if (name, "linear") not in made:
-            b, scales = matmul_nbits_weights(linears[name], group_size)
-            base = f"{name}.weight_int4"
-            graph.initializer.extend([numpy_helper.from_array(b.numpy(), f"{base}.B"),
-                                      numpy_helper.from_array(scales.numpy().astype(np.float32).reshape(-1), f"{base}.scales")])
-            int4_bytes += b.numel() + scales.numel() * 4
-            made[(name, "linear")] = [f"{base}.B", f"{base}.scales"]
-        return made[(name, "linear")]
-
-    def table_inputs(name):
-        nonlocal int4_bytes
-        if (name, "table") not in made:
-            w = embeddings[name]
-            data, scales = gather_block_weights(w, group_size)
-            base = f"{name}.weight_int4"
-            graph.initializer.extend([helper.make_tensor(f"{base}.data", TensorProto.INT4, list(w.shape), data, raw=True),
-                                      numpy_helper.from_array(scales.numpy().astype(np.float32), f"{base}.scales")])
-            int4_bytes += len(data) + scales.numel() * 4
-            made[(name, "table")] = [f"{base}.data", f"{base}.scales"]
-        return made[(name, "table")]
-
-    for node in graph.node:
-        attrs = _attrs(node)
-        target = None
-        if node.op_type == "MatMul" and is_float_2d(node.input[1]):
-            target = by_matmul.get(_key(array(node.input[1])))
-            a, bias = node.input[0], ""
-        elif (node.op_type == "Gemm" and is_float_2d(node.input[1]) and attrs.get("alpha", 1.0) == 1.0
-              and attrs.get("beta", 1.0) == 1.0 and not attrs.get("transA", 0)):
-            table = by_gemm_t if attrs.get("transB", 0) else by_matmul
-            target = table.get(_key(array(node.input[1])))
-            a = node.input[0]
-            bias = node.input[2] if len(node.input) > 2 else ""
-            if bias and not (bias in inits and len(inits[bias].dims) == 1):
-                target = None  # a bias that is not a plain [N] vector: leave the node as it is
-        if target is not None:
-            n_out, k_in = linears[target].shape
-            b_name, s_name = linear_inputs(target)
-            inputs = [a, b_name, s_name] + (["", "", bias] if bias else [])
-            new_nodes.append(helper.make_node(
-                "MatMulNBits", inputs, list(node.output), name=f"{node.name or node.output[0]}_int4", domain=MS_DOMAIN,
-                K=k_in, N=n_out, bits=BITS, block_size=group_size, accuracy_level=accuracy_level))
-            matched[target].append(node.name or node.output[0])
-            continue
-        if node.op_type == "Gather" and attrs.get("axis", 0) == 0 and is_float_2d(node.input[0]):
-            table = by_table.get(_key(array(node.input[0])))
-            if table is not None:
-                d_name, s_name = table_inputs(table)
-                new_nodes.append(helper.make_node(
-                    "GatherBlockQuantized", [d_name, node.input[1], s_name], list(node.output),
-                    name=f"{node.name or node.output[0]}_int4", domain=MS_DOMAIN,
-                    gather_axis=0, quantize_axis=1, block_size=group_size, bits=BITS))
-                matched[table].append(node.name or node.output[0])
-                continue
-        new_nodes.append(node)
-    missing = [n for n, nodes in matched.items() if not nodes]
+    new_nodes = [g.replace(node) for node in g.graph.node]
+    missing = [n for n, nodes in g.matched.items() if not nodes]
     if missing:
         raise ValueError(f"The int4 ONNX graph found no `MatMul`/`Gemm`/`Gather` reading the weight of {', '.join(missing)} "
                          "(the traced graph computes it another way); nothing was written. Use `--format compressed-tensors`.")
-    del graph.node[:]
-    graph.node.extend(new_nodes)
-    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
-    kept = [t for t in graph.initializer if t.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
-    if not any(o.domain == MS_DOMAIN for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
-    onnx.save(model, dst)
-    return {"matched": matched, "int4_weight_bytes": int4_bytes}
+    g.finish(new_nodes, dst)
+    return {"matched": g.matched, "int4_weight_bytes": g.int4_bytes}
 
 
 def write_int4(src: str, dst: str, model, args) -> dict:
