@@ -73,7 +73,8 @@ def main(argv=None) -> int:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=config)
     params = dict(engine.module.named_parameters())
-    info["partitioned"] = all(q.data.numel() == 0 and q.ds_tensor.numel() < q.ds_numel for q in params.values())
+    info["partitioned"] = all(q.data.numel() == 0 and q.ds_tensor.numel() < q.ds_numel and hasattr(q, "ds_id")
+                              for q in params.values())
     info["local_fraction"] = sum(q.ds_tensor.numel() for q in params.values()) / sum(q.ds_numel for q in params.values())
     # A magnitude selection on this rank's flat partition against the full weight's mask over the same entries.
     name = names[0]

@@ -103,3 +103,16 @@ def test_a_real_deepspeed_config_is_validated_and_detected(tmp_path):
     path = tmp_path / "ds.json"
     path.write_text(json.dumps(config))
     assert parallel_backend(SimpleNamespace(fsdp=None, deepspeed=str(path), world_size=1)) == "deepspeed-zero3"
+
+
+def test_structured_pruning_refuses_zero3_partitioned_parameters(tiny_llama):
+    from transformers import TrainerControl, TrainerState
+
+    from hf_compress.callbacks import StructuredPruningCallback
+
+    for p in tiny_llama.parameters():
+        p.ds_id = 0  # what `deepspeed.initialize` with stage 3 (or `zero.Init`) sets on every parameter
+    cb = StructuredPruningCallback("ffn", keep={"ffn": 0.5})
+    with pytest.raises(ValueError, match=r"^`StructuredPruningCallback` cannot run under DeepSpeed ZeRO-3: .* prune the "
+                       r"saved model with `structured_prune`.$"):
+        cb.on_train_begin(SimpleNamespace(output_dir=None), TrainerState(max_steps=4), TrainerControl(), model=tiny_llama)

@@ -160,6 +160,12 @@ class StructuredPruningCallback(TrainerCallback):
         return (step - step % self.frequency) / self._end_step
 
     def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
+        if any(hasattr(p, "ds_id") for p in model.parameters()):  # DeepSpeed ZeRO-3 partitioned parameters
+            raise ValueError(
+                "`StructuredPruningCallback` cannot run under DeepSpeed ZeRO-3: its parameters are partitioned outside "
+                "the forward, so neither weight-magnitude scores nor the final cut see whole weights; train with FSDP2 "
+                "(`fully_shard`) or DDP, or prune the saved model with `structured_prune`."
+            )
         structures = check_structures(model, self.structures)
         keep = self.keep or keep_for_parameter_budget(model, structures, self.target_params)
         batches = None
