@@ -12,8 +12,14 @@ the student on a `[batch, seq]` batch with `hf_compress.distillation.distillatio
   cache written by `hf_compress.distillation.hub_cache.write_teacher_cache_folder` (the folder a push uploads;
   read with `load_hub_teacher_cache`, no network) and placed by `TeacherCacheCollator`.
 
+- `fsdp2`: (b) teacher and student `fully_shard`-ed over 2 ranks (`torchrun --nproc_per_node=2`, gloo, CPU), each
+  rank half the batch; both built on the meta device and materialised after sharding (`to_empty`), so no rank ever
+  holds a whole model; every rank reports its own peak.
+
 The cache is written beforehand by a third process (`--write-cache`), which is not measured. `baseline` is a process
-that only imports torch, transformers and hf_compress, to read the figures against.
+that only imports torch, transformers and hf_compress, to read the figures against. The results go to
+`benchmarks/results/teacher_memory.{json,md}` (atomic writes), with the 8B-teacher / 1B-student extrapolation of
+`extrapolate()`: a calculation on paper from the parameter counts, not a measurement.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 
-MODES = ("baseline", "live", "hub-cache")
+MODES = ("baseline", "live", "hub-cache", "fsdp2")
 VOCAB = 49152
 
 
@@ -68,6 +74,98 @@ def write_cache(folder: str, batch_size: int, seq_len: int, top_k: int) -> None:
     teacher = LlamaForCausalLM(_config(30)).eval()
     write_teacher_cache_folder(folder, teacher, _data(batch_size, seq_len), _tokenizer(), "causal-lm", top_k, 2.0,
                                batch_size=batch_size)
+
+
+def _sharded(layers: int, mesh, seed: int):
+    """A Llama of SmolLM2's shapes built on the meta device, `fully_shard`-ed per decoder layer and at the root, then
+    materialised shard by shard (random normal weights, unit norms) with fresh rotary tables."""
+    import torch
+    from torch.distributed.fsdp import fully_shard
+    from transformers import LlamaForCausalLM
+
+    cfg = _config(layers)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    model.to_empty(device="cpu")
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.fill_(1.0) if "norm" in name else p.normal_(0.0, 0.02)
+    model.model.rotary_emb = type(model.model.rotary_emb)(cfg)  # non-persistent buffers: to_empty left them blank
+    return model
+
+
+def _fsdp2_step(batch_size: int, seq_len: int) -> dict:
+    import resource
+
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from hf_compress.distillation import distillation_loss
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    ws, rank = dist.get_world_size(), dist.get_rank()
+    mesh = init_device_mesh("cpu", (ws,))
+    student = _sharded(15, mesh, 1)
+    teacher = _sharded(30, mesh, 0).eval().requires_grad_(False)
+    ds = _data(batch_size, seq_len)
+    batch = {k: torch.tensor(ds[k]).chunk(ws)[rank] for k in ("input_ids", "attention_mask")}
+    with torch.no_grad():
+        teacher_logits = teacher(**batch).logits
+    logits = student(**batch).logits
+    loss = distillation_loss(logits, teacher_logits, batch["input_ids"], 2.0, 0.5, shift_labels=True,
+                             attention_mask=batch["attention_mask"]).loss
+    loss.backward()
+    local = sum(p.to_local().numel() for p in student.parameters())
+    peak = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024], dtype=torch.float64)
+    peaks = [torch.zeros_like(peak) for _ in range(ws)]
+    dist.all_gather(peaks, peak)
+    dist.destroy_process_group()
+    return {"mode": "fsdp2", "ranks": ws, "peak_rss_mb_per_rank": [float(p) for p in peaks],
+            "peak_rss_mb": max(float(p) for p in peaks), "student_params_rank0_shard": local,
+            "rows_per_rank": int(batch["input_ids"].shape[0]), "loss_rank0": loss.item()}
+
+
+def _params(config) -> int:
+    import torch
+    from transformers import LlamaForCausalLM
+
+    with torch.device("meta"):
+        return sum(p.numel() for p in LlamaForCausalLM(config).parameters())
+
+
+def extrapolate(ranks: int = 8) -> dict:
+    """
+    On paper: per-GPU bytes of the weights and training state of an 8B teacher (Llama-3.1-8B's shapes) with a 1B
+    student (Llama-3.2-1B's shapes), bf16 weights and gradients, fp32 AdamW moments (2 x 4 bytes); activations,
+    logits and the framework's own memory are left out. (a) a whole teacher beside a whole student on each GPU (DDP);
+    (b) both sharded over `ranks` GPUs (FSDP2: 1/ranks of each, plus the largest all-gathered unit in flight: the
+    teacher's root group, its untied embeddings and head); (c) no teacher (Hub cache), a whole student per GPU.
+    """
+    from transformers import LlamaConfig
+
+    teacher = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                          num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False)
+    student = LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                          num_attention_heads=32, num_key_value_heads=8, head_dim=64, tie_word_embeddings=True)
+    t, s = _params(teacher), _params(student)
+    gb = 1e9
+    teacher_bytes, student_bytes = 2 * t, (2 + 2 + 8) * s
+    root = 2 * 2 * teacher.vocab_size * teacher.hidden_size  # embeddings + head, bf16, gathered for the root forward
+    a = (teacher_bytes + student_bytes) / gb
+    b = (teacher_bytes + student_bytes) / ranks / gb + root / gb
+    c = student_bytes / gb
+    return {
+        "teacher_params": t, "student_params": s, "gpus": ranks,
+        "formula": "(a) 2*T + 12*S; (b) (2*T + 12*S)/gpus + 4*vocab*hidden_T; (c) 12*S  [bytes; T, S parameters]",
+        "a_ddp_live_gb_per_gpu": round(a, 2), "b_fsdp2_gb_per_gpu": round(b, 2), "c_hub_cache_gb_per_gpu": round(c, 2),
+        "a_over_b": round(a / b, 2), "a_over_c": round(a / c, 2), "c_over_b": round(c / b, 2),
+    }
 
 
 def _step(mode: str, batch_size: int, seq_len: int, cache_dir: str | None) -> dict:
@@ -123,9 +221,13 @@ def run(batch_size: int = 2, seq_len: int = 128, top_k: int = 64) -> dict:
         me = [sys.executable, "-m", "benchmarks.teacher_memory"]
         subprocess.run(me + ["--write-cache", folder, *common], env=env, check=True, capture_output=True, text=True)
         for mode in MODES:
-            out = subprocess.run(me + ["--one", mode, "--cache-dir", folder, *common], capture_output=True, text=True,
-                                 env=env, check=True)
-            results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+            cmd = me + ["--one", mode, "--cache-dir", folder, *common]
+            if mode == "fsdp2":
+                cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                       "-m", "benchmarks.teacher_memory", *cmd[3:]]
+            out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
+            lines = [line for line in out.stdout.strip().splitlines() if line.startswith("{")]
+            results[mode] = json.loads(lines[-1])
         cache_bytes = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(folder) for f in fs)
     summary = {
         "batch_size": batch_size, "seq_len": seq_len, "vocab": VOCAB, "teacher_layers": 30, "student_layers": 15,
@@ -133,7 +235,28 @@ def run(batch_size: int = 2, seq_len: int = 128, top_k: int = 64) -> dict:
         **{f"{m}_peak_rss_mb": r["peak_rss_mb"] for m, r in results.items()},
     }
     summary["live_over_hub_cache"] = summary["live_peak_rss_mb"] / summary["hub-cache_peak_rss_mb"]
+    summary["fsdp2_peak_rss_mb_per_rank"] = results["fsdp2"]["peak_rss_mb_per_rank"]
+    summary["live_over_fsdp2"] = summary["live_peak_rss_mb"] / summary["fsdp2_peak_rss_mb"]
+    summary["extrapolated_8b_teacher_1b_student"] = extrapolate(8)
     return summary
+
+
+def markdown(r: dict) -> str:
+    x = r["extrapolated_8b_teacher_1b_student"]
+    rows = [
+        ("imports only (torch, transformers, hf_compress)", f"{r['baseline_peak_rss_mb']:,.0f} MB"),
+        ("(a) live teacher beside the student", f"{r['live_peak_rss_mb']:,.0f} MB"),
+        ("(b) FSDP2-sharded teacher and student, 2 ranks (torch fully_shard on gloo), per rank",
+         " / ".join(f"{v:,.0f}" for v in r["fsdp2_peak_rss_mb_per_rank"]) + " MB"),
+        (f"(c) top-{r['top_k']} teacher logits from the pushed cache folder", f"{r['hub-cache_peak_rss_mb']:,.0f} MB"),
+    ]
+    lines = [f"Batch [{r['batch_size']}, {r['seq_len']}], SmolLM2-135M shapes, teacher {r['teacher_layers']} layers, "
+             f"student {r['student_layers']}, float32, CPU; peak RSS (`ru_maxrss`).", "", "| mode | peak RSS |", "|---|---|"]
+    lines += [f"| {a} | {b} |" for a, b in rows]
+    lines += ["", f"On paper, {x['teacher_params'] / 1e9:.2f}B teacher / {x['student_params'] / 1e9:.2f}B student on "
+              f"{x['gpus']} GPUs, {x['formula']}: (a) {x['a_ddp_live_gb_per_gpu']} GB, (b) {x['b_fsdp2_gb_per_gpu']} GB, "
+              f"(c) {x['c_hub_cache_gb_per_gpu']} GB per GPU; (a)/(b) = {x['a_over_b']}, (a)/(c) = {x['a_over_c']}."]
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
@@ -148,10 +271,20 @@ def main(argv=None) -> int:
     if a.write_cache:
         write_cache(a.write_cache, a.batch_size, a.seq_len, a.top_k)
         return 0
+    if a.one == "fsdp2":
+        result = _fsdp2_step(a.batch_size, a.seq_len)
+        if os.environ.get("RANK", "0") == "0":
+            print(json.dumps(result))
+        return 0
     if a.one:
         print(json.dumps(_step(a.one, a.batch_size, a.seq_len, a.cache_dir)))
         return 0
-    print(json.dumps(run(a.batch_size, a.seq_len, a.top_k), indent=2))
+    from benchmarks.common import write_results
+
+    result = run(a.batch_size, a.seq_len, a.top_k)
+    write_results(os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"), "teacher_memory", result,
+                  markdown(result))
+    print(json.dumps(result, indent=2))
     return 0
 
 

@@ -8,13 +8,19 @@ forward pass FSDP all-gathers them into plain full tensors. What that means for 
   construction), and [`shard_like`] cuts the result back to the parameter's own shard.
 - Fake quantization runs in the forward pass, on the weight FSDP has just all-gathered: every scale (per row, per
   group, per 64-entry bitsandbytes block, even one spanning a shard border) sees the full matrix.
-- [`full_state_dict`] gathers the whole model onto rank 0 (CPU) for one export.
+- [`full_state_dict`] gathers the whole model onto rank 0 (CPU) for one export; [`gathered_copy`] makes an
+  ordinary, unsharded model of it there (structured pruning cuts that copy: a sharded parameter cannot change shape).
+- [`unsharded`] holds every FSDP module's full parameters for a block of code that reads whole weights (the
+  structured callback's weight-magnitude scores), and [`weighted_mean_over_ranks`] combines per-rank means (the
+  activation-based importance scores of each rank's own calibration batches) into the mean over all of them.
 
 All `torch.distributed` imports are lazy: this module costs nothing in a single process.
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 from collections.abc import Mapping
 
 import torch
@@ -108,6 +114,100 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
+def unsharded_class(model: torch.nn.Module) -> type:
+    """The class `model` had before `fully_shard` (which swaps it for a generated `FSDP<Class>` subclass)."""
+    if not torch.distributed.is_available():
+        return type(model)
+    from torch.distributed.fsdp import FSDPModule
+
+    return next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
+
+
+def gathered_copy(model: torch.nn.Module):
+    """
+    An ordinary (unsharded, CPU) copy of the `fully_shard`-ed transformers `model` on rank 0, `None` on the other
+    ranks. Collective: call it on every rank.
+
+    Built on the meta device from `model.config` (no random initialisation, no second copy of the weights), then given
+    the gathered [`full_state_dict`] (`assign=True`: each tensor keeps its dtype), the buffers of `model` (FSDP does not
+    shard buffers; the rotary tables are not in the state dict), and tied again (`tie_weights`). Buffers that only
+    `model` has (hf_compress's non-persistent masks) are not copied.
+    """
+    import copy
+
+    state = full_state_dict(model)
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        return None
+    with torch.device("meta"):
+        plain = unsharded_class(model)(copy.deepcopy(model.config))
+    plain.load_state_dict(state, assign=True)
+    own = dict(plain.named_buffers())
+    for name, buf in model.named_buffers():
+        if name in own:
+            path, _, leaf = name.rpartition(".")
+            plain.get_submodule(path)._buffers[leaf] = buf.detach().cpu().clone()
+    if hasattr(plain, "tie_weights"):
+        plain.tie_weights()
+    left = [n for n, t in itertools.chain(plain.named_parameters(), plain.named_buffers()) if t.is_meta]
+    if left:
+        raise ValueError(f"gathered_copy could not fill {left[:3]} of `{type(plain).__name__}` from the sharded model.")
+    return plain.train(model.training)
+
+
+@contextlib.contextmanager
+def unsharded(model: torch.nn.Module):
+    """
+    Hold the full (all-gathered) parameters of every FSDP module in `model` inside the block (`FSDPModule.unshard()`,
+    then `reshard()`); a model without FSDP modules is left as it is. Collective. Inside, `module.weight` is the plain
+    full tensor on every rank: memory for the whole model on each rank while it lasts.
+    """
+    modules = []
+    if torch.distributed.is_available():
+        from torch.distributed.fsdp import FSDPModule
+
+        modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in modules:
+        m.unshard()
+    try:
+        yield model
+    finally:
+        for m in reversed(modules):
+            m.reshard()
+
+
+def world_size() -> int:
+    """The number of processes of the default group, 1 outside `torch.distributed`."""
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def weighted_mean_over_ranks(values: Mapping, weight: float) -> dict:
+    """
+    `sum_r weight_r * values_r / sum_r weight_r` for every tensor in `values`, over the ranks of the default group
+    (float64 sums; non-tensor values are kept), the same bytes on every rank (rank 0's result is broadcast). With
+    `values_r` a per-rank mean over `weight_r` items, this is the mean over all the items, as one process with every
+    rank's data would compute it (up to the float order of the sums). Collective; identity in one process.
+    """
+    if world_size() == 1:
+        return dict(values)
+    dist = torch.distributed
+    names = [k for k, v in values.items() if isinstance(v, torch.Tensor)]
+    flat = torch.cat([values[k].detach().double().reshape(-1).cpu() * weight for k in names] +
+                     [torch.tensor([float(weight)], dtype=torch.float64)])
+    if dist.get_backend() == "nccl":  # NCCL reduces CUDA tensors only
+        flat = flat.to(torch.device("cuda", torch.cuda.current_device()))
+    dist.all_reduce(flat)
+    dist.broadcast(flat, src=0)
+    flat = flat.cpu()
+    total, out, at = flat[-1], dict(values), 0
+    for k in names:
+        v = values[k]
+        out[k] = (flat[at: at + v.numel()] / total).reshape(v.shape).to(v.dtype)
+        at += v.numel()
+    return out
+
+
 def save_full_state_dict(model: torch.nn.Module, path: str) -> bool:
     """
     Gather [`full_state_dict`] and write it once, by rank 0, to the safetensors file `path` (a temporary file
@@ -149,7 +249,12 @@ __all__ = [
     "count_zeros",
     "full_state_dict",
     "full_tensor",
+    "gathered_copy",
     "is_dtensor",
     "save_full_state_dict",
     "shard_like",
+    "unsharded",
+    "unsharded_class",
+    "weighted_mean_over_ranks",
+    "world_size",
 ]

@@ -13,7 +13,12 @@ Scenarios (each rank writes `rank<r>.json` and the tensors below into `--dump-di
   loop (the Trainer cannot run FSDP on CPU): masks at step 0 (chosen from identical weights) and at the end, the
   largest gradient over pruned entries after each backward, the masks saved by `on_save` and restored into a
   fresh sharded student, the final weights, and the export written by `hf_compress.fsdp.save_full_state_dict`;
-- `qat_bnb4` / `qat_bnb8` / `qat_int4`: fake quantizers attached before sharding; loss and gradients.
+- `qat_bnb4` / `qat_bnb8` / `qat_int4`: fake quantizers attached before sharding; loss and gradients;
+- `sp_act` / `sp_loss` / `sp_mag`: `StructuredPruningCallback` (activation scores with the cosine or the skip-loss
+  block metric, or weight magnitudes) on a 4-layer Llama with 2 KV groups: the importance scores (each rank scores
+  its half of two right-padded calibration batches), the plan, 4 AdamW steps under the gradual masks
+  (layers skipped, heads / neurons / channels masked), then the cut: the pruned model's weights and its logits on
+  the whole batch (rank 0: the copy cut from the gathered state dict, also written to `structured_pruned/`).
 """
 
 from __future__ import annotations
@@ -48,6 +53,35 @@ def tiny_llama(seed: int):
             elif name.endswith("bias"):
                 p.normal_(0.0, 0.05)
     return model
+
+
+def structured_llama():
+    """4 layers, 4 query heads in 2 KV groups of head_dim 6: every structure has something to drop."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    sys.path.insert(0, HERE)
+    from conftest import tiny_llama_config
+
+    torch.manual_seed(2)
+    cfg = tiny_llama_config(hidden_size=24, num_attention_heads=4, num_key_value_heads=2, intermediate_size=40,
+                            num_hidden_layers=4, attention_bias=True, mlp_bias=True)
+    cfg._attn_implementation = "eager"
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+            elif name.endswith("bias"):
+                p.normal_(0.0, 0.05)
+    return model
+
+
+def logits_of(model, ids):
+    import torch
+
+    with torch.no_grad():
+        return model.eval()(input_ids=ids).logits.detach().float().clone()
 
 
 def shard(model, mesh):
@@ -101,11 +135,12 @@ def main(argv=None) -> int:
     info: dict = {"world_size": ws}
     tensors: dict = {}
 
-    def place(student, teacher):
+    def place(student, teacher, find_unused=False):
         """(the module to run forward, the student model, the teacher): sharded, DDP-wrapped or as they are."""
         teacher.eval().requires_grad_(False)
         if mesh is not None and opts.ddp:
-            return torch.nn.parallel.DistributedDataParallel(student), student, teacher
+            ddp = torch.nn.parallel.DistributedDataParallel(student, find_unused_parameters=find_unused)
+            return ddp, student, teacher
         if mesh is not None:
             shard(student, mesh), shard(teacher, mesh)
         return student, student, teacher
@@ -189,6 +224,66 @@ def main(argv=None) -> int:
         info[f"{key}_zeros"], info[f"{key}_total"] = stats["zeros"], stats["total"]
         cb.on_train_end(args, state, control, model=student)
         info[f"{key}_wrote"] = save_full_state_dict(student, os.path.join(opts.dump_dir, f"{key}.safetensors"))
+
+    # -- structured pruning under the callback's events ---------------------------------------------------------
+    from hf_compress.callbacks import StructuredPruningCallback
+    from hf_compress.callbacks.structured_pruning import PRUNED_DIR
+
+    calib = [torch.randint(VOCAB, (BATCH, LENGTH), generator=torch.Generator().manual_seed(s)) for s in (1, 2)]
+    masks = [torch.ones(BATCH, LENGTH, dtype=torch.long) for _ in calib]
+    masks[0][1, 5:] = 0  # right padding in rank 0's half and rank 1's: token-weighted means across the ranks
+    masks[1][3, 3:] = 0
+    for key, structures, kw in (
+        ("sp_act", "ffn,heads,hidden,layers", {"calibration_batches": 2}),
+        ("sp_loss", "ffn,layers", {"calibration_batches": 2, "layer_metric": "loss"}),
+        ("sp_mag", "ffn,heads,hidden,layers", {"calibration_batches": 0}),
+    ):
+        padded = key != "sp_loss"  # the skip-loss metric is a per-batch mean loss: equal token counts per rank
+        batches = [{"input_ids": c.chunk(ws)[rank], "attention_mask": (m if padded else torch.ones_like(m)).chunk(ws)[rank]}
+                   for c, m in zip(calib, masks)]
+        run, student, _ = place(structured_llama(), tiny_llama(1), find_unused=True)  # dropped blocks: no gradients
+        opt = torch.optim.AdamW(student.parameters(), lr=1e-2, weight_decay=0.01)
+        keep = {"ffn": 0.5, "heads": 0.5, "hidden": 0.5, "layers": 0.5}
+        cb = StructuredPruningCallback(structures, keep={s: keep[s] for s in structures.split(",")}, end_fraction=0.5,
+                                       frequency=1, **kw)
+        out = os.path.join(opts.dump_dir, f"{key}-out")
+        args, state, control = SimpleNamespace(output_dir=out), TrainerState(max_steps=4), TrainerControl()
+        state.is_world_process_zero = rank == 0
+        cb.on_train_begin(args, state, control, model=student, train_dataloader=batches, optimizer=opt)
+        for name, value in cb.plan.scores.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{key}/score/{name}"] = value.float()
+        info[f"{key}_plan"] = {k: v for k, v in cb.plan.to_dict().items() if k not in ("scores", "check")}
+        info[f"{key}_losses"] = []
+        for _ in range(4):
+            loss = run(input_ids=local, labels=local).loss
+            loss.backward()
+            info[f"{key}_losses"].append(mean_over_ranks(loss))
+            opt.step()
+            opt.zero_grad()
+            state.global_step += 1
+            cb.on_step_end(args, state, control, model=student)
+        info[f"{key}_schedule"] = cb.history
+        cb.on_train_end(args, state, control, model=student)
+        info[f"{key}_check"] = cb.plan.check
+        pruned = student if cb.pruned_model is None else cb.pruned_model
+        info[f"{key}_has_pruned_copy"] = cb.pruned_model is not None
+        if rank == 0:
+            cfg = pruned.config
+            info[f"{key}_config"] = [cfg.intermediate_size, cfg.num_attention_heads, cfg.num_key_value_heads,
+                                     cfg.hidden_size, cfg.num_hidden_layers]
+            tensors[f"{key}/logits"] = logits_of(pruned, ids)
+            save_file({k: v.detach().contiguous() for k, v in pruned.state_dict().items()},
+                      os.path.join(opts.dump_dir, f"{key}.safetensors"))
+        written = os.path.join(out, PRUNED_DIR)
+        info[f"{key}_wrote_folder"] = os.path.isdir(written)
+        if rank == 0 and os.path.isdir(written):
+            from transformers import LlamaForCausalLM
+
+            reloaded = LlamaForCausalLM.from_pretrained(written)
+            info[f"{key}_reloaded_logits_diff"] = float((logits_of(reloaded, ids) - tensors[f"{key}/logits"]).abs().max())
+        if ws > 1:
+            dist.barrier()
 
     # -- QAT: fake quantizers attached before sharding ------------------------------------------------------------
     for key, qargs in (

@@ -5,7 +5,9 @@ whole batch), under `torchrun --nproc_per_node=2` with student and teacher `full
 batch), and under `torchrun` with DDP (the README's parity table). Tolerances: the loss and every gradient within
 1e-6 (measured: loss 4.8e-7, gradients 1.5e-8 at most: the float order of the cross-rank reductions); masks bit-identical; final weights
 after 6 AdamW steps within 1e-4 (measured 1.0e-5: Adam divides the small gradient differences by small second
-moments); pruned entries exactly zero.
+moments); pruned entries exactly zero. Structured pruning: importance scores within 1e-6 (measured 3.6e-7, the
+skip-loss block scores; 1.2e-7 for activation means; magnitudes exact), the same plan, the pruned model's weights
+and logits within 1e-4 (measured 7.0e-6 and 3.6e-7).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 GRAD_TOL, WEIGHT_TOL = 1e-6, 1e-4
 QAT = ("qat_bnb4", "qat_bnb8", "qat_int4")
 SCOPES = ("prune_layer", "prune_global")
+STRUCTURED = ("sp_act", "sp_loss", "sp_mag")  # activation scores (cosine / skip-loss block metric), weight magnitudes
+SCORE_TOL = 1e-6
 
 
 def _env():
@@ -142,6 +146,40 @@ def test_attaching_fake_quantizers_after_fully_shard_is_refused(fsdp):
     assert "BEFORE `fully_shard(model)`" in message and len(message.splitlines()) == 1
 
 
+@pytest.mark.parametrize("key", STRUCTURED)
+def test_structured_importance_scores_and_plan_equal_one_process(single, fsdp, key):
+    (_, ref, ref_t), (_, infos, tensors) = single, fsdp
+    names = [k for k in ref_t[0] if k.startswith(f"{key}/score/")]
+    assert len(names) == (2 if key == "sp_loss" else 4)
+    for name in names:  # each rank scored its half of the calibration batches; combined, the same on both ranks
+        assert torch.equal(tensors[0][name], tensors[1][name]), name
+    assert _max_diff(ref_t[0], tensors[0], f"{key}/score") <= (0.0 if key == "sp_mag" else SCORE_TOL)
+    assert infos[0][f"{key}_plan"] == infos[1][f"{key}_plan"] == ref[0][f"{key}_plan"]
+    if key != "sp_loss":  # half the FFN neurons, one of two KV groups, half the channels, two of four blocks
+        assert ref[0][f"{key}_config"] == [20, 2, 1, 12, 2]
+    assert infos[0][f"{key}_schedule"] == ref[0][f"{key}_schedule"] == [[0, 0.0], [1, 0.5], [2, 1.0]]
+
+
+@pytest.mark.parametrize("key", STRUCTURED)
+def test_structured_cut_of_the_gathered_state_equals_one_process(single, fsdp, key):
+    (ref_dir, ref, ref_t), (dump, infos, tensors) = single, fsdp
+    # Trained 4 steps under the gradual masks (blocks skipped on sharded layers): the same losses.
+    assert max(abs(a - b) for a, b in zip(infos[0][f"{key}_losses"], ref[0][f"{key}_losses"])) <= GRAD_TOL
+    # Rank 0 cut an unsharded copy of the gathered model, the other rank has none; the sharded model keeps its shapes.
+    assert [info[f"{key}_has_pruned_copy"] for info in infos] == [True, False]
+    assert ref[0][f"{key}_has_pruned_copy"] is False and ref[0][f"{key}_wrote_folder"] is False
+    assert infos[0][f"{key}_config"] == ref[0][f"{key}_config"]
+    pruned, expected = load_file(dump / f"{key}.safetensors"), load_file(ref_dir / f"{key}.safetensors")
+    assert sorted(pruned) == sorted(expected) and all(pruned[k].shape == expected[k].shape for k in expected)
+    assert max(float((pruned[k] - expected[k]).abs().max()) for k in expected) <= WEIGHT_TOL
+    assert float((tensors[0][f"{key}/logits"] - ref_t[0][f"{key}/logits"]).abs().max()) <= WEIGHT_TOL
+    # The self-check ran on rank 0 and every rank holds its figures; the folder rank 0 wrote reloads to the same logits.
+    check = infos[0][f"{key}_check"]
+    assert infos[1][f"{key}_check"] == check and check["pruned_vs_masked"] <= check["tolerance"] == 1e-4
+    assert check["reloaded_vs_masked"] <= 1e-4
+    assert infos[0][f"{key}_wrote_folder"] is True and infos[0][f"{key}_reloaded_logits_diff"] <= 1e-6
+
+
 def test_parity_with_ddp(single, fsdp, ddp):
     """The README's table: DDP and FSDP2 against one process, within the same tolerances."""
     (ref_dir, ref, ref_t) = single
@@ -154,6 +192,11 @@ def test_parity_with_ddp(single, fsdp, ddp):
             assert max(float((exported[k] - expected[k]).abs().max()) for k in expected) <= WEIGHT_TOL
         for key in QAT:
             assert _max_diff(ref_t[0], tensors[0], f"{key}/grad") <= GRAD_TOL
+        for key in STRUCTURED:
+            assert _max_diff(ref_t[0], tensors[0], f"{key}/score") <= SCORE_TOL
+            assert infos[0][f"{key}_plan"] == infos[1][f"{key}_plan"] == ref[0][f"{key}_plan"]
+            pruned, expected = load_file(dump / f"{key}.safetensors"), load_file(ref_dir / f"{key}.safetensors")
+            assert max(float((pruned[k] - expected[k]).abs().max()) for k in expected) <= WEIGHT_TOL
 
 
 # ---- one process: the helpers and the refusals -----------------------------------------------------------------
@@ -169,6 +212,26 @@ def test_helpers_are_identities_without_dtensors(tmp_path):
     assert save_full_state_dict(model, str(tmp_path / "m.safetensors"))
     saved = load_file(tmp_path / "m.safetensors")
     assert torch.equal(saved["weight"], model.weight.detach()) and torch.equal(saved["bias"], model.bias.detach())
+
+
+def test_gathered_copy_and_rank_means_without_torch_distributed():
+    from transformers import LlamaForCausalLM
+
+    from conftest import tiny_llama_config
+    from hf_compress.fsdp import gathered_copy, unsharded, weighted_mean_over_ranks
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config(tie_word_embeddings=True)).eval()
+    copy = gathered_copy(model)
+    assert type(copy) is LlamaForCausalLM and copy.lm_head.weight is copy.model.embed_tokens.weight
+    assert copy.lm_head.weight is not model.lm_head.weight  # a copy, not the same storage
+    ids = torch.randint(97, (2, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(copy(input_ids=ids).logits, model(input_ids=ids).logits)  # rotary buffers included
+    with unsharded(model) as same:
+        assert same is model
+    scores = {"ffn": torch.tensor([1.0, 2.0]), "method": "activation"}
+    assert weighted_mean_over_ranks(scores, 7.0) == scores
 
 
 def _args(**kw):

@@ -316,3 +316,63 @@ def test_key_names_a_local_teacher_by_its_folder_never_by_its_path(tmp_path):
 
     ds = datasets.Dataset.from_dict({"input_ids": [[1, 2, 3]]})
     assert expected_key(ds, None, "causal-lm", 1.0, teacher_id=str(folder))["teacher_id"] == "my-teacher"
+
+
+def test_sft_trainer_trains_on_hub_teacher_logits_exactly_like_the_local_cache(hub, tmp_path):
+    """`SFTDistillationTrainer(teacher_logits=...)`: TRL renders and tokenizes the chats, the key is checked against
+    the rows TRL built, and the run equals the one with the live teacher's local top-k cache, step for step."""
+    pytest.importorskip("trl")
+    from datasets import Dataset
+    from transformers import LlamaForCausalLM
+
+    from hf_compress.distillation.cache import ROW
+    from hf_compress.trainers import SFTDistillationConfig, SFTDistillationTrainer
+
+    tok = tiny_tokenizer()
+    tok.chat_template = "{% for m in messages %}<s> {{ m['role'] }} {{ m['content'] }} </s> {% endfor %}"
+    g = torch.Generator().manual_seed(1)
+
+    def words(lo, hi):
+        n = int(torch.randint(lo, hi, (1,), generator=g))
+        return " ".join(f"t{int(i)}" for i in torch.randint(5, VOCAB, (n,), generator=g))
+
+    chats = Dataset.from_dict({"messages": [[{"role": "user", "content": words(3, 8)},
+                                              {"role": "assistant", "content": words(2, 7)}] for _ in range(12)]})
+    torch.manual_seed(0)
+    teacher = randomise_norms_and_biases(LlamaForCausalLM(tiny_llama_config(num_hidden_layers=3)))
+
+    def config(name, **kw):
+        return SFTDistillationConfig(
+            output_dir=str(tmp_path / name), max_steps=3, per_device_train_batch_size=4, per_device_eval_batch_size=BATCH,
+            learning_rate=1e-3, report_to="none", save_strategy="no", use_cpu=True, logging_steps=1, seed=0,
+            disable_tqdm=True, bf16=False, max_length=48, temperature=T, alpha=0.7, **kw)
+
+    local = SFTDistillationTrainer(
+        model=layer_dropped_student(teacher, [0, 2]), teacher_model=teacher, train_dataset=chats, processing_class=tok,
+        args=config("local", cache_teacher_logits=True, teacher_logits_top_k=TOP_K, teacher_cache_dir=str(tmp_path / "c")),
+    )
+    # The rows TRL built (chat template applied, tokenized, truncated): what the teacher's cache is pushed for.
+    rows = local.train_dataset.remove_columns([ROW])
+    assert "input_ids" in rows.column_names and len(rows) == 12
+    hub_cache.push_teacher_cache(teacher, rows, "acme/sft-logits", tok, top_k=TOP_K, temperature=T, batch_size=BATCH,
+                                 teacher_revision="rev-a")
+    student = layer_dropped_student(teacher, [0, 2])
+    local_losses, local_weights = run(local)
+    remote = SFTDistillationTrainer(model=student, teacher_model=None, teacher_logits="acme/sft-logits",
+                                    train_dataset=chats, processing_class=tok, args=config("remote", teacher_revision="rev-a"))
+    assert remote.teacher is None
+    remote_losses, remote_weights = run(remote)
+    assert remote.teacher_cache.to_dict() == local.teacher_cache.to_dict()
+    assert len(remote_losses) == 3 and remote_losses == local_losses
+    assert all(soft > 0 for _, soft in remote_losses)
+    assert all(torch.equal(remote_weights[k], local_weights[k]) for k in local_weights)
+    # Chats rendered otherwise (another template) are other rows: refused before any step.
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }} </s> {% endfor %}"
+    with pytest.raises(ValueError, match=r"have `dataset_digest` '[0-9a-f]{32}' but this run has '[0-9a-f]{32}'"):
+        SFTDistillationTrainer(model=student, teacher_logits="acme/sft-logits", train_dataset=chats, processing_class=tok,
+                               args=config("other", teacher_revision="rev-a"))
+    # Packed rows are not the padded rows the cache holds: refused in one line, before TRL packs anything.
+    with pytest.raises(ValueError, match=r"^teacher_logits='acme/sft-logits' with `packing=True` is not supported: .* "
+                       r"set `packing=False`, or distil from the live teacher.$"):
+        SFTDistillationTrainer(model=student, teacher_logits="acme/sft-logits", train_dataset=chats, processing_class=tok,
+                               args=config("packed", packing=True))

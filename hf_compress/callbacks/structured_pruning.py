@@ -8,6 +8,7 @@ import torch
 from transformers import TrainerCallback
 
 from ..data.calibration import first_batches
+from ..fsdp import any_dtensor, gathered_copy, unsharded, weighted_mean_over_ranks, world_size
 from ..pruning.structured import (
     StructuredPlan,
     attach_structured_masks,
@@ -23,6 +24,32 @@ from ..pruning.structured import (
 from ..pruning.structured_config import StructuredPruningArguments
 
 REPORT_FILE = "structured_pruning.json"
+PRUNED_DIR = "structured_pruned"  # under FSDP2: the cut model, written by rank 0 (the sharded one keeps its shapes)
+
+
+def token_count(batch: dict) -> float:
+    """The positions a batch adds to the activation means of `structured_importance` (attention mask sum, else all)."""
+    mask = batch.get("attention_mask")
+    if isinstance(mask, torch.Tensor):
+        return float(mask.sum())
+    ids = batch.get("input_ids")
+    return float(ids.shape[0] * ids.shape[1]) if isinstance(ids, torch.Tensor) and ids.dim() >= 2 else 1.0
+
+
+def importance_over_ranks(model, batches, structures, layer_metric: str) -> dict:
+    """
+    [`structured_importance`] of a model that may be sharded (FSDP2) or replicated (DDP) over ranks, the same on every
+    rank: each rank scores its own calibration batches (the forward passes all-gather a sharded layer's weights as
+    in training) and the per-rank means are combined weighted by their token counts, i.e. the means over every
+    rank's batches ([`~hf_compress.fsdp.weighted_mean_over_ranks`]: exact for the activation sums; for
+    `layer_metric="loss"` exact when every rank's batches hold the same number of tokens). The weight-magnitude
+    scores (no batches) of a sharded model read the full weights inside [`~hf_compress.fsdp.unsharded`].
+    """
+    if batches is None:
+        with unsharded(model):  # a no-op without FSDP modules; the full weights are the same on every rank
+            return structured_importance(model, None, structures, layer_metric)
+    scores = structured_importance(model, batches, structures, layer_metric)
+    return weighted_mean_over_ranks(scores, sum(token_count(b) for b in batches))
 
 
 def _dropped_in_order(scores: torch.Tensor, kept: list[int]) -> list[int]:
@@ -107,6 +134,14 @@ class StructuredPruningCallback(TrainerCallback):
     ([`~hf_compress.pruning.structured.check_structured_cut`]: pruned vs masked and reloaded vs masked on the first
     calibration batch; beyond the tolerance `on_train_end` raises and writes nothing); `on_train_end` also writes
     them to `output_dir/structured_pruning.json` on the main process.
+
+    Under DDP and FSDP2 (`fully_shard`) every rank scores its own calibration batches and the scores are combined
+    into the means over all of them, so every rank fixes the same plan (under DDP each rank then cuts its replica,
+    rank 0 alone checking the reload). Under FSDP2 the masks are plain buffers and
+    hooks on the sharded modules (they act on the activations, which FSDP never shards); at `on_train_end` the full
+    state dict is gathered onto rank 0, which cuts an ordinary copy of the model ([`~hf_compress.fsdp.gathered_copy`]),
+    checks it as above, keeps it as `callback.pruned_model` and writes it with `save_pretrained` to
+    `output_dir/structured_pruned` (the sharded model itself keeps its shapes: a sharded parameter cannot be cut).
     """
 
     def __init__(self, args, **options):
@@ -146,13 +181,20 @@ class StructuredPruningCallback(TrainerCallback):
         return (step - step % self.frequency) / self._end_step
 
     def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
+        if any(hasattr(p, "ds_id") for p in model.parameters()):  # DeepSpeed ZeRO-3 partitioned parameters
+            raise ValueError(
+                "`StructuredPruningCallback` cannot run under DeepSpeed ZeRO-3: its parameters are partitioned outside "
+                "the forward, so neither weight-magnitude scores nor the final cut see whole weights; train with FSDP2 "
+                "(`fully_shard`) or DDP, or prune the saved model with `structured_prune`."
+            )
         structures = check_structures(model, self.structures)
         keep = self.keep or keep_for_parameter_budget(model, structures, self.target_params)
         batches = None
         if self.calibration_batches and train_dataloader is not None:
             batches = first_batches(train_dataloader, self.calibration_batches)
-        scores = structured_importance(model, batches, structures, self.layer_metric)
+        scores = importance_over_ranks(model, batches, structures, self.layer_metric)
         self.plan = select_structures(model, scores, keep)
+        self.pruned_model = None
         self._check_batch = check_batch(model, batches)
         cfg = model.config
         self._sizes = {"ffn": ffn_size(model), "hidden": cfg.hidden_size, "layers": cfg.num_hidden_layers,
@@ -175,8 +217,41 @@ class StructuredPruningCallback(TrainerCallback):
         if self.plan is None:
             return
         # The cut is checked against the fully masked model (and its reload): a wrong cut stops here, loudly.
-        cut_and_check(model, self.plan, self._check_batch)
+        if world_size() > 1 or any_dtensor(model.parameters()):
+            self._cut_across_ranks(args, model)
+        else:
+            cut_and_check(model, self.plan, self._check_batch)
         if state.is_world_process_zero and args.output_dir:
             from ..atomic import write_json
 
             write_json(os.path.join(args.output_dir, REPORT_FILE), {"schedule": self.history, **self.plan.to_dict()})
+
+    def _cut_across_ranks(self, args, model):
+        """DDP: every rank cuts its replica in place (rank 0 also checks the reload: `save_pretrained` writes on the
+        main process only). FSDP2: rank 0 cuts and checks an unsharded copy of the gathered model and writes it.
+        Every rank ends with rank 0's figures, or raises the first error of any rank (collective)."""
+        import torch.distributed as dist
+
+        from ..atomic import atomic_output_dir
+
+        sharded = any_dtensor(model.parameters())
+        target = gathered_copy(model) if sharded else model
+        rank = dist.get_rank()
+        outcome = None
+        if target is not None:
+            try:
+                cut_and_check(target, self.plan, self._check_batch, reload=rank == 0)
+                if sharded:
+                    self.pruned_model = target
+                    if args.output_dir:
+                        with atomic_output_dir(os.path.join(args.output_dir, PRUNED_DIR)) as tmp:
+                            target.save_pretrained(tmp)
+                outcome = ("ok", self.plan.check)
+            except Exception as err:  # every rank must leave this collective, with the same error
+                outcome = ("error", err)
+        outcomes = [None] * dist.get_world_size()
+        dist.all_gather_object(outcomes, outcome)
+        errors = [value for kind, value in filter(None, outcomes) if kind == "error"]
+        if errors:
+            raise errors[0]
+        self.plan.check = outcomes[0][1]
