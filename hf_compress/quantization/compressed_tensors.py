@@ -168,10 +168,13 @@ def require_compressed_tensors() -> None:
         raise ImportError("compressed-tensors export needs compressed-tensors: `pip install compressed-tensors`.")
 
 
-def quantize_model(model, args: QuantizationArguments):
+def quantize_model(model, args: QuantizationArguments, precomputed: dict | None = None):
     """
     A compressed-tensors copy of `model` (the model itself is not changed), weights compressed in memory as they will
     be saved, and the export info. The returned model decompresses on its first forward pass.
+
+    `precomputed` (`{module name: result with .q and .scales}`, e.g. from [`gptq.gptq_quantize`]): integers and scales
+    to store as they are for those modules instead of rounding the weights to nearest ([`set_precomputed`]).
     """
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import (
@@ -202,12 +205,16 @@ def quantize_model(model, args: QuantizationArguments):
     with torch.no_grad():
         for name in names:
             module = plain.get_submodule(name)
+            if precomputed is not None and name in precomputed:
+                set_precomputed(module, precomputed[name].q, precomputed[name].scales, args.bits, args.group_size)
+                continue
             scales = symmetric_scales(module.weight, args.bits, args.group_size)
             module.weight_scale.data.copy_(scales.reshape(module.weight_scale.shape).to(module.weight_scale.dtype))
             module.weight_zero_point.data.zero_()
             module.quantization_status = QuantizationStatus.FROZEN
     info = {
         "method": "compressed-tensors",
+        "precomputed_modules": sorted(n for n in names if precomputed and n in precomputed),
         "format": FORMAT,
         "bits": args.bits,
         "group_size": args.group_size,
@@ -226,12 +233,32 @@ def quantize_model(model, args: QuantizationArguments):
     return plain, compressor, info
 
 
-def save(model, output_dir, args: QuantizationArguments, tokenizer=None) -> dict:
+def set_precomputed(module, q: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int | None) -> None:
+    """Make a module prepared by `apply_quantization_config` store the integers `q` and `scales` given (GPTQ's) rather
+    than round-to-nearest ones: its weight becomes `q x scale` and its scale `scales`, so compressed-tensors'
+    compression (divide, clamp, round) gives back `q` exactly; checked here with the same numerics."""
+    from compressed_tensors.quantization import QuantizationStatus
+
+    lo, hi = int_range(bits)
+    if q.shape != module.weight.shape or int(q.min()) < lo or int(q.max()) > hi:
+        raise ValueError(f"precomputed integers of shape {tuple(q.shape)} in [{int(q.min())}, {int(q.max())}] do not fit a "
+                         f"{tuple(module.weight.shape)} weight on the {bits}-bit grid [{lo}, {hi}].")
+    scales = scales.reshape(module.weight_scale.shape).to(module.weight_scale.dtype)
+    weight = int_dequantize(q, scales.reshape(q.shape[0], -1), group_size).to(module.weight.dtype)
+    if not torch.equal(int_quantize(weight, scales.reshape(q.shape[0], -1), bits, group_size), q.to(torch.int8)):
+        raise ValueError("precomputed integers do not survive compression at these scales (a zero or non-finite scale?).")
+    module.weight.data.copy_(weight)
+    module.weight_scale.data.copy_(scales)
+    module.weight_zero_point.data.zero_()
+    module.quantization_status = QuantizationStatus.FROZEN
+
+
+def save(model, output_dir, args: QuantizationArguments, tokenizer=None, precomputed: dict | None = None) -> dict:
     """
     Quantize `model` to compressed-tensors `pack-quantized` int8/int4 and save it so that
     `AutoModelFor*.from_pretrained(output_dir)` (and `pipeline()`) reload it with only compressed-tensors installed.
     Written next to `output_dir` under a temporary name and renamed into place. Returns the export info with the
-    byte counts, as [`quantize_and_save`].
+    byte counts, as [`quantize_and_save`]. `precomputed`: integers and scales stored as given ([`quantize_model`]).
     """
     from .export import REPORT_FILE, folder_bytes
 
@@ -239,7 +266,7 @@ def save(model, output_dir, args: QuantizationArguments, tokenizer=None) -> dict
     from ..distributed import atomic_output_dir
 
     output_dir = Path(output_dir)
-    qmodel, compressor, info = quantize_model(model, args)
+    qmodel, compressor, info = quantize_model(model, args, precomputed)
     with atomic_output_dir(str(output_dir), marker=True) as tmp_name:  # whole or absent, as every other export
         tmp = Path(tmp_name)
         state = qmodel.state_dict()
