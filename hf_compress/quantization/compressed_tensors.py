@@ -214,7 +214,6 @@ def quantize_model(model, args: QuantizationArguments, precomputed: dict | None 
             module.quantization_status = QuantizationStatus.FROZEN
     info = {
         "method": "compressed-tensors",
-        "precomputed_modules": sorted(n for n in names if precomputed and n in precomputed),
         "format": FORMAT,
         "bits": args.bits,
         "group_size": args.group_size,
@@ -228,6 +227,8 @@ def quantize_model(model, args: QuantizationArguments, precomputed: dict | None 
         "num_parameters": sum(p.numel() for p in plain.parameters()),
         "information_limit_bytes": limit,
     }
+    if precomputed:  # only then, so the plain export's report is unchanged
+        info["precomputed_modules"] = sorted(n for n in names if n in precomputed)
     compressor = ModelCompressor.from_pretrained_model(plain, quantization_format=FORMAT)
     compressor.compress_model(plain)
     return plain, compressor, info
