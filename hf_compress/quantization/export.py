@@ -38,7 +38,7 @@ def quantize_model(model, args: QuantizationArguments):
     return get_backend(getattr(args, "backend", "bitsandbytes")).quantize(model, args, merge=merge)
 
 
-def quantize_and_save(model, output_dir, args: QuantizationArguments, tokenizer=None) -> dict:
+def quantize_and_save(model, output_dir, args: QuantizationArguments, tokenizer=None, precomputed: dict | None = None) -> dict:
     """
     Quantize `model` with `args.backend` (bitsandbytes, or compressed-tensors' `pack-quantized` int8/int4) and save it
     so that `AutoModelFor*.from_pretrained(output_dir)` reloads the quantized model with no extra argument
@@ -60,15 +60,21 @@ def quantize_and_save(model, output_dir, args: QuantizationArguments, tokenizer=
         output_dir (`str` or `os.PathLike`): Where to save; replaced if it exists.
         args ([`QuantizationArguments`]): Backend, bits, data type, embeddings, modules to skip.
         tokenizer (*optional*): Saved alongside when given.
+        precomputed (`dict`, *optional*): compressed-tensors only: `{module name: result with .q and .scales}`
+            (e.g. [`~hf_compress.quantization.gptq.gptq_quantize`]'s), stored as they are instead of round-to-nearest.
 
     Returns:
         `dict`: bits and data type, the quantized and full-precision module names, the quantized embeddings,
         `bytes_on_disk` (whole folder), `weight_bytes_on_disk` (safetensors files), `source_weight_bytes`
         (the full-precision state dict), `output_dir` and `reload` (how to load it back).
     """
+    backend = getattr(args, "backend", "bitsandbytes")
+    if precomputed is not None and backend != "compressed-tensors":
+        raise ValueError(f"precomputed integers (GPTQ) are stored by the compressed-tensors backend, not {backend!r}; pass "
+                         "`QuantizationArguments(backend=\"compressed-tensors\", ...)`.")
     model, merge = merge_adapters(model)
-    return get_backend(getattr(args, "backend", "bitsandbytes")).save(model, output_dir, args, tokenizer=tokenizer,
-                                                                      merge=merge)
+    extra = {} if precomputed is None else {"precomputed": precomputed}
+    return get_backend(backend).save(model, output_dir, args, tokenizer=tokenizer, merge=merge, **extra)
 
 
 def load_quantized(path, model_class=None, device=None, cpu_bf16_kernel: bool = False, **kwargs):

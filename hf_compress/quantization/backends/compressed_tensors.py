@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..config import QuantizationArguments
-from ..numerics import symmetric_scales
+from ..numerics import int_dequantize, int_quantize, int_range, symmetric_scales
 from ..prepare import plain_copy, weight_bytes
 from ..targets import compressed_tensors_targets
 from .base import QuantizationBackend, write_export_report
@@ -54,11 +54,15 @@ def information_limit_bytes(model: nn.Module, quantized: dict[str, tuple[int, in
     return -(-bits_total // 8)
 
 
-def compress(model, args: QuantizationArguments):
+def compress(model, args: QuantizationArguments, precomputed: dict | None = None):
     """
     `(compressed_model, compressor, info)`: a compressed-tensors copy of `model` (the model itself is not changed),
     weights compressed in memory as they will be saved, the compressor that writes its config, and the export info.
     The returned model decompresses on its first forward pass.
+
+    `precomputed` (`{module name: result with .q and .scales}`, e.g. from [`~hf_compress.quantization.gptq.gptq_quantize`]):
+    integers and scales to store as they are for those modules instead of rounding the weights to nearest
+    ([`set_precomputed`]).
     """
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import (
@@ -87,6 +91,9 @@ def compress(model, args: QuantizationArguments):
     with torch.no_grad():
         for name in names:
             module = plain.get_submodule(name)
+            if precomputed is not None and name in precomputed:
+                set_precomputed(module, precomputed[name].q, precomputed[name].scales, args.bits, args.group_size)
+                continue
             scales = symmetric_scales(module.weight, args.bits, args.group_size)
             module.weight_scale.data.copy_(scales.reshape(module.weight_scale.shape).to(module.weight_scale.dtype))
             module.weight_zero_point.data.zero_()
@@ -106,9 +113,31 @@ def compress(model, args: QuantizationArguments):
         "num_parameters": sum(p.numel() for p in plain.parameters()),
         "information_limit_bytes": limit,
     }
+    if precomputed:  # only then, so the plain export's report is unchanged
+        info["precomputed_modules"] = sorted(n for n in names if n in precomputed)
     compressor = ModelCompressor.from_pretrained_model(plain, quantization_format=FORMAT)
     compressor.compress_model(plain)
     return plain, compressor, info
+
+
+def set_precomputed(module, q: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int | None) -> None:
+    """Make a module prepared by `apply_quantization_config` store the integers `q` and `scales` given (GPTQ's) rather
+    than round-to-nearest ones: its weight becomes `q x scale` and its scale `scales`, so compressed-tensors'
+    compression (divide, clamp, round) gives back `q` exactly; checked here with the same numerics."""
+    from compressed_tensors.quantization import QuantizationStatus
+
+    lo, hi = int_range(bits)
+    if q.shape != module.weight.shape or int(q.min()) < lo or int(q.max()) > hi:
+        raise ValueError(f"precomputed integers of shape {tuple(q.shape)} in [{int(q.min())}, {int(q.max())}] do not fit a "
+                         f"{tuple(module.weight.shape)} weight on the {bits}-bit grid [{lo}, {hi}].")
+    scales = scales.reshape(module.weight_scale.shape).to(module.weight_scale.dtype)
+    weight = int_dequantize(q, scales.reshape(q.shape[0], -1), group_size).to(module.weight.dtype)
+    if not torch.equal(int_quantize(weight, scales.reshape(q.shape[0], -1), bits, group_size), q.to(torch.int8)):
+        raise ValueError("precomputed integers do not survive compression at these scales (a zero or non-finite scale?).")
+    module.weight.data.copy_(weight)
+    module.weight_scale.data.copy_(scales)
+    module.weight_zero_point.data.zero_()
+    module.quantization_status = QuantizationStatus.FROZEN
 
 
 def _tied_output_keys(model, embeddings: list[str]) -> set[str]:
@@ -138,12 +167,13 @@ class CompressedTensorsBackend(QuantizationBackend):
             info["peft_merge"] = merge.finish(qmodel)
         return qmodel, info
 
-    def save(self, model, output_dir, args, tokenizer=None, merge=None) -> dict:
+    def save(self, model, output_dir, args, tokenizer=None, merge=None, precomputed: dict | None = None) -> dict:
+        """`precomputed`: integers and scales stored as given ([`compress`], e.g. GPTQ's)."""
         from ...atomic import atomic_output_dir
 
         require_compressed_tensors()
         output_dir = Path(output_dir)
-        qmodel, compressor, info = compress(model, args)
+        qmodel, compressor, info = compress(model, args, precomputed)
         with atomic_output_dir(str(output_dir), marker=True) as tmp_name:  # whole or absent, as every other export
             tmp = Path(tmp_name)
             state = qmodel.state_dict()
