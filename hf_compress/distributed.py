@@ -29,6 +29,9 @@ _NEEDS_FULL_WEIGHTS = {
     "GradualPruningCallback": "magnitude thresholds over sharded weights would differ from those of the full weights",
     "QATCallback": "fake quantization needs the row-wise / block-wise absmax of the full weights",
     "QuantizationCallback": "the bitsandbytes export needs the full, unsharded weights",
+    # It also refuses itself on the partitioned parameters (`on_train_begin`); listed here to stop before training.
+    "StructuredPruningCallback": "its parameters are partitioned outside the forward, so neither weight-magnitude scores "
+                                 "nor the final cut see whole weights (FSDP2 `fully_shard` runs it)",
 }
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 _TRUE = ("1", "true", "yes")
@@ -64,8 +67,8 @@ def check_distributed_support(args=None, callbacks=()) -> str:
     """
     Raise one clear error, before any training, when a callback cannot work under the launcher's parallelism.
 
-    Under DeepSpeed ZeRO-3 each rank holds a slice of every weight, so the pruning callback, the quantization-aware
-    callback and the end-of-training quantization export are refused there (`cache_teacher_logits` with a ZeRO-3
+    Under DeepSpeed ZeRO-3 each rank holds a slice of every weight, so the pruning callbacks (gradual and structured),
+    the quantization-aware callback and the end-of-training quantization export are refused there (`cache_teacher_logits` with a ZeRO-3
     teacher is refused where the teacher is placed, `prepare_teacher`). Under FSDP, [`check_fsdp_support`] decides (FSDP2 pruning is
     supported). DDP and ZeRO-1/2 keep full weights on every rank and are supported.
 

@@ -9,8 +9,9 @@ equal one plain process's (the next loss within 1e-6, measured 4.8e-7), the prun
 every re-application, the export is the gathered weights. From the second update on, ZeRO-3's optimizer step on
 CPU is not one process's even without any hf_compress code (measured in tests/deepspeed_worker.py), so no later
 step is compared.
-A magnitude selection on a rank's own partition is not the full weight's: `GradualPruningCallback`, `QATCallback`
-and `QuantizationCallback` stay refused under ZeRO-3.
+A magnitude selection on a rank's own partition is not the full weight's: `GradualPruningCallback`, `QATCallback`,
+`QuantizationCallback` and `StructuredPruningCallback` stay refused under ZeRO-3 (by `check_distributed_support`,
+before training; `StructuredPruningCallback` also refuses partitioned parameters itself).
 """
 
 from __future__ import annotations
@@ -79,7 +80,8 @@ def test_a_selection_on_a_zero3_partition_is_not_the_full_weights(zero3):
     assert all(info["local_selection_mismatches"] > 0 for info in infos)  # why the pruning callback is refused
 
 
-@pytest.mark.parametrize("callback", ["GradualPruningCallback", "QATCallback", "QuantizationCallback"])
+@pytest.mark.parametrize("callback", ["GradualPruningCallback", "QATCallback", "QuantizationCallback",
+                                      "StructuredPruningCallback"])
 def test_zero3_refusals_stay(callback):
     import hf_compress.callbacks as cbs
     from hf_compress.distributed import check_distributed_support

@@ -391,3 +391,57 @@ def test_vllm_claims_follow_what_was_written(tmp_path):
     engines = serving_engines(str(tmp_path / "linear"), {"pipeline()": {"ok": True}})
     assert engines["vLLM"]["serves"] is True and engines["transformers"]["serves"] is True
 
+
+
+# Each format's loaders-check tolerance, relative to the logit scale, as its class in `hf_compress.formats` sets it:
+# (format, loader, weight bits, logit dtype, relative tolerance).
+ONNX_RUNTIME = "onnxruntime.InferenceSession (without hf_compress)"
+PLAIN = "from_pretrained (without hf_compress)"
+TOLERANCE_CASES = [
+    ("dense", PLAIN, None, torch.float32, 1e-5),
+    ("bitmask", "load_compressed", None, torch.float32, 1e-5),
+    (CT, "pipeline()", 4, torch.float32, 1e-5),
+    ("bitsandbytes", "load_quantized", 4, torch.float32, 1e-4),
+    ("bitsandbytes", PLAIN, 8, torch.float32, 1e-4),
+    ("bitsandbytes", "pipeline()", 4, torch.float32, 2e-2),  # bitsandbytes' bfloat16 CPU kernel
+    ("bitsandbytes", "load_quantized", 8, torch.bfloat16, 2 * 2**-7),  # 2 x bf16's machine epsilon
+    ("bitsandbytes", "load_quantized", 8, torch.float16, 2 * 2**-10),
+    ("bitsandbytes", "pipeline()", 4, torch.float16, 2e-2),  # the larger of the two
+    ("onnx", ONNX_RUNTIME, None, torch.float32, 1e-4),
+    ("onnx", ONNX_RUNTIME, 4, torch.float32, 1e-4),
+    ("onnx", ONNX_RUNTIME, 8, torch.float32, 5e-2),  # ONNX Runtime's dynamic int8 activations
+]
+
+
+@pytest.mark.parametrize("fmt,loader,bits,dtype,relative", TOLERANCE_CASES)
+def test_logit_tolerance_comes_from_the_format(fmt, loader, bits, dtype, relative):
+    from hf_compress.formats import get_format
+    from hf_compress.model_cards.loading import PLAIN_LOADERS, RELATIVE_LOGIT_TOLERANCE
+
+    assert get_format(fmt).logit_tolerance(loader in PLAIN_LOADERS, bits, dtype) == pytest.approx(relative)
+    assert logit_tolerance(fmt, loader, 3.0, bits, dtype) == pytest.approx(3.0 * relative)  # times the logit scale
+    assert logit_tolerance(fmt, loader, 0.5, bits, dtype) == pytest.approx(relative)  # a scale below 1 counts as 1
+    assert RELATIVE_LOGIT_TOLERANCE[fmt] == get_format(fmt).relative_logit_tolerance
+
+
+def test_gpt2_lm_head_model_is_loaded_with_its_causal_lm_class(tmp_path):
+    # `GPT2LMHeadModel` is a causal LM by the task table's class suffixes: the loaders check (and the card's snippet)
+    # use `AutoModelForCausalLM` and `pipeline("text-generation")`, not a headless `AutoModel`.
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from hf_compress.model_cards.loading import usage_snippet
+    from task_helpers import tiny_tokenizer
+
+    folder = str(tmp_path)
+    tok = tiny_tokenizer(folder)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=1, n_head=2, n_positions=64)).eval()
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    loaders = check_loaders(folder, TEXTS[:2], _logits(model, folder, TEXTS[:2]))
+    assert set(loaders) == {PLAIN, "pipeline()"}
+    for name, v in loaders.items():
+        assert v["status"] == "match" and v["max_abs_logit_diff"] <= 1e-5, (name, v)
+    snippet = usage_snippet({"architecture": "GPT2LMHeadModel"}, "acme/tiny-gpt2", folder=folder)
+    assert "model = AutoModelForCausalLM.from_pretrained('acme/tiny-gpt2')" in snippet
+    assert 'pipeline("text-generation", model=model, tokenizer=tokenizer)' in snippet

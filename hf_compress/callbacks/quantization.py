@@ -27,14 +27,10 @@ class QuantizationCallback(TrainerCallback):
     def __init__(self, quantization_args: QuantizationArguments, output_dir: str, eval_fn: Callable | None = None):
         if not isinstance(quantization_args, QuantizationArguments):
             raise TypeError(f"quantization_args must be a `QuantizationArguments`, got {type(quantization_args).__name__}.")
-        from ..quantization.backends.bitsandbytes import require_bitsandbytes
-        from ..quantization.backends.compressed_tensors import require_compressed_tensors
+        from ..quantization.backends import get_backend
 
         # Fail at construction, not after hours of training.
-        if quantization_args.backend == "compressed-tensors":
-            require_compressed_tensors()
-        else:
-            require_bitsandbytes(quantization_args.bits)
+        get_backend(quantization_args.backend).require(quantization_args.bits)
         self.quantization_args = quantization_args
         self.output_dir = str(output_dir)
         self.eval_fn = eval_fn

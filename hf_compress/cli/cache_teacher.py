@@ -63,7 +63,7 @@ def main(argv: list[str]) -> int:
     from transformers import HfArgumentParser
 
     from ..distillation import hub_cache
-    from ..distillation.teacher import infer_task
+    from ..tasks import task_of_model
 
     class _Usage(Exception):
         pass
@@ -89,7 +89,7 @@ def main(argv: list[str]) -> int:
             raise _Usage(f"--teacher_dtype must be float32, bfloat16 or float16, got {a.teacher_dtype!r}.")
         dataset = _load_split(a.dataset, a.split)
         tokenizer, teacher = _load_teacher(a)
-        task = infer_task(teacher) if a.task == "auto" else a.task
+        task = task_of_model(teacher) if a.task == "auto" else a.task
         hub_cache.check_push_inputs(a.hub_repo, top_k, a.temperature, a.dtype, task, dataset, tokenizer, a.batch_size)
     except (_Usage, ValueError, TypeError, OSError, ImportError) as err:
         return _fail(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
@@ -138,6 +138,7 @@ def _load_teacher(a: CacheTeacherArguments):
     from transformers import AutoConfig, AutoTokenizer
 
     from ..distillation.teacher import load_teacher
+    from ..tasks import get_task
 
     revision = {"revision": a.teacher_revision} if a.teacher_revision else {}
     tokenizer = AutoTokenizer.from_pretrained(a.tokenizer or a.teacher, **({} if a.tokenizer else revision))
@@ -148,14 +149,9 @@ def _load_teacher(a: CacheTeacherArguments):
             raise ValueError(f"--teacher {a.teacher!r} names no known architecture in its config; pass `--task`.")
         teacher = getattr(transformers, arch).from_pretrained(a.teacher, **kwargs)
     elif revision:
-        teacher = getattr(transformers, _auto_class(a.task)).from_pretrained(a.teacher, **kwargs)
+        teacher = getattr(transformers, get_task(a.task).auto_class).from_pretrained(a.teacher, **kwargs)
     else:
         teacher = load_teacher(a.teacher, a.task, a.teacher_dtype)
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     return tokenizer, teacher.to(device).eval()
 
-
-def _auto_class(task: str) -> str:
-    return {"sequence-classification": "AutoModelForSequenceClassification",
-            "token-classification": "AutoModelForTokenClassification",
-            "question-answering": "AutoModelForQuestionAnswering", "causal-lm": "AutoModelForCausalLM"}[task]

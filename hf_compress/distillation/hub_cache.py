@@ -23,6 +23,7 @@ import math
 import os
 import tempfile
 
+from ..tasks import TASKS, get_task, task_of_model
 from . import cache as teacher_cache
 
 logger = logging.getLogger(__name__)
@@ -32,7 +33,6 @@ FORMAT = 1
 DATA_DIR = "data"
 DEFAULT_SHARD_BYTES = 500 << 20
 DEFAULT_COMMIT_MESSAGE = "Upload teacher logits (hf_compress)"
-TASKS = ("sequence-classification", "token-classification", "question-answering", "causal-lm")
 
 
 def tokenizer_digest(tokenizer) -> str:
@@ -62,11 +62,9 @@ def dataset_digest(dataset) -> str:
 
 
 def _num_classes(teacher, task: str) -> int | None:
-    if task == "causal-lm":
-        return int(teacher.get_output_embeddings().weight.shape[0])
-    if task == "question-answering":
-        return None
-    return int(teacher.config.num_labels)
+    """The teacher's vocabulary rows or label count; `None` when the classes are the sequence's positions (QA)."""
+    layout = get_task(task).logit_layout
+    return None if layout.over_positions else int(layout.class_count(teacher)[1])
 
 
 def public_name(name: str | None) -> str | None:
@@ -98,7 +96,7 @@ def hub_cache_key(teacher, dataset, tokenizer, task: str, top_k: int | None, tem
         "width": width,
         "num_classes": _num_classes(teacher, task),
         "input_vocabulary_rows": input_vocabulary_rows(teacher),
-        "id2label": {str(k): v for k, v in cfg.id2label.items()} if task in ("sequence-classification", "token-classification") else None,
+        "id2label": {str(k): v for k, v in cfg.id2label.items()} if get_task(task).logit_layout.compares_label_maps else None,
         "left_padding_positions": bool(positions),
         "teacher_reads_absolute_positions": teacher_cache.reads_absolute_positions(teacher),
         "teacher_accepts_position_ids": teacher_cache.accepts_position_ids(teacher),
@@ -184,9 +182,8 @@ def write_teacher_cache_folder(folder: str, teacher, dataset, tokenizer, task: s
     written whole or not at all (a temporary folder renamed into place). Returns the key.
     """
     from ..atomic import atomic_output_dir
-    from .teacher import infer_task
 
-    task = task or infer_task(teacher)
+    task = task or task_of_model(teacher)
     check_push_inputs(repo_id or "local/folder", top_k, temperature, dtype, task, dataset, tokenizer, batch_size)
     if collator is None:
         from transformers import DataCollatorWithPadding
@@ -194,7 +191,7 @@ def write_teacher_cache_folder(folder: str, teacher, dataset, tokenizer, task: s
         collator = DataCollatorWithPadding(tokenizer)
     if positions is None:
         positions = teacher_cache.unpadded_positions_apply(teacher)
-    width = int(teacher.get_output_embeddings().weight.shape[0]) if task == "causal-lm" else None
+    width = int(teacher.get_output_embeddings().weight.shape[0]) if get_task(task).logit_layout.over_vocabulary else None
     key = hub_cache_key(teacher, dataset, tokenizer, task, top_k, temperature, dtype, width, positions, teacher_id,
                         teacher_revision)
     padding_side = getattr(tokenizer, "padding_side", "right") if getattr(tokenizer, "padding_side", None) in ("left", "right") else "right"
@@ -290,9 +287,7 @@ def push_teacher_cache(teacher, dataset, repo_id: str, tokenizer, task: str | No
     Returns:
         `(PushResult, key)`.
     """
-    from .teacher import infer_task
-
-    task = task or infer_task(teacher)
+    task = task or task_of_model(teacher)
     # Everything checkable is checked before the teacher runs.
     check_push_inputs(repo_id, top_k, temperature, dtype, task, dataset, tokenizer, batch_size)
     with tempfile.TemporaryDirectory(prefix="hf_compress_teacher_push_") as tmp:
@@ -413,7 +408,8 @@ def check_student_against_key(student, key: dict, task: str, tokenizer, source: 
             f"The student has input-embedding size {s_in} but the teacher of {source} had {t_in} and the tokenizer has "
             f"{len(tokenizer)} tokens; use a student with the teacher's tokenizer."
         )
-    if task == "causal-lm":
+    layout = get_task(task).logit_layout
+    if layout.over_vocabulary:
         out = student.get_output_embeddings()
         s = int(out.weight.shape[0]) if out is not None else int(student.config.vocab_size)
         width = key["width"]
@@ -425,7 +421,7 @@ def check_student_against_key(student, key: dict, task: str, tokenizer, source: 
             f"The student has vocab_size {s} but the teacher logits {source} have width {width}; use a student with "
             "the teacher's tokenizer and vocabulary."
         )
-    if task in ("sequence-classification", "token-classification"):
+    if layout.compares_label_maps:
         if student.config.num_labels != key["num_classes"]:
             raise ValueError(
                 f"The student has num_labels {student.config.num_labels} but the teacher logits {source} have "

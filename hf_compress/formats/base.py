@@ -1,18 +1,13 @@
 """What every checkpoint format answers ([`CheckpointFormat`]), and the small helpers formats, the hub and the card
-code share (reading `config.json`, the Auto class of an architecture, the vLLM source the serving claims cite)."""
+code share (reading `config.json`, the Auto class of an architecture from the task table, the vLLM source the serving
+claims cite)."""
 
 from __future__ import annotations
 
 import json
 import os
 
-# Architecture suffix -> transformers Auto class, and the Auto class -> its `pipeline()` task.
-AUTO_CLASSES = (("ForSequenceClassification", "AutoModelForSequenceClassification"), ("ForCausalLM", "AutoModelForCausalLM"),
-                ("ForTokenClassification", "AutoModelForTokenClassification"),
-                ("ForQuestionAnswering", "AutoModelForQuestionAnswering"))
-PIPELINE_TASKS = {"AutoModelForSequenceClassification": "text-classification", "AutoModelForCausalLM": "text-generation",
-                  "AutoModelForTokenClassification": "token-classification",
-                  "AutoModelForQuestionAnswering": "question-answering"}
+from ..tasks import task_of_class
 
 # vLLM's code as read for the serving claims (not run: no vLLM is installed here). Its Llama builds the input
 # embedding as `VocabParallelEmbedding(vocab_size, hidden_size, org_num_embeddings=...)`, with no quant config and no
@@ -39,11 +34,16 @@ def read_config(folder) -> dict:
 
 
 def auto_class_name(architecture: str | None) -> str:
-    """The transformers Auto class that loads `architecture` (`...ForCausalLM` -> `AutoModelForCausalLM`)."""
-    for suffix, auto in AUTO_CLASSES:
-        if architecture and architecture.endswith(suffix):
-            return auto
-    return "AutoModel"
+    """The transformers Auto class that loads `architecture` (`...ForCausalLM`, `GPT2LMHeadModel` ->
+    `AutoModelForCausalLM`): its task's `auto_class` ([`hf_compress.tasks.task_of_class`]), `AutoModel` for none."""
+    task = task_of_class(architecture)
+    return task.auto_class if task is not None else "AutoModel"
+
+
+def pipeline_snippet(architecture: str | None) -> str:
+    """The card snippet's `pipeline()` line for `architecture`'s task (its `pipeline_tag`), or `""` for no task."""
+    task = task_of_class(architecture)
+    return f'\nclassifier = pipeline("{task.pipeline_tag}", model=model, tokenizer=tokenizer)' if task is not None else ""
 
 
 def load_with_auto_class(folder: str, **kwargs):
@@ -72,6 +72,10 @@ class CheckpointFormat:
     own_loader: str | None = None
     # The runtime a folder without torch weights is checked with instead of the transformers loaders (ONNX Runtime).
     graph_runtime: str | None = None
+    # Max |logit difference| the loaders check allows between a loader's output and the trained in-memory model (under
+    # the export's fake quantization when quantized), relative to the logit scale `max(1, max |reference logit|)`.
+    # Dense and bitmask: the same float weights through the same kernels; only float reassociation differs.
+    relative_logit_tolerance: float = 1e-5
 
     # --- recognise, write, read ---------------------------------------------------------------------------------
 
@@ -106,6 +110,12 @@ class CheckpointFormat:
         """The weight bits of the folder where they set the loaders check's tolerance, else `None`."""
         return None
 
+    def logit_tolerance(self, plain_loader: bool, bits: int | None = None, dtype=None) -> float:
+        """The loaders check's tolerance for this format, relative to the logit scale: [`relative_logit_tolerance`],
+        or what `plain_loader` (plain `from_pretrained` / `pipeline()`), the weight `bits` ([`bits`]) and the model's
+        logit `dtype` call for."""
+        return self.relative_logit_tolerance
+
     # --- who loads and serves it --------------------------------------------------------------------------------
 
     def low_bit_embeddings(self, config: dict, report: dict | None = None) -> bool:
@@ -132,8 +142,7 @@ class CheckpointFormat:
     def usage_snippet(self, ref: str, report: dict, low_bit_embeddings: bool) -> str:
         """The card's loading code for the checkpoint at `ref` (a Hub id or a folder), without the note line."""
         auto = auto_class_name(report.get("architecture"))
-        task = PIPELINE_TASKS.get(auto)
-        tail = f'\nclassifier = pipeline("{task}", model=model, tokenizer=tokenizer)' if task else ""
+        tail = pipeline_snippet(report.get("architecture"))
         return (f"{self._snippet_head()}from transformers import {auto}, AutoTokenizer, pipeline\n\n"
                 f"model = {auto}.from_pretrained({ref!r})\n"
                 f"tokenizer = AutoTokenizer.from_pretrained({ref!r}){tail}")

@@ -16,7 +16,7 @@ import logging
 import torch
 
 from ..pruning.masks import pack_bool, unpack_bool
-from .base import CheckpointFormat, read_config
+from .base import CheckpointFormat
 
 # v2 (current): `model.safetensors` + a `quantization_config` that `from_pretrained` reads once hf_compress is imported
 # (see `bitmask_quantizer.py`); v1: `model.compressed.safetensors`, read by `load_compressed` only.

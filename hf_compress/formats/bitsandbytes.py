@@ -5,9 +5,13 @@ described."""
 
 from __future__ import annotations
 
-from .base import PIPELINE_TASKS, QuantizedFormat, auto_class_name
+from .base import QuantizedFormat, pipeline_snippet
 
 QUANT_METHOD = "bitsandbytes"
+# bitsandbytes 4-bit through plain `from_pretrained` / `pipeline()`: those may take bitsandbytes' AVX512-BF16 CPU kernel,
+# which rounds activations and block scales to bfloat16 (8-bit mantissa, 2^-8 ~ 4e-3 per product, accumulated over a
+# layer stack), relative to the logit scale (the loaders check, [`BitsAndBytesFormat.logit_tolerance`]).
+BNB_4BIT_BF16_KERNEL_TOLERANCE = 2e-2
 
 
 class BitsAndBytesFormat(QuantizedFormat):
@@ -16,6 +20,10 @@ class BitsAndBytesFormat(QuantizedFormat):
     name = "bitsandbytes"
     backend = "bitsandbytes"
     own_loader = "load_quantized"
+    # Through `load_quantized`: the float32 reference path that `BnbFakeQuantize` replays op for op; LLM.int8 rounds
+    # activations to int8 per row at run time, so a one-ulp float difference upstream can move an activation one int8
+    # step. 8-bit through the plain loaders runs the same LLM.int8 kernels.
+    relative_logit_tolerance = 1e-4
 
     @classmethod
     def detect(cls, folder, config: dict) -> bool:
@@ -24,6 +32,18 @@ class BitsAndBytesFormat(QuantizedFormat):
 
     def bits(self, folder: str, config: dict) -> int | None:
         return (self.config_bits(config.get("quantization_config") or {}) or [None])[0]
+
+    def logit_tolerance(self, plain_loader: bool, bits: int | None = None, dtype=None) -> float:
+        import torch
+
+        relative = BNB_4BIT_BF16_KERNEL_TOLERANCE if bits == 4 and plain_loader else self.relative_logit_tolerance
+        if dtype in (torch.bfloat16, torch.float16):
+            # In a bf16 / fp16 model the replay and bitsandbytes' kernels round the 16-bit activations at different
+            # points (LLM.int8 casts them to float16 first), so they differ by a few units in the last place of the
+            # model's dtype: at least 2 x its machine epsilon (bf16: 1.6e-2, fp16: 2e-3; 3.9e-3 measured on a tiny
+            # bf16 Llama).
+            relative = max(relative, 2 * torch.finfo(dtype).eps)
+        return relative
 
     def low_bit_embeddings(self, config: dict, report: dict | None = None) -> bool:
         from ..quantization.backends.bitsandbytes import EMBEDDINGS_CONFIG_KEY, EMBEDDINGS_FILE
@@ -51,8 +71,7 @@ class BitsAndBytesFormat(QuantizedFormat):
     def usage_snippet(self, ref: str, report: dict, low_bit_embeddings: bool) -> str:
         if not low_bit_embeddings:
             return super().usage_snippet(ref, report, low_bit_embeddings)
-        task = PIPELINE_TASKS.get(auto_class_name(report.get("architecture")))
-        tail = f'\nclassifier = pipeline("{task}", model=model, tokenizer=tokenizer)' if task else ""
+        tail = pipeline_snippet(report.get("architecture"))
         # Plain from_pretrained stops on the embedding sentinel (loudly); load_quantized restores the 8/4-bit tables.
         return (f"from hf_compress.quantization import load_quantized\nfrom transformers import AutoTokenizer, pipeline\n\n"
                 f"model = load_quantized({ref!r})  # restores the 8/4-bit embeddings\n"

@@ -250,8 +250,6 @@ def verify_pushed(folder: str, repo_id: str, revision: str, endpoint: str | None
     Raises:
         `HubPushError`: naming the first mismatch.
     """
-    import json
-
     import torch
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError
@@ -278,7 +276,7 @@ def verify_pushed(folder: str, repo_id: str, revision: str, endpoint: str | None
                 raise HubPushError(f"Verification failed: {f} in {repo_id}@{revision[:8]} differs from the local file.")
         model = load_checkpoint(local)
         if "outputs" in sample:  # any task: the recorded outputs (`model_cards.output_sample`)
-            from hf_compress.model_cards.report import compare_outputs
+            from hf_compress.tasks.evaluation import compare_outputs
 
             diff = compare_outputs(model, sample)
             examples = len(next(iter(sample["inputs"].values())))

@@ -9,16 +9,14 @@ from .card import (
     validate_card_metadata,
     write_model_card,
 )
+from ..tasks.evaluation import evaluate_classifier, predict_classifier, verification_sample
 from .report import (
     REPORT_NAME,
     build_report,
     checkpoint_bytes,
-    evaluate_classifier,
     load_report,
-    predict_classifier,
     quantization_summary,
     save_report,
-    verification_sample,
     weight_stats,
 )
 

@@ -29,15 +29,17 @@ def base_model_relation(report: dict) -> str:
 
 
 def format_tags(report: dict) -> list[str]:
-    """Hub tags of the format actually written: the quantization method read from the saved `quantization_config`
-    (`bitsandbytes` with `8-bit` / `4-bit`, or `compressed-tensors`), nothing for dense or bitmask weights."""
+    """Hub tags of the format actually written: the `tags` of the format of the saved `quantization_config`
+    ([`hf_compress.formats.quantization_format`]: `bitsandbytes` with `8-bit` / `4-bit`, or `compressed-tensors`),
+    nothing for dense or bitmask weights."""
+    from ..formats import quantization_format
+
     quant = report.get("quantization") or {}
-    method = quant.get("method")
-    if method == "bitsandbytes":
-        return ["bitsandbytes"] + [f"{b}-bit" for b in quant.get("bits") or []]
-    if method == "compressed-tensors":
-        return ["compressed-tensors"]
-    return []
+    if not quant:
+        return []
+    fmt = quantization_format(quant.get("quantization_config"))
+    # A method no format of ours writes (a checkpoint quantized elsewhere) gets no format tag.
+    return fmt.tags(quant) if fmt.name == quant.get("method") else []
 
 
 def _fmt_bytes(n) -> str:

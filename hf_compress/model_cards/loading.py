@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 import os
 
-from ..formats.base import PIPELINE_TASKS as _TASKS
-from ..formats.base import VLLM_SOURCE, auto_class_name, read_config  # noqa: F401  (re-exported: the card cites them)
+from ..formats import FORMATS, get_format
+from ..formats.base import read_config
+from ..tasks import task_of_class
 
 
 def checkpoint_format(folder=None, report: dict | None = None) -> dict:
@@ -126,43 +127,17 @@ def main_logits(output):
     return torch.stack([output.start_logits, output.end_logits], -1)
 
 
-# Max |logit difference| allowed between a loader's output and the trained in-memory model (under the export's fake
-# quantization when quantized), relative to the logit scale `max(1, max |reference logit|)`. What bounds each:
-# - dense, bitmask: the same float weights through the same kernels; only float reassociation differs (1e-5).
-# - compressed-tensors: the loader dequantizes to exactly the weights `IntFakeQuantize` computes (bit for bit,
-#   tested), then runs the same float forward (1e-5).
-# - bitsandbytes through `load_quantized`: the float32 reference path that `BnbFakeQuantize` replays op for op; LLM.int8
-#   rounds activations to int8 per row at run time, so a one-ulp float difference upstream can move an activation one
-#   int8 step (1e-4).
-# - bitsandbytes 4-bit through plain `from_pretrained` / `pipeline()`: those may take bitsandbytes' AVX512-BF16 CPU
-#   kernel, which rounds activations and block scales to bfloat16 (8-bit mantissa, 2^-8 ~ 4e-3 per product,
-#   accumulated over a layer stack), so 2e-2; 8-bit through them runs the same LLM.int8 kernels (1e-4).
-# - bitsandbytes in a bf16 / fp16 model: the replay and bitsandbytes' kernels round the 16-bit activations at different
-#   points (LLM.int8 casts them to float16 first), so they differ by a few units in the last place of the model's
-#   dtype: at least 2 x its machine epsilon (bf16: 1.6e-2, fp16: 2e-3; 3.9e-3 measured on a tiny bf16 Llama).
-RELATIVE_LOGIT_TOLERANCE = {"dense": 1e-5, "bitmask": 1e-5, "compressed-tensors": 1e-5, "bitsandbytes": 1e-4,
-                            "onnx": 1e-4}
-# ONNX Runtime's dynamic int8 rounds every activation per tensor at run time (`DynamicQuantizeLinear`), which no
-# replay of the weights reproduces: the graph is held to 5% of the logit scale against the unquantized trained
-# model (measured on the tiny family models: at most 6.6e-3 absolute for encoders, 0.14 for decoders).
-ONNX_INT8_TOLERANCE = 5e-2
-BNB_4BIT_BF16_KERNEL_TOLERANCE = 2e-2
+# Max |logit difference| allowed between a loader's output and the trained in-memory model, relative to the logit
+# scale: each format's `relative_logit_tolerance` and `logit_tolerance` (hf_compress.formats), where each value says
+# what bounds it. This table is read from the format classes.
+RELATIVE_LOGIT_TOLERANCE = {name: cls.relative_logit_tolerance for name, cls in FORMATS.items()}
 PLAIN_LOADERS = ("from_pretrained (without hf_compress)", "pipeline()")
 
 
 def logit_tolerance(fmt: str, loader: str, logit_scale: float, bits: int | None = None, dtype=None) -> float:
-    """The absolute logit tolerance of `loader` reading a `fmt` checkpoint of a model whose logits come in `dtype`
-    ([`RELATIVE_LOGIT_TOLERANCE`] times the logit scale `max(1, logit_scale)`)."""
-    import torch
-
-    relative = RELATIVE_LOGIT_TOLERANCE[fmt]
-    if fmt == "bitsandbytes" and bits == 4 and loader in PLAIN_LOADERS:
-        relative = BNB_4BIT_BF16_KERNEL_TOLERANCE
-    if fmt == "onnx" and bits == 8:
-        relative = ONNX_INT8_TOLERANCE
-    if fmt == "bitsandbytes" and dtype in (torch.bfloat16, torch.float16):
-        relative = max(relative, 2 * torch.finfo(dtype).eps)
-    return relative * max(1.0, float(logit_scale))
+    """The absolute logit tolerance of `loader` reading a `fmt` checkpoint of a model whose logits come in `dtype`:
+    the format's relative tolerance ([`CheckpointFormat.logit_tolerance`]) times the logit scale `max(1, logit_scale)`."""
+    return get_format(fmt).logit_tolerance(loader in PLAIN_LOADERS, bits, dtype) * max(1.0, float(logit_scale))
 
 
 def check_loaders(folder: str, texts: list[str], reference_logits, atol: float | None = None) -> dict:
@@ -184,7 +159,8 @@ def check_loaders(folder: str, texts: list[str], reference_logits, atol: float |
     folder = os.path.abspath(folder)
     config = read_config(folder)
     fmt = detect_format(folder, config)
-    auto = auto_class_name((config.get("architectures") or [None])[0])
+    task = task_of_class((config.get("architectures") or [None])[0])
+    auto = task.auto_class if task is not None else "AutoModel"
     dtype = reference_logits.dtype if isinstance(reference_logits, torch.Tensor) else torch.float32
     ref = torch.as_tensor(reference_logits, dtype=torch.float32)
     scale = float(ref.abs().max()) if ref.numel() else 1.0
@@ -217,13 +193,12 @@ def check_loaders(folder: str, texts: list[str], reference_logits, atol: float |
     from transformers import AutoTokenizer, pipeline
 
     tok = AutoTokenizer.from_pretrained(folder)
-    task = _TASKS.get(auto)
     if task is not None:
         try:
             # The same right-padded batch as the other loaders, made before `pipeline()` can change the tokenizer
             # it is given (text-generation turns it to left padding).
             inputs = tok(texts, padding=True, truncation=True, return_tensors="pt")
-            pipe = pipeline(task, model=folder, tokenizer=tok)
+            pipe = pipeline(task.pipeline_tag, model=folder, tokenizer=tok)
             with torch.no_grad():
                 logits = main_logits(pipe.model(**inputs))
             out["pipeline()"] = compare(logits, "pipeline()")

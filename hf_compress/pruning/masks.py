@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..architectures import WeightLayout, is_conv1d, weight_layout, weight_layouts
+from ..architectures import WeightLayout, is_conv1d, weight_layout
 from ..fsdp import count_zeros, full_tensor
 
 MASK_SUFFIX = "_mask"

@@ -44,7 +44,6 @@ from .self_check import (
     model_inputs,
     raise_if_beyond,
     reload_pretrained,
-    tolerance_for,  # noqa: F401  (re-exported: callers of the structured self-check ask for it here)
 )
 
 _MASK_HOOKS = "_hf_compress_structured_hooks"
@@ -428,7 +427,6 @@ def select_structures(model, scores: dict, keep: dict) -> StructuredPlan:
     check_structures(model, list(keep))
     blocks = _blocks(model)
     plan = StructuredPlan(scores=dict(scores))
-    cfg = model.config
     if "ffn" in keep:
         k = _count(keep["ffn"], ffn_size(model), "FFN neurons")
         plan.ffn = [_top(row, k) for row in scores["ffn"]]
@@ -929,7 +927,7 @@ def check_structured_cut(model, batch: dict, expected: torch.Tensor, tolerance: 
         batch (`dict`): model inputs (padded positions, by `attention_mask`, are not compared).
         expected (`torch.Tensor`): the masked model's logits on `batch` (as [`~hf_compress.pruning.self_check.logits_on`] returns them).
         tolerance (`float`, *optional*): largest `max |logits - expected| / max |expected|`; defaults to
-            [`tolerance_for`] the model's dtype.
+            [`~hf_compress.pruning.self_check.tolerance_for`] the model's dtype.
         reload (`bool`, *optional*, defaults to `True`): also check the reloaded checkpoint.
 
     Returns:

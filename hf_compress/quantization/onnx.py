@@ -19,14 +19,15 @@ import tempfile
 
 import torch
 
+from ..tasks import TASKS, get_task
+
 ONNX_FILE = "model.onnx"
 OPSET = 17
 # The fp32 graph must reproduce the trained model this closely on a probe of another shape than the traced one
 # (a traced branch that depends on the shape would show here); int8 differences are recorded, not bounded.
 FP32_ATOL = 1e-4
-# Tasks and the graph outputs they get.
-OUTPUTS = {"sequence-classification": ("logits",), "token-classification": ("logits",),
-           "question-answering": ("start_logits", "end_logits"), "causal-lm": ("logits",)}
+# Tasks and the graph outputs they get: each task's distilled outputs (`Task.logit_layout.outputs`).
+OUTPUTS = {name: get_task(name).logit_layout.outputs for name in TASKS}
 # Model types whose fp32 graph matched the model within `FP32_ATOL` on the tiny configs of tests/family_configs.py
 # (every head transformers has); others are refused before training rather than exported unchecked. Refused
 # after that check: cohere (a traced reshape keeps the traced head count), qwen3_moe (`aten::histc` has no ONNX op).
@@ -147,13 +148,14 @@ def export_onnx(model, folder: str, tokenizer, task: str, quantize: bool, quanti
 
         model, int4_model = onnx_int4.plain_and_reference(model, args)
     model = model.eval()
-    inputs, outputs = graph_inputs(model, tokenizer), list(OUTPUTS[task])
-    wrapper = _Graph(model, inputs, outputs, causal=task == "causal-lm").eval()
+    layout = get_task(task).logit_layout
+    inputs, outputs = graph_inputs(model, tokenizer), list(layout.outputs)
+    # A causal LM (its labels shifted by one) is traced without its KV cache.
+    wrapper = _Graph(model, inputs, outputs, causal=layout.shift_labels).eval()
     vocab = model.get_input_embeddings().num_embeddings
     traced = _probe(vocab, inputs, batch=2, length=8, seed=0)
-    token_level = task != "sequence-classification"
     axes = {n: {0: "batch", 1: "sequence"} for n in inputs}
-    axes.update({n: ({0: "batch", 1: "sequence"} if token_level else {0: "batch"}) for n in outputs})
+    axes.update({n: ({0: "batch", 1: "sequence"} if layout.per_position else {0: "batch"}) for n in outputs})
     os.makedirs(folder, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder, prefix=".onnx-") as tmp:
         fp32 = os.path.join(tmp, "fp32.onnx")

@@ -177,8 +177,8 @@ class Task:
 
     def verification_sample(self, model, features, tokenizer, num_examples: int = 8) -> dict:
         """A few preprocessed held-out rows with the model's outputs on them, recorded in the report so that
-        `--verify_push` checks that the downloaded checkpoint reproduces them (`model_cards.output_sample`)."""
-        from ..model_cards.report import output_sample
+        `--verify_push` checks that the downloaded checkpoint reproduces them (`tasks.evaluation.output_sample`)."""
+        from .evaluation import output_sample
 
         return output_sample(model, features, self.collator(tokenizer), self.verification_outputs, num_examples,
                              self.verification_reduce)

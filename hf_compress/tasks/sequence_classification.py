@@ -23,9 +23,9 @@ class SequenceClassificationTask(LabelledTask):
     logit_layout = LogitLayout(per_position=False)
 
     def verification_sample(self, model, features, tokenizer, num_examples=8):
-        """The examples' logits, predictions and metrics (`model_cards.verification_sample`): `--verify_push`
+        """The examples' logits, predictions and metrics (`tasks.evaluation.verification_sample`): `--verify_push`
         recomputes the metric on them too."""
-        from ..model_cards import verification_sample
+        from .evaluation import verification_sample
 
         return verification_sample(model, features, tokenizer, num_examples, self.metric_names)
 
@@ -101,7 +101,7 @@ class SequenceClassificationTask(LabelledTask):
         return DataCollatorWithPadding(tokenizer)
 
     def evaluate(self, model, features, tokenizer, examples=None, batch_size=64, desc="Evaluating"):
-        from ..model_cards.report import evaluate_classifier
+        from .evaluation import evaluate_classifier
 
         out = evaluate_classifier(model, features, tokenizer, self.metric_names, batch_size, desc=desc)
         out.pop("num_examples", None)
