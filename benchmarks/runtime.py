@@ -178,13 +178,16 @@ def measure(cfg: dict, folders: dict, threads: int) -> list[dict]:
               f"{row['bytes'] / 1e6:.2f} MB ({time.time() - t0:.0f}s)", flush=True)
 
     def onnx_rows(model, who: str, label: str, variants):
-        for quantize, emb, kind in variants:
-            folder = os.path.join(work, f"{label}-{kind}".replace(" ", "_"))
-            info = export_onnx(model, folder, tok, "sequence-classification", quantize=quantize, quantize_embeddings=emb)
+        for quantize, emb, kind, *qargs in variants:
+            folder = os.path.join(work, f"{label}-{kind}".replace(" ", "_").replace(",", ""))
+            info = export_onnx(model, folder, tok, "sequence-classification", quantize=quantize, quantize_embeddings=emb,
+                               args=qargs[0] if qargs else None)
             path = os.path.join(folder, "model.onnx")
             add({"row": f"{label} -> ONNX Runtime {kind}", "who": who, "bytes": os.path.getsize(path),
                  "max |logit diff| to torch": info["max_abs_logit_diff"],
-                 "int8 MatMulInteger": op_counts(path)["int8_ops"].get("MatMulInteger", 0)}, _ort_predict(path, threads))
+                 "max |logit diff| to QAT model": info.get("max_abs_logit_diff_fake_quantized"),
+                 "int8 MatMulInteger": op_counts(path)["int8_ops"].get("MatMulInteger", 0),
+                 "int4 MatMulNBits": op_counts(path).get("int4_ops", {}).get("MatMulNBits", 0)}, _ort_predict(path, threads))
 
     base = AutoModelForSequenceClassification.from_pretrained(folders["fine-tune"]).eval()
     base_bytes = os.path.getsize(os.path.join(folders["fine-tune"], "model.safetensors"))
@@ -201,7 +204,12 @@ def measure(cfg: dict, folders: dict, threads: int) -> list[dict]:
         label = f"{name}, distilled"
         add({"row": f"{label}, PyTorch fp32", "who": "ours",
              "bytes": os.path.getsize(os.path.join(folders[name], "model.safetensors"))}, _torch_predict(student))
-        onnx_rows(student, "ours", label, ((True, False, "dynamic int8"), (True, True, "dynamic int8, embeddings too")))
+        variants = [(True, False, "dynamic int8"), (True, True, "dynamic int8, embeddings too")]
+        if STUDENTS[name]["qat"]:  # the int4 graph its QAT trained for: MatMulNBits / GatherBlockQuantized, exact
+            spec = STUDENTS[name]["qat"]
+            variants.append((True, spec["quantize_embeddings"], f"int4 g{spec['group_size']} (QAT-exact"
+                             f"{', embeddings too' if spec['quantize_embeddings'] else ''})", qat_arguments(spec)))
+        onnx_rows(student, "ours", label, variants)
     return rows
 
 
@@ -290,7 +298,7 @@ def main(argv=None) -> int:
             f"onnxruntime {s['onnxruntime']}; every row measured in one process.\n\n")
     table = print_table(rows, ["row", "who", "accuracy", "accuracy points vs fp32", "batch-1 x", "batch-32 s",
                                "batch-32 x", "bytes", "size x smaller", "max |logit diff| to torch",
-                               "int8 MatMulInteger", "error"])
+                               "max |logit diff| to QAT model", "int8 MatMulInteger", "int4 MatMulNBits", "error"])
     lines = "\n".join(f"- {k}: {v}" for k, v in summary.items())
     write_results(out, "runtime", result, head + table + "\n\n" + lines + "\n")
     plot(rows, os.path.join(out, "runtime.png"))
