@@ -217,8 +217,6 @@ def save_full_state_dict(model: torch.nn.Module, path: str) -> bool:
     Returns:
         `bool`: whether this rank wrote the file.
     """
-    import os
-
     from safetensors.torch import save_file
 
     state = full_state_dict(model)
@@ -233,9 +231,10 @@ def save_full_state_dict(model: torch.nn.Module, path: str) -> bool:
                 continue  # a tied weight: written once, under its first name
             seen[key] = name
             tensors[name] = t.contiguous()
-        tmp = f"{path}.tmp-{os.getpid()}"
-        save_file(tensors, tmp, metadata={"format": "pt"})
-        os.replace(tmp, path)
+        from .atomic import atomic_file
+
+        with atomic_file(path) as tmp:  # whole or absent, ordinary mode, as every other write
+            save_file(tensors, tmp, metadata={"format": "pt"})
         wrote = True
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
