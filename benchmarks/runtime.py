@@ -199,7 +199,7 @@ def measure(cfg: dict, folders: dict, threads: int) -> list[dict]:
         rows.append({"row": "fine-tune, PyTorch dynamic int8 (torch.ao)", "who": "peer",
                      "error": f"{type(err).__name__}: {str(err)[:80]}"})
     onnx_rows(base, "peer", "fine-tune", ((False, False, "fp32"), (True, False, "dynamic int8")))
-    for name in STUDENTS:
+    for name in [n for n in STUDENTS if n in folders]:
         student = AutoModelForSequenceClassification.from_pretrained(folders[name]).eval()
         label = f"{name}, distilled"
         add({"row": f"{label}, PyTorch fp32", "who": "ours",
@@ -279,7 +279,13 @@ def main(argv=None) -> int:
     cfg = MODES[mode]
     cache = cache_folder(cfg)
     t0 = time.time()
-    folders = train_models(cfg, cache)
+    if a.phase == "measure" and not os.path.exists(os.path.join(cache, "done.json")):
+        # Measure what the train phase finished so far (the fine-tune and the students already distilled).
+        folders = {n: os.path.join(cache, n.replace(" ", "_").replace("/", "-")) for n in ("fine-tune", *STUDENTS)}
+        folders = {n: f for n, f in folders.items() if os.path.exists(os.path.join(f, "config.json"))}
+        print(f"Measuring the finished checkpoints only: {', '.join(folders)}", flush=True)
+    else:
+        folders = train_models(cfg, cache)
     if a.phase == "train":
         return 0
     threads = a.threads or os.cpu_count()
