@@ -47,3 +47,19 @@ def test_a_format_conflict_is_one_line_before_any_training(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["hf-compress: error: double_quant is a bitsandbytes option, got backend='compressed-tensors'; drop it."]
     assert not out.exists()
+
+
+def test_old_compression_module_is_a_warning_alias_of_the_pipeline():
+    import importlib
+    import sys
+    import warnings
+
+    import hf_compress.pipeline as pipeline
+
+    sys.modules.pop("hf_compress.compression", None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        old = importlib.import_module("hf_compress.compression")
+    assert [w.category for w in caught if "hf_compress.pipeline" in str(w.message)] == [FutureWarning]
+    assert old.compress is pipeline.compress and old.prepare is pipeline.prepare
+    assert old.ModelArguments is pipeline.ModelArguments
