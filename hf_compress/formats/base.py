@@ -176,14 +176,14 @@ class QuantizedFormat(CheckpointFormat):
     quantized = True
     backend: str = ""
 
-    def save(self, model, tokenizer, folder: str, args=None, task: str | None = None) -> dict:
+    def save(self, model, tokenizer, folder: str, args=None, task: str | None = None, precomputed=None) -> dict:
         from ..quantization.export import quantize_and_save
 
         if args is None or getattr(args, "backend", None) != self.backend:
             got = "no QuantizationArguments" if args is None else f"backend={getattr(args, 'backend', None)!r}"
             raise ValueError(f"`--format {self.name}` writes `QuantizationArguments(backend={self.backend!r})`, got {got}; "
                              f"pass `QuantizationArguments(backend={self.backend!r}, ...)`.")
-        return quantize_and_save(model, folder, args, tokenizer=tokenizer)
+        return quantize_and_save(model, folder, args, tokenizer=tokenizer, precomputed=precomputed)
 
     def load(self, folder: str, **kwargs):
         from ..quantization.export import load_quantized
@@ -194,13 +194,14 @@ class QuantizedFormat(CheckpointFormat):
         """Extra `load_quantized` arguments for the model the pipeline evaluates after the export."""
         return {}
 
-    def export(self, model, tokenizer, folder: str, args=None, task: str | None = None):
+    def export(self, model, tokenizer, folder: str, args=None, task: str | None = None, precomputed=None):
+        """As [`CheckpointFormat.export`]; `precomputed`: GPTQ's integers and scales, stored as they are."""
         import warnings
 
         from tqdm.auto import tqdm
 
         with tqdm(total=2, desc=f"Exporting {args.bits}-bit", leave=False) as bar:
-            info = self.save(model, tokenizer, folder, args, task=task)
+            info = self.save(model, tokenizer, folder, args, task=task, precomputed=precomputed)
             bar.update()
             # Evaluate what was written, reloaded the way a user loads it (low-bit embeddings need `load_quantized`).
             with warnings.catch_warnings():  # "loading attributes (['dequantize', ...]) will be overwritten": asked for

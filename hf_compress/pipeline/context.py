@@ -35,6 +35,7 @@ class RunContext:
     eval_dataset: object = None  # tokenized (the plan's `eval_dataset` holds the raw rows)
     collator: object = None
     model: object = None  # the model being compressed, in memory
+    gptq: dict | None = None  # `--quant_method gptq`: {module: GPTQResult}, what the export stores
     steps: int = 0  # optimizer steps of the compression training
     base_steps: int = 0  # optimizer steps of the dense base fine-tune
     base: object = None  # a frozen copy of the dense base: the reference of every figure (and the `base` teacher)

@@ -176,6 +176,9 @@ def _check_model(model_path: str, model_args, quantization_args, structured_args
         reason = compressed_tensors_refusal(getattr(config, "model_type", None))
         if reason is not None:  # GPT-2's Conv1D, stacked experts: refused before any data is read
             raise CompressionInputError(reason)
+    reason = gptq_refusal(model_args, quantization_args, task_name)
+    if reason is not None:
+        raise CompressionInputError(reason)
     if model_args.format == "onnx":
         from ..quantization.onnx import onnx_refusal
 
@@ -185,6 +188,23 @@ def _check_model(model_path: str, model_args, quantization_args, structured_args
         if reason is not None:
             raise CompressionInputError(reason)
     return config, task_name, has_head
+
+
+def gptq_refusal(model_args, quantization_args, task_name: str) -> str | None:
+    """Why `--quant_method gptq` cannot run here, in one line (`None` when it can or is not asked for)."""
+    if getattr(quantization_args, "quant_method", "rtn") != "gptq":
+        return None
+    if not model_args.quantize:
+        return "`--quant_method gptq` rounds the exported weights; it needs quantization (drop `--no_quantize`)."
+    if model_args.format != "compressed-tensors":
+        return (f"`--quant_method gptq` writes its integers and scales in compressed-tensors, not `--format "
+                f"{model_args.format}`; pass `--format compressed-tensors`.")
+    if task_name != "causal-lm":
+        return f"`--quant_method gptq` runs on causal LMs (decoder layers in order), not {task_name!r}; use `--quant_method rtn`."
+    if model_args.qat and model_args.train:
+        return ("`--quant_method gptq` rounds differently from the round-to-nearest numerics QAT trains for; pass `--no_qat` "
+                "(or `--no_train` for a one-shot GPTQ of the model as it is).")
+    return None
 
 
 def _load_tokenizer(model_path: str):

@@ -106,6 +106,12 @@ def check_loaders(ctx: RunContext) -> dict:
         from ..quantization.export import fake_quantized_copy
 
         reference = fake_quantized_copy(trained, plan.quantization_args)
+        if getattr(ctx, "gptq", None):  # GPTQ's own integers and scales, not round-to-nearest ones
+            import copy
+
+            from ..quantization.gptq import apply_gptq
+
+            reference = apply_gptq(copy.deepcopy(trained), ctx.gptq)
     was_training = reference.training
     reference.eval()
     device = next(reference.parameters()).device

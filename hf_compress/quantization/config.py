@@ -78,6 +78,15 @@ class QuantizationArguments:
     qat_fraction: float = field(
         default=0.25, metadata={"help": "Quantization-aware fine-tuning over the last fraction of steps, in (0, 1]."}
     )
+    quant_method: str = field(
+        default="rtn",
+        metadata={"help": "How the export rounds the weights: `rtn` (to nearest, what QAT replays) or `gptq` (one-shot "
+                          "GPTQ with act-order and MSE scales on calibration batches; compressed-tensors, causal LMs, "
+                          "no QAT)."},
+    )
+    gptq_calibration_batches: int = field(
+        default=16, metadata={"help": "`--quant_method gptq`: training batches GPTQ measures the layer inputs on."}
+    )
 
     def __post_init__(self):
         # Types first, so that a string from a YAML recipe gets this message rather than Python's own.
@@ -106,5 +115,10 @@ class QuantizationArguments:
             raise ValueError(f"llm_int8_threshold must be >= 0, got {self.llm_int8_threshold}.")
         if not 0.0 < self.qat_fraction <= 1.0:
             raise ValueError(f"qat_fraction must be in (0, 1], got {self.qat_fraction}.")
+        if self.quant_method not in ("rtn", "gptq"):
+            raise ValueError(f"quant_method must be 'rtn' or 'gptq', got {self.quant_method!r}.")
+        if isinstance(self.gptq_calibration_batches, bool) or not isinstance(self.gptq_calibration_batches, int) \
+                or self.gptq_calibration_batches < 1:
+            raise ValueError(f"gptq_calibration_batches must be a positive integer, got {self.gptq_calibration_batches!r}.")
         if self.skip_modules is not None and isinstance(self.skip_modules, str):
             self.skip_modules = [self.skip_modules]
