@@ -183,11 +183,12 @@ def measure(cfg: dict, folders: dict, threads: int) -> list[dict]:
             info = export_onnx(model, folder, tok, "sequence-classification", quantize=quantize, quantize_embeddings=emb,
                                args=qargs[0] if qargs else None)
             path = os.path.join(folder, "model.onnx")
+            ops = op_counts(path)
             add({"row": f"{label} -> ONNX Runtime {kind}", "who": who, "bytes": os.path.getsize(path),
                  "max |logit diff| to torch": info["max_abs_logit_diff"],
                  "max |logit diff| to QAT model": info.get("max_abs_logit_diff_fake_quantized"),
-                 "int8 MatMulInteger": op_counts(path)["int8_ops"].get("MatMulInteger", 0),
-                 "int4 MatMulNBits": op_counts(path).get("int4_ops", {}).get("MatMulNBits", 0)}, _ort_predict(path, threads))
+                 "int8 MatMulInteger": ops["int8_ops"].get("MatMulInteger", 0),
+                 "int4 MatMulNBits": ops.get("int4_ops", {}).get("MatMulNBits", 0)}, _ort_predict(path, threads))
 
     base = AutoModelForSequenceClassification.from_pretrained(folders["fine-tune"]).eval()
     base_bytes = os.path.getsize(os.path.join(folders["fine-tune"], "model.safetensors"))

@@ -34,7 +34,8 @@ BATCH, LENGTH, STEPS = 4, 8, 6
 VOCAB = 97  # tests/conftest.py
 
 
-def tiny_llama(seed: int):
+def _random_llama(seed: int, **config):
+    """A tiny eager Llama with biases, norm weights in [0.5, 1.5] and random biases (a wrong formula cannot hide)."""
     import torch
     from transformers import LlamaForCausalLM
 
@@ -42,8 +43,7 @@ def tiny_llama(seed: int):
     from conftest import tiny_llama_config
 
     torch.manual_seed(seed)
-    cfg = tiny_llama_config(hidden_size=24, num_attention_heads=2, num_key_value_heads=1, intermediate_size=40,
-                            attention_bias=True, mlp_bias=True)
+    cfg = tiny_llama_config(hidden_size=24, intermediate_size=40, attention_bias=True, mlp_bias=True, **config)
     cfg._attn_implementation = "eager"
     model = LlamaForCausalLM(cfg)
     with torch.no_grad():
@@ -53,28 +53,15 @@ def tiny_llama(seed: int):
             elif name.endswith("bias"):
                 p.normal_(0.0, 0.05)
     return model
+
+
+def tiny_llama(seed: int):
+    return _random_llama(seed, num_attention_heads=2, num_key_value_heads=1)
 
 
 def structured_llama():
     """4 layers, 4 query heads in 2 KV groups of head_dim 6: every structure has something to drop."""
-    import torch
-    from transformers import LlamaForCausalLM
-
-    sys.path.insert(0, HERE)
-    from conftest import tiny_llama_config
-
-    torch.manual_seed(2)
-    cfg = tiny_llama_config(hidden_size=24, num_attention_heads=4, num_key_value_heads=2, intermediate_size=40,
-                            num_hidden_layers=4, attention_bias=True, mlp_bias=True)
-    cfg._attn_implementation = "eager"
-    model = LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
-            elif name.endswith("bias"):
-                p.normal_(0.0, 0.05)
-    return model
+    return _random_llama(2, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=4)
 
 
 def logits_of(model, ids):

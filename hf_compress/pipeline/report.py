@@ -102,16 +102,16 @@ def check_loaders(ctx: RunContext) -> dict:
         return {}
     reference = trained
     # ORT's run-time int8 has no replay; the int4 graph (`--bits 4`) computes the fake-quantized model exactly.
-    if plan.model_args.quantize and (plan.model_args.format != "onnx" or plan.quantization_args.bits == 4):
+    if ctx.gptq:  # GPTQ's own integers and scales, not round-to-nearest ones
+        import copy
+
+        from ..quantization.gptq import apply_gptq
+
+        reference = apply_gptq(copy.deepcopy(trained), ctx.gptq)
+    elif plan.model_args.quantize and (plan.model_args.format != "onnx" or plan.quantization_args.bits == 4):
         from ..quantization.export import fake_quantized_copy
 
         reference = fake_quantized_copy(trained, plan.quantization_args)
-        if getattr(ctx, "gptq", None):  # GPTQ's own integers and scales, not round-to-nearest ones
-            import copy
-
-            from ..quantization.gptq import apply_gptq
-
-            reference = apply_gptq(copy.deepcopy(trained), ctx.gptq)
     was_training = reference.training
     reference.eval()
     device = next(reference.parameters()).device
