@@ -47,3 +47,18 @@ def test_cli_structured_pruning_bad_target_is_one_line(setup, capsys):
     assert rc == 2
     err = capsys.readouterr().err.strip()
     assert err == "hf-compress: error: prune_structure='ffn,heads' needs a target for ffn,heads: set --prune_keep, --prune_ffn_keep or --prune_target_params."
+
+
+def test_cli_gradual_structured_with_unstructured_sparsity_is_refused_before_any_work(setup, capsys):
+    # The gradual cut at the end of training would leave magnitude masks of the uncut shapes (it crashed in
+    # `apply_masks` before this refusal); the one-shot cut first, then unstructured pruning, runs.
+    model, data, tmp = setup
+    rc = main(["--model", model, "--dataset", data, "--output_dir", str(tmp / "x"), "--sparsity", "0.3",
+               "--prune_structure", "ffn", "--prune_ffn_keep", "0.5", "--prune_schedule", "gradual", *FAST])
+    assert rc == 2
+    out, err = capsys.readouterr()
+    assert err.strip() == (
+        "hf-compress: error: `--prune_schedule gradual` cuts ffn at the end of training, after the magnitude masks of "
+        "`--sparsity 0.3` were fixed on the uncut shapes; pass `--prune_schedule oneshot` (cut first, then prune the "
+        "smaller model) or `--no_prune`.")
+    assert out == "" and not (tmp / "x").exists()

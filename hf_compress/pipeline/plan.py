@@ -132,6 +132,14 @@ def prepare(model_args: ModelArguments, data_args: DataArguments, training_args,
         raise CompressionInputError(f"target_sparsity must be in [0, 1), got {pruning_args.target_sparsity}.")
     if quantization_args.bits not in (4, 8):
         raise CompressionInputError(f"bits must be 4 or 8, got {quantization_args.bits!r}.")
+    if (structured_args is not None and structured_args.enabled and structured_args.prune_schedule == "gradual"
+            and model_args.prune and pruning_args.target_sparsity > 0):
+        # The gradual cut at the end of training changes the shapes the magnitude masks were made for.
+        raise CompressionInputError(
+            f"`--prune_schedule gradual` cuts {structured_args.prune_structure} at the end of training, after the "
+            f"magnitude masks of `--sparsity {pruning_args.target_sparsity:g}` were fixed on the uncut shapes; pass "
+            "`--prune_schedule oneshot` (cut first, then prune the smaller model) or `--no_prune`."
+        )
     model_path = model_args.model or default_model_path()
     config, task_name, has_head = _check_model(model_path, model_args, quantization_args, structured_args)
     tokenizer = _load_tokenizer(model_path)
