@@ -10,6 +10,7 @@ forward pass FSDP all-gathers them into plain full tensors. What that means for 
   group, per 64-entry bitsandbytes block, even one spanning a shard border) sees the full matrix.
 - [`full_state_dict`] gathers the whole model onto rank 0 (CPU) for one export; [`gathered_copy`] makes an
   ordinary, unsharded model of it there (structured pruning cuts that copy: a sharded parameter cannot change shape).
+- [`shard_teacher`] shards a frozen distillation teacher with the student's mesh (`teacher_placement="shard"`).
 - [`unsharded`] holds every FSDP module's full parameters for a block of code that reads whole weights (the
   structured callback's weight-magnitude scores), and [`weighted_mean_over_ranks`] combines per-rank means (the
   activation-based importance scores of each rank's own calibration batches) into the mean over all of them.
@@ -176,6 +177,36 @@ def unsharded(model: torch.nn.Module):
             m.reshard()
 
 
+def shard_teacher(teacher: torch.nn.Module, mesh=None, **fully_shard_kwargs) -> torch.nn.Module:
+    """
+    Freeze `teacher` (eval mode, `requires_grad=False`) and `fully_shard` it in place: each block whose class is in
+    its `_no_split_modules` (the decoder / encoder layers, as accelerate's transformer auto-wrap policy picks), then
+    the root (embeddings, final norm, head; tied weights stay in the root's group). Collective: call it on every rank.
+
+    Every group uses `reshard_after_forward=True`, the root included: a frozen teacher never runs a backward, so the
+    root's usual `False` would keep its all-gathered embeddings and head for good. The forward thus all-gathers one
+    block at a time and frees it after use; between steps each rank holds its shard alone. A model without
+    `_no_split_modules` gets the root group only, as `trl.models.utils.prepare_fsdp` shards reference models (the
+    forward then gathers the whole teacher at once). `mesh=None` is `fully_shard`'s default (the whole world);
+    `fully_shard_kwargs` (`mp_policy`, `offload_policy`; `None` values dropped) go to every `fully_shard` call.
+    """
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    teacher.eval()
+    teacher.requires_grad_(False)
+    if isinstance(teacher, FSDPModule):  # sharded by hand already
+        return teacher
+    kwargs = {k: v for k, v in fully_shard_kwargs.items() if v is not None}
+    kwargs.update(mesh=mesh, reshard_after_forward=True)
+    names = set(getattr(teacher, "_no_split_modules", None) or ())
+    blocks = [m for m in teacher.modules() if m is not teacher and type(m).__name__ in names]
+    for block in reversed(blocks):  # inner groups before the ones that hold them
+        if not isinstance(block, FSDPModule):
+            fully_shard(block, **kwargs)
+    fully_shard(teacher, **kwargs)
+    return teacher.eval()
+
+
 def world_size() -> int:
     """The number of processes of the default group, 1 outside `torch.distributed`."""
     dist = torch.distributed
@@ -252,6 +283,7 @@ __all__ = [
     "is_dtensor",
     "save_full_state_dict",
     "shard_like",
+    "shard_teacher",
     "unsharded",
     "unsharded_class",
     "weighted_mean_over_ranks",

@@ -9,6 +9,10 @@ intermediate 40, so a 64-entry NF4 block of a sharded [24, 24] weight spans the 
 Scenarios (each rank writes `rank<r>.json` and the tensors below into `--dump-dir`; rank 0 writes the exports):
 - `kd`: the distillation loss (`hf_compress.distillation.loss.distillation_loss`) and the student's gradients,
   gathered;
+- `teacher_shard` (not under `--ddp`): `teacher_placement="shard"`: `prepare_teacher` with an FSDP2 accelerator
+  (a stand-in holding a real `FullyShardedDataParallelPlugin`: accelerate drops that plugin on CPU) and
+  `hf_compress.fsdp.shard_teacher` with the mesh; its logits on the whole batch, the KD loss and gradients of a whole
+  student, the teacher's gradients, local shard sizes and FSDP groups (alone: the replicated teacher);
 - `prune_layer` / `prune_global`: `GradualPruningCallback` driven through its events by a hand-written training
   loop (the Trainer cannot run FSDP on CPU): masks at step 0 (chosen from identical weights) and at the end, the
   largest gradient over pruned entries after each backward, the masks saved by `on_save` and restored into a
@@ -91,6 +95,47 @@ def kd_loss(student, teacher, ids):
     return distillation_loss(s, t, labels=ids, temperature=2.0, alpha=0.5, shift_labels=True).loss
 
 
+def sharded_teacher(info: dict, tensors: dict, mesh, ids) -> None:
+    """`teacher_placement="shard"` under FSDP2 (alone: `"replicate"`): the teacher's logits on the whole batch, the
+    KD loss and gradients of a whole student, and what each rank holds of the teacher."""
+    import torch
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from torch.distributed.fsdp import FSDPModule
+
+    from hf_compress.distillation.cache import LOGITS, teacher_forward
+    from hf_compress.distillation.loss import distillation_loss
+    from hf_compress.distillation.teacher import prepare_teacher
+    from hf_compress.fsdp import is_dtensor, shard_teacher
+
+    if mesh is None:
+        teacher = prepare_teacher(tiny_llama(1), "cpu", placement="replicate")
+    else:  # what `prepare_teacher` reads of an FSDP2 `Accelerator` (accelerate drops the plugin on CPU)
+        plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
+        acc = SimpleNamespace(is_fsdp2=True, state=SimpleNamespace(fsdp_plugin=plugin), torch_device_mesh=None)
+        teacher = prepare_teacher(tiny_llama(1), None, accelerator=acc, placement="shard")
+        by_hand = shard_teacher(tiny_llama(1), mesh)
+        info["teacher_shard_by_hand_diff"] = float(
+            (teacher_forward(by_hand, {"input_ids": ids}, "causal-lm")[LOGITS] -
+             teacher_forward(teacher, {"input_ids": ids}, "causal-lm")[LOGITS]).abs().max())
+    student = tiny_llama(0)  # whole on every rank: only the teacher's placement differs from one process
+    logits = teacher_forward(teacher, {"input_ids": ids}, "causal-lm")[LOGITS]
+    info["teacher_shard_resharded"] = all(is_dtensor(p) for p in teacher.parameters())  # after the forward
+    loss = distillation_loss(student(input_ids=ids).logits, logits, labels=ids, temperature=2.0, alpha=0.5,
+                             shift_labels=True).loss
+    loss.backward()
+    info["teacher_shard_loss"] = float(loss)
+    tensors["teacher_shard/logits"] = logits.detach().clone()
+    for name, param in student.named_parameters():
+        tensors[f"teacher_shard/grad/{name}"] = param.grad.detach().clone()
+    params = list(teacher.parameters())
+    info["teacher_shard_grads"] = sum(p.grad is not None for p in params)
+    info["teacher_shard_requires_grad"] = sum(p.requires_grad for p in params)
+    info["teacher_shard_training"] = teacher.training
+    info["teacher_shard_local_numel"] = sum((p.to_local() if is_dtensor(p) else p).numel() for p in params)
+    info["teacher_shard_total_numel"] = sum(p.numel() for p in params)
+    info["teacher_shard_groups"] = sum(isinstance(m, FSDPModule) for m in teacher.modules())
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--dump-dir", required=True)
@@ -153,6 +198,8 @@ def main(argv=None) -> int:
     loss.backward()
     info["kd_loss"] = mean_over_ranks(loss)
     grads(student, "kd")
+    if not opts.ddp:
+        sharded_teacher(info, tensors, mesh, ids)
 
     # -- gradual pruning under the callback's events ------------------------------------------------------------
     for scope in ("layer", "global"):
@@ -296,6 +343,12 @@ def main(argv=None) -> int:
         except ValueError as err:
             info["qat_after_shard_error"] = str(err)
 
+    if mesh is not None and not opts.ddp:  # why `sharded_teacher` uses a stand-in: accelerate's state on CPU
+        from accelerate import Accelerator
+        from accelerate.utils import FullyShardedDataParallelPlugin
+
+        acc = Accelerator(cpu=True, fsdp_plugin=FullyShardedDataParallelPlugin(fsdp_version=2))
+        info["accelerate_cpu_fsdp"] = [str(acc.distributed_type), acc.is_fsdp2]
     save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(opts.dump_dir, f"rank{rank}.safetensors"))
     with open(os.path.join(opts.dump_dir, f"rank{rank}.json"), "w") as f:
         json.dump(info, f)

@@ -180,6 +180,26 @@ def test_structured_cut_of_the_gathered_state_equals_one_process(single, fsdp, k
     assert infos[0][f"{key}_wrote_folder"] is True and infos[0][f"{key}_reloaded_logits_diff"] <= 1e-6
 
 
+def test_shard_placement_teacher_equals_one_whole_teacher_and_no_rank_holds_it(single, fsdp):
+    """`teacher_placement="shard"` (`prepare_teacher` with an FSDP2 accelerator) against one process's whole teacher."""
+    (_, ref, ref_t), (_, infos, tensors) = single, fsdp
+    total = ref[0]["teacher_shard_total_numel"]
+    assert ref[0]["teacher_shard_local_numel"] == total and ref[0]["teacher_shard_groups"] == 0  # alone: replicated
+    for info, t in zip(infos, tensors):
+        assert float((t["teacher_shard/logits"] - ref_t[0]["teacher_shard/logits"]).abs().max()) <= GRAD_TOL
+        assert info["teacher_shard_loss"] == pytest.approx(ref[0]["teacher_shard_loss"], abs=GRAD_TOL)
+        assert _max_diff(ref_t[0], t, "teacher_shard/grad") <= GRAD_TOL  # the whole student's gradients
+        assert info["teacher_shard_by_hand_diff"] <= GRAD_TOL  # `shard_teacher(teacher, mesh)` directly
+        assert info["teacher_shard_total_numel"] == total and info["teacher_shard_local_numel"] < total
+        assert info["teacher_shard_groups"] == 3  # 2 decoder layers + the root
+        assert info["teacher_shard_resharded"] is True  # root included: nothing stays gathered after the forward
+        assert info["teacher_shard_grads"] == info["teacher_shard_requires_grad"] == 0
+        assert info["teacher_shard_training"] is False
+    assert sum(info["teacher_shard_local_numel"] for info in infos) == total  # dim-0 shards, no copy
+    # Why a stand-in accelerator: on CPU accelerate keeps MULTI_CPU and drops the FSDP2 plugin.
+    assert infos[0]["accelerate_cpu_fsdp"] == ["DistributedType.MULTI_CPU", False]
+
+
 def test_parity_with_ddp(single, fsdp, ddp):
     """The README's table: DDP and FSDP2 against one process, within the same tolerances."""
     (ref_dir, ref, ref_t) = single

@@ -11,6 +11,17 @@ from ..tasks import TASKS
 # `auto` (the student's class decides) or a task of the one table, `hf_compress.tasks`.
 TASK_CHOICES = ("auto",) + TASKS
 TEACHER_DTYPES = ("float32", "bfloat16", "float16")
+# Where the frozen teacher lives in a multi-process run; `hf_compress.distillation.teacher.resolve_teacher_placement`.
+TEACHER_PLACEMENTS = ("auto", "replicate", "shard", "device_map")
+
+
+def check_teacher_logits_placement(teacher_logits: str | None, placement: str) -> None:
+    """Hub teacher logits load no teacher, so there is nothing to place: only `teacher_placement="auto"` goes."""
+    if teacher_logits is not None and placement != "auto":
+        raise ValueError(
+            f"teacher_placement={placement!r} places a teacher, but teacher_logits={teacher_logits!r} loads none; "
+            "drop `teacher_placement` (or drop `teacher_logits` to train with a live teacher)."
+        )
 
 
 @dataclass
@@ -44,6 +55,12 @@ class DistillationArguments(TrainingArguments):
             Cast the teacher to `float32`, `bfloat16` or `float16` (a bitsandbytes-quantized teacher is left as is).
         teacher_device (`str`, *optional*):
             Device of the teacher; defaults to the student's device on each process.
+        teacher_placement (`str`, *optional*, defaults to `"auto"`):
+            Where the frozen teacher lives: `"replicate"` (a whole teacher on each process's device), `"shard"`
+            (under FSDP2: `fully_shard`-ed with the student's mesh, each rank holding its shard; under DeepSpeed ZeRO-3:
+            TRL's `prepare_deepspeed`), `"device_map"` (a teacher loaded with `device_map`, left where accelerate
+            dispatched it) or `"auto"`: a dispatched teacher stays, a quantized one stays as loaded, ZeRO-3 shards, a
+            logit cache replicates (the main process builds it with a whole teacher), FSDP2 shards, else replicate.
         distillation_task (`str`, *optional*, defaults to `"auto"`):
             `sequence-classification`, `token-classification`, `question-answering` or `causal-lm`; `auto`
             infers it from the student's class.
@@ -76,6 +93,11 @@ class DistillationArguments(TrainingArguments):
     )
     teacher_device: str | None = field(
         default=None, metadata={"help": "Teacher device (default: the student's device on each process)."}
+    )
+    teacher_placement: str = field(
+        default="auto",
+        metadata={"help": "Where the frozen teacher lives: auto, replicate (whole on each rank), shard (FSDP2 "
+                  "`fully_shard` with the student's mesh / ZeRO-3), device_map (as dispatched by `device_map`)."},
     )
     distillation_task: str = field(
         default="auto", metadata={"help": f"One of {', '.join(TASK_CHOICES)}."}
@@ -124,8 +146,28 @@ class DistillationArguments(TrainingArguments):
             raise ValueError(
                 f"teacher_cache_dtype must be one of {', '.join(TEACHER_DTYPES)}, got {self.teacher_cache_dtype!r}."
             )
+        self._check_teacher_placement()
         if self.distillation_task not in TASK_CHOICES:
             raise ValueError(
                 f"distillation_task must be one of {', '.join(TASK_CHOICES)}, got {self.distillation_task!r}."
             )
         super().__post_init__()
+
+    def _check_teacher_placement(self) -> None:
+        """The checks of `teacher_placement` that the arguments alone can make (the rest need the run and the teacher)."""
+        placement = self.teacher_placement
+        if placement not in TEACHER_PLACEMENTS:
+            raise ValueError(
+                f"teacher_placement must be one of {', '.join(TEACHER_PLACEMENTS)}, got {placement!r}."
+            )
+        check_teacher_logits_placement(self.teacher_logits, placement)
+        if placement == "shard" and self.cache_teacher_logits:
+            raise ValueError(
+                "teacher_placement='shard' with cache_teacher_logits: the cache is built by the main process with a "
+                "whole teacher; use `teacher_placement=\"replicate\"` (or `\"auto\"`), or drop `cache_teacher_logits`."
+            )
+        if placement == "shard" and self.teacher_device is not None:
+            raise ValueError(
+                f"teacher_placement='shard' puts each rank's shard on the student's device, not on "
+                f"teacher_device={self.teacher_device!r}; drop `teacher_device` or use `teacher_placement=\"replicate\"`."
+            )

@@ -39,39 +39,127 @@ def is_dispatched(model) -> bool:
     return bool(getattr(model, "hf_device_map", None))
 
 
-def prepare_teacher(teacher, device=None, dtype: str | None = None, accelerator=None, cached: bool = False):
-    """Freeze the teacher (eval mode, no gradients) and place it.
+def accelerator_backend(accelerator) -> str:
+    """What the run's `accelerate.Accelerator` shards with: `"deepspeed-zero3"`, `"fsdp"` (FSDP2) or `"other"`.
 
-    A bitsandbytes-quantized teacher, or one loaded with `device_map`, stays where it was loaded (moving it would
-    break its quantization state or its dispatch hooks). Under DeepSpeed ZeRO-3 the teacher is sharded as TRL
-    shards its reference models (`trl.models.utils.prepare_deepspeed`); otherwise it is moved to `device` and
-    cast to `dtype`.
+    accelerate switches to FSDP only on accelerator devices: on CPU under gloo it keeps `MULTI_CPU` and drops the FSDP
+    plugin, so `is_fsdp2` is `False` there.
+    """
+    plugin = getattr(getattr(accelerator, "state", None), "deepspeed_plugin", None)
+    if plugin is not None and getattr(plugin, "zero_stage", 0) == 3:
+        return "deepspeed-zero3"
+    if getattr(accelerator, "is_fsdp2", False):
+        return "fsdp"
+    return "other"
+
+
+def resolve_teacher_placement(placement: str, backend: str, teacher, cached: bool = False) -> str:
+    """The placement `prepare_teacher` applies: `"shard"`, `"replicate"`, `"device_map"` or `"as_loaded"`.
+
+    `backend` is the run's sharding (`"fsdp"`, `"deepspeed-zero3"`, anything else: none), `cached` whether the
+    teacher's logits are cached before training. `"auto"` picks, in this order: under DeepSpeed ZeRO-3, `"shard"`
+    (TRL's `prepare_deepspeed`, as before; ZeRO-3 may partition the teacher while it loads, so nothing else is
+    offered there); a teacher loaded with `device_map` stays where accelerate dispatched it and a quantized one as
+    it was loaded (moving either breaks its hooks or its quantization state); with the logit cache, `"replicate"`
+    (the main process builds the cache with a whole teacher, then no teacher runs during training); under FSDP2,
+    `"shard"` (no rank holds a whole teacher, which is what FSDP is for); else `"replicate"`. An explicit choice
+    that cannot work is refused in one line naming the value and the fix.
+    """
+    from .config import TEACHER_PLACEMENTS
+
+    if placement not in TEACHER_PLACEMENTS:
+        raise ValueError(f"teacher_placement must be one of {', '.join(TEACHER_PLACEMENTS)}, got {placement!r}.")
+    zero3, fsdp2 = backend == "deepspeed-zero3", backend == "fsdp"
+    loaded = "loaded with `device_map` (it has an `hf_device_map`)" if is_dispatched(teacher) else (
+        "quantized (bitsandbytes)" if is_quantized(teacher) else None)
+    if placement == "auto":
+        if zero3:
+            if cached:
+                raise ValueError(
+                    "cache_teacher_logits runs the teacher on the main process alone, which a ZeRO-3-sharded teacher "
+                    "cannot do; train with the live teacher (`cache_teacher_logits=False`) or use ZeRO stage 2."
+                )
+            return "shard"
+        if is_dispatched(teacher):
+            return "device_map"
+        if loaded is not None:
+            return "as_loaded"
+        return "replicate" if cached or not fsdp2 else "shard"
+    if zero3 and placement != "shard":
+        raise ValueError(
+            f"teacher_placement={placement!r} is not offered under DeepSpeed ZeRO-3, which may partition the teacher "
+            "while it loads; use `teacher_placement=\"shard\"` or `\"auto\"` (TRL's `prepare_deepspeed`)."
+        )
+    if placement == "shard":
+        if not (zero3 or fsdp2):
+            raise ValueError(
+                f"teacher_placement='shard' needs FSDP2 or DeepSpeed ZeRO-3, but this run is {backend!r}; launch with "
+                "FSDP2 (`fsdp_config={'version': 2}` on GPUs) or use `teacher_placement=\"replicate\"`."
+            )
+        if cached:
+            raise ValueError(
+                "teacher_placement='shard' with cache_teacher_logits: the cache is built by the main process with a "
+                "whole teacher; use `teacher_placement=\"replicate\"` (or `\"auto\"`), or drop `cache_teacher_logits`."
+            )
+        if loaded is not None:
+            raise ValueError(
+                f"teacher_placement='shard' cannot shard a teacher {loaded}; use `teacher_placement=\"auto\"` "
+                "(it stays where it was loaded), or load it unquantized without `device_map`."
+            )
+    elif placement == "device_map" and not is_dispatched(teacher):
+        raise ValueError(
+            "teacher_placement='device_map' needs a teacher loaded with `device_map` (this one has no `hf_device_map`); "
+            "load it with `from_pretrained(..., device_map=\"auto\")` or use `teacher_placement=\"auto\"`."
+        )
+    elif placement == "replicate" and loaded is not None:
+        raise ValueError(
+            f"teacher_placement='replicate' would move a teacher {loaded}, which breaks it; use "
+            "`teacher_placement=\"auto\"` (it stays where it was loaded)."
+        )
+    return placement
+
+
+def _fsdp2_options(accelerator) -> dict:
+    """`shard_teacher` options from the run's FSDP2 plugin and mesh, as `trl.models.utils.prepare_fsdp` reads them.
+
+    The plugin's `ignored_modules` name the student's modules and are not passed."""
+    plugin = accelerator.state.fsdp_plugin
+    mesh = getattr(accelerator, "torch_device_mesh", None)
+    if mesh is not None:
+        mesh = mesh[tuple(accelerator.parallelism_config.fsdp_dim_names)]
+    return {"mesh": mesh, "mp_policy": plugin.mixed_precision_policy, "offload_policy": plugin.cpu_offload or None}
+
+
+def prepare_teacher(teacher, device=None, dtype: str | None = None, accelerator=None, cached: bool = False,
+                    placement: str = "auto"):
+    """Freeze the teacher (eval mode, no gradients) and place it as [`resolve_teacher_placement`] decides.
+
+    `"replicate"` casts it to `dtype` and moves it to `device`; `"shard"` casts it, then under DeepSpeed ZeRO-3 shards
+    it as TRL shards its reference models (`trl.models.utils.prepare_deepspeed`) and under FSDP2
+    (`accelerator.is_fsdp2`) `fully_shard`s it with the student's mesh and mixed-precision / offload policies
+    ([`~hf_compress.fsdp.shard_teacher`]); `"device_map"` and `"as_loaded"` leave it where it was loaded.
     """
     teacher.eval()
     teacher.requires_grad_(False)
-    plugin = getattr(getattr(accelerator, "state", None), "deepspeed_plugin", None)
-    if plugin is not None and getattr(plugin, "zero_stage", 0) == 3:
-        if cached:
-            raise ValueError(
-                "cache_teacher_logits runs the teacher on the main process alone, which a ZeRO-3-sharded teacher "
-                "cannot do; train with the live teacher (`cache_teacher_logits=False`) or use ZeRO stage 2."
-            )
+    backend = accelerator_backend(accelerator)
+    where = resolve_teacher_placement(placement, backend, teacher, cached)
+    if where in ("device_map", "as_loaded"):
+        return teacher
+    if dtype:
+        teacher.to(getattr(torch, dtype))
+    if where == "replicate":
+        return teacher.to(device) if device is not None else teacher
+    if backend == "deepspeed-zero3":
         try:
             from trl.models.utils import prepare_deepspeed
         except ImportError as err:
             raise ImportError(
                 "A teacher under DeepSpeed ZeRO-3 is sharded with TRL's `prepare_deepspeed`: `pip install trl`."
             ) from err
-        if dtype:
-            teacher.to(getattr(torch, dtype))
         return prepare_deepspeed(teacher, accelerator)
-    if is_quantized(teacher) or is_dispatched(teacher):
-        return teacher
-    if dtype:
-        teacher.to(getattr(torch, dtype))
-    if device is not None:
-        teacher.to(device)
-    return teacher
+    from ..fsdp import shard_teacher
+
+    return shard_teacher(teacher, **_fsdp2_options(accelerator))
 
 
 def input_vocabulary_rows(model) -> int | None:

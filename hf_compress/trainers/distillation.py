@@ -14,9 +14,9 @@ import torch
 from transformers import Trainer
 
 from ..distillation import cache as teacher_cache
-from ..distillation.config import DistillationArguments
+from ..distillation.config import DistillationArguments, check_teacher_logits_placement
 from ..distillation.loss import distillation_loss, loss_mask
-from ..distillation.teacher import check_compatible, load_teacher, prepare_teacher
+from ..distillation.teacher import check_compatible, load_teacher, prepare_teacher, resolve_teacher_placement
 from ..distributed import check_distributed_support
 from ..tasks import get_task, task_of_model
 
@@ -51,12 +51,14 @@ class DistillationMixin:
                  teacher_logits: str | None = None, **kwargs):
         args = _checked_arguments(type(self).__name__, model, teacher_model, args, teacher_logits, kwargs)
         # FSDP1, `use_cpu=True` + `fsdp` (silently DDP), callbacks that are not exact under the run's sharding.
-        check_distributed_support(args, kwargs.get("callbacks") or ())
+        backend = check_distributed_support(args, kwargs.get("callbacks") or ())
         task = self._student_task(model, args)
         hub_logits = args.teacher_logits
         teacher = None  # with Hub teacher logits nothing of the teacher is ever loaded
         if hub_logits is None:
             teacher, teacher_tokenizer = self._load_teacher(model, teacher_model, task, args, teacher_tokenizer, kwargs)
+            # `teacher_placement` checked against the launch and the loaded teacher before the Trainer is built.
+            resolve_teacher_placement(args.teacher_placement, backend, teacher, args.cache_teacher_logits)
         if self.needs_tokenized_dataset:
             _check_tokenized(kwargs.get("train_dataset"), "train_dataset")
         super().__init__(model=model, args=args, **kwargs)
@@ -107,8 +109,7 @@ class DistillationMixin:
         self._takes_positions = teacher_cache.unpadded_positions_apply(student, teacher)
         self.teacher = prepare_teacher(
             teacher, args.teacher_device or args.device, args.teacher_dtype,
-            accelerator=self.accelerator if getattr(self, "is_deepspeed_enabled", False) else None,
-            cached=args.cache_teacher_logits,
+            accelerator=self.accelerator, cached=args.cache_teacher_logits, placement=args.teacher_placement,
         )
         if args.cache_teacher_logits and self.train_dataset is not None:
             self._cache_teacher_logits()
@@ -333,7 +334,7 @@ class DistillationTrainer(DistillationMixin, Trainer):
     The loss is `(1 - alpha) * CE(student, labels) + alpha * T**2 * KL(softmax(teacher/T) || softmax(student/T))`
     ([`~hf_compress.distillation.distillation_loss`]); without labels it is the soft part alone. The teacher is
     frozen, in eval mode, runs without gradients on its own device and dtype (left where it is when loaded with
-    `device_map` or quantized), and is checked against the student (vocabulary, labels, tokenizer) before anything
+    `device_map` or quantized; under FSDP2 sharded with the student's mesh, see `args.teacher_placement`), and is checked against the student (vocabulary, labels, tokenizer) before anything
     runs. With `args.cache_teacher_logits` its logits are computed once over the training set, written to disk and
     reused every epoch. The hard and soft parts are logged as `hard_loss` and `soft_loss` beside `loss`.
 
@@ -366,6 +367,7 @@ def _checked_arguments(trainer: str, model, teacher_model, args, teacher_logits,
                 f"teacher_logits={teacher_logits!r} but args.teacher_logits={args.teacher_logits!r}; give it once."
             )
         args.teacher_logits = teacher_logits
+        check_teacher_logits_placement(teacher_logits, args.teacher_placement)
         if args.cache_teacher_logits:
             raise ValueError(
                 f"teacher_logits={teacher_logits!r} replaces the teacher and its cache; drop `cache_teacher_logits`."
