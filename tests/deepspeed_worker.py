@@ -43,8 +43,8 @@ def main(argv=None) -> int:
     from safetensors.torch import save_file
     from transformers import LlamaForCausalLM
 
-    # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce (a C++ build of minutes on a small machine) at
-    # `init_distributed`; it is a fast path only, gloo reduces without it.
+    # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce (357 s of C++ on this 2-core machine) at
+    # `init_distributed`; only `inference_all_reduce` (AutoTP inference) uses it, training reduces with gloo.
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
     deepspeed.init_distributed(dist_backend="gloo")
     import torch.distributed as dist
