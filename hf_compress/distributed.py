@@ -70,7 +70,8 @@ def check_distributed_support(args=None, callbacks=()) -> str:
     Under DeepSpeed ZeRO-3 each rank holds a slice of every weight, so the pruning callbacks (gradual and structured),
     the quantization-aware callback and the end-of-training quantization export are refused there (`cache_teacher_logits` with a ZeRO-3
     teacher is refused where the teacher is placed, `prepare_teacher`). Under FSDP, [`check_fsdp_support`] decides (FSDP2 pruning is
-    supported). DDP and ZeRO-1/2 keep full weights on every rank and are supported.
+    supported). DDP and ZeRO-1/2 keep full weights on every rank and are supported. Any DeepSpeed run whose ranks
+    accelerate miscounts (on CPU without `use_cpu=True`) is refused by [`check_deepspeed_process_count`].
 
     Args:
         args (`TrainingArguments`, *optional*): the run's arguments (`fsdp`, `deepspeed`, `world_size`).
@@ -87,6 +88,8 @@ def check_distributed_support(args=None, callbacks=()) -> str:
     if backend == "fsdp":
         check_fsdp_support(args, names)
         return backend
+    if backend.startswith("deepspeed"):
+        check_deepspeed_process_count(args)
     if backend != "deepspeed-zero3":
         return backend
     for cb in callbacks or ():
@@ -99,6 +102,27 @@ def check_distributed_support(args=None, callbacks=()) -> str:
                 "ZeRO-3), or compress the saved model after training."
             )
     return backend
+
+
+def check_deepspeed_process_count(args=None) -> None:
+    """
+    Raise one line when DeepSpeed runs under a launcher of `WORLD_SIZE` ranks that accelerate counts as fewer.
+
+    On a machine without a GPU, `TrainingArguments(deepspeed=..., use_cpu=False)` makes accelerate find no distributed
+    backend (`PartialState._prepare_backend` returns `backend=None`), so it sets `num_processes = 1` on every rank
+    while DeepSpeed's own process group has them all: each rank then trains on the whole data set as the main process
+    (measured: both ranks logged the same losses over twice the steps), or, with `train_batch_size: "auto"`, the
+    first `deepspeed.initialize` stops at DeepSpeed's batch-size assertion. With `use_cpu=True` accelerate opens a
+    gloo group of `WORLD_SIZE` and the Trainer runs DeepSpeed on its CPU accelerator (tests/test_deepspeed.py).
+    """
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    counted = getattr(args, "world_size", None) if args is not None else None
+    if counted is not None and counted < launched:
+        raise ValueError(
+            f"DeepSpeed was launched with WORLD_SIZE={launched} but accelerate counts {counted} process(es): without "
+            "a GPU and without `use_cpu=True` it finds no distributed backend, so every rank would train on the whole "
+            "data set as the main process; set `use_cpu=True` (DeepSpeed's CPU accelerator, gloo) or launch on GPUs."
+        )
 
 
 def _callback_name(cb) -> str | None:
@@ -272,6 +296,7 @@ from .atomic import atomic_output_dir  # noqa: E402
 
 __all__ = [
     "atomic_output_dir",
+    "check_deepspeed_process_count",
     "check_distributed_support",
     "check_fsdp_support",
     "check_safetensors_file",

@@ -9,10 +9,11 @@ partitioned parameters: to the optimizer's fp32 partitions (`deepspeed.utils.saf
 `deepspeed.zero.GatheredParameters(..., modifier_rank=0)` (rank 0 writes the full tensor, DeepSpeed re-partitions
 it). Masking only the latter is not enough: the next step starts again from the fp32 copy.
 
-Measured (DeepSpeed 0.19.8, torch 2.13 CPU): the first update equals one process's (the second loss within 5e-7),
-but the second does not, with or without masks (the third loss 3.932 vs 3.941 without any mask, 1.1e-4 apart with
-them; `overlap_comm` and `contiguous_gradients` off change nothing): ZeRO-3's optimizer step on DeepSpeed's CPU
-accelerator with a torch AdamW is not one process's from its second step on, so only the first update is compared. The same run in one plain process (whole batch, `torch.optim.AdamW`, the same
+Measured (DeepSpeed 0.19.8, torch 2.13 CPU): every step equals one process's (losses within 4.8e-7, the final
+weights within 5.8e-6) once DeepSpeed's default gradient clipping is turned off (`gradient_clipping: 0.0`; DeepSpeed
+clips to norm 1.0 unless told, the reference does not). With it on, the first update still matched (Adam's first step
+does not depend on the gradient's scale) and the third loss was 3.932 against 3.941: the "ZeRO-3 divergence" an
+earlier version of this worker reported. The same run in one plain process (whole batch, `torch.optim.AdamW`, the same
 masks) is the reference, computed on rank 0. Then the export: inside `GatheredParameters` over every parameter,
 `hf_compress.fsdp.save_full_state_dict` writes one safetensors file from rank 0.
 
@@ -42,8 +43,8 @@ def main(argv=None) -> int:
     from safetensors.torch import save_file
     from transformers import LlamaForCausalLM
 
-    # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce (a C++ build of minutes on a small machine) at
-    # `init_distributed`; it is a fast path only, gloo reduces without it.
+    # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce (357 s of C++ on this 2-core machine) at
+    # `init_distributed`; only `inference_all_reduce` (AutoTP inference) uses it, training reduces with gloo.
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
     deepspeed.init_distributed(dist_backend="gloo")
     import torch.distributed as dist
@@ -67,9 +68,12 @@ def main(argv=None) -> int:
     ids = torch.randint(VOCAB, (BATCH, LENGTH), generator=torch.Generator().manual_seed(0))
     info: dict = {"world_size": ws}
 
+    # DeepSpeed clips gradients to norm 1.0 unless told otherwise (`GRADIENT_CLIPPING_DEFAULT = 1.0`); the reference
+    # does not clip, so neither does the engine. (Clipped, the first Adam update still matched, Adam's first step being
+    # invariant to the gradient's scale, and every later one did not: the "ZeRO-3 divergence" of an earlier version.)
     config = {"train_micro_batch_size_per_gpu": BATCH // ws, "gradient_accumulation_steps": 1, "steps_per_print": 10**6,
               "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
-              "zero_allow_untested_optimizer": True}
+              "zero_allow_untested_optimizer": True, "gradient_clipping": 0.0}
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=config)
     params = dict(engine.module.named_parameters())

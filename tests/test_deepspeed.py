@@ -1,14 +1,20 @@
-"""DeepSpeed ZeRO-3 for real (DeepSpeed's CPU accelerator, gloo, 2 ranks; tests/deepspeed_worker.py) and the ZeRO-3
-refusals.
+"""DeepSpeed ZeRO-3 for real (DeepSpeed's CPU accelerator, gloo, 2 ranks) and the ZeRO-3 refusals.
 
-What ZeRO-3 on CPU runs here: `deepspeed.initialize` with stage 3 partitions every parameter (each rank keeps half
-of each, `param.data` is empty outside the forward), a training step with a torch AdamW, re-applying fixed pruning
-masks to the partitioned parameters inside `GatheredParameters(modifier_rank=0)`, and the export through the
-gathered parameters (`hf_compress.fsdp.save_full_state_dict`): the first update and the masks re-applied after it
-equal one plain process's (the next loss within 1e-6, measured 4.8e-7), the pruned entries are exactly zero after
-every re-application, the export is the gathered weights. From the second update on, ZeRO-3's optimizer step on
-CPU is not one process's even without any hf_compress code (measured in tests/deepspeed_worker.py), so no later
-step is compared.
+Two launches. tests/deepspeed_trainer_worker.py runs `DistillationTrainer` with `DistillationArguments(deepspeed=
+<ZeRO-3 dict>, use_cpu=True)`: the Trainer wraps the student in a stage-3 `DeepSpeedEngine` (its AdamW inside
+`DeepSpeedZeroOptimizer_Stage3`) and `prepare_teacher` shards the frozen teacher with TRL's `prepare_deepspeed`. Three
+steps, clipped at every step, equal one process (each loss within 1e-6, measured 2.4e-7; the weights after the first
+and the third update within 1e-5, measured 4.3e-7 and 1.2e-6), and the Trainer's `save_model` writes the gathered
+weights exactly. Without `use_cpu=True` accelerate counts one process per rank on a machine without a GPU: refused
+(`check_deepspeed_process_count`).
+
+tests/deepspeed_worker.py is the hand-written engine loop: `deepspeed.initialize` with stage 3 partitions every
+parameter (each rank keeps half of each, `param.data` is empty outside the forward), fixed pruning masks are
+re-applied to the partitioned parameters inside `GatheredParameters(modifier_rank=0)` and to the optimizer's fp32
+partitions, and the export goes through the gathered parameters (`hf_compress.fsdp.save_full_state_dict`): all three
+steps equal one plain process's (losses within 1e-6, measured 4.8e-7; weights within 1e-5, measured 5.8e-6) with
+DeepSpeed's default clipping to norm 1.0 turned off as in the reference, the pruned entries are exactly zero after
+every re-application, the export is the gathered weights.
 A magnitude selection on a rank's own partition is not the full weight's: `GradualPruningCallback`, `QATCallback`,
 `QuantizationCallback` and `StructuredPruningCallback` stay refused under ZeRO-3 (by `check_distributed_support`,
 before training; `StructuredPruningCallback` also refuses partitioned parameters itself).
@@ -27,21 +33,93 @@ import torch
 from safetensors.torch import load_file
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-LOSS_TOL = 1e-6
+LOSS_TOL, WEIGHT_TOL = 1e-6, 1e-5
+
+
+def _launch(worker: str, dump):
+    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1")
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(HERE), env.get("PYTHONPATH", "")])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(HERE, worker), "--dump-dir", str(dump)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    infos = [json.load(open(dump / f"rank{r}.json")) for r in range(2)]
+    return infos, [load_file(dump / f"rank{r}.safetensors") for r in range(2)]
 
 
 @pytest.fixture(scope="module")
 def zero3(tmp_path_factory):
     pytest.importorskip("deepspeed")
     dump = tmp_path_factory.mktemp("zero3")
-    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1")
-    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(HERE), env.get("PYTHONPATH", "")])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(HERE, "deepspeed_worker.py"), "--dump-dir", str(dump)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    infos = [json.load(open(dump / f"rank{r}.json")) for r in range(2)]
-    return dump, infos, [load_file(dump / f"rank{r}.safetensors") for r in range(2)]
+    infos, tensors = _launch("deepspeed_worker.py", dump)
+    return dump, infos, tensors
+
+
+@pytest.fixture(scope="module")
+def trainer_zero3(tmp_path_factory):
+    pytest.importorskip("deepspeed")
+    pytest.importorskip("trl")
+    dump = tmp_path_factory.mktemp("trainer_zero3")
+    infos, tensors = _launch("deepspeed_trainer_worker.py", dump)
+    return dump, infos, tensors, json.load(open(dump / "ref.json")), load_file(dump / "ref.safetensors")
+
+
+def _max_diff(a: dict, b: dict, prefix: str) -> float:
+    names = [k for k in b if k.startswith(prefix)]
+    assert names and sorted(names) == sorted(k for k in a if k.startswith(prefix))
+    return max((a[k] - b[k]).abs().max().item() for k in names)
+
+
+def test_distillation_trainer_under_zero3_shards_the_teacher_with_trl_prepare_deepspeed(trainer_zero3):
+    _, infos, _, _, _ = trainer_zero3
+    for info in infos:
+        assert info["world_size"] == info["accelerate_num_processes"] == 2
+        assert info["distributed_type"] == "DistributedType.DEEPSPEED" and info["is_deepspeed_enabled"] is True
+        assert info["zero_stage"] == 3 and info["teacher_class"] == "DeepSpeedEngine"
+        for when in ("teacher", "teacher_after"):  # before and after training: partitioned, frozen, in eval mode
+            t = info[when]
+            assert t["with_ds_id"] == t["partitioned"] == t["count"] == 35 and t["persistent"] == []
+            assert t["local_fraction"] == pytest.approx(0.5, abs=0.01) and t["requires_grad"] == 0
+        assert info["teacher_training"] is False and info["teacher_ids_unchanged"] is True
+        assert info["student_class"] == "DeepSpeedEngine" and info["student_optimizer"] == "DeepSpeedZeroOptimizer_Stage3"
+        s = info["student"]
+        assert s["partitioned"] == s["count"] == s["requires_grad"] == 35 and s["ds_numel"] == info["teacher"]["ds_numel"]
+        assert s["local_fraction"] == pytest.approx(0.5, abs=0.01)
+
+
+def test_distillation_trainer_under_zero3_trains_as_one_process(trainer_zero3):
+    _, infos, tensors, ref, ref_tensors = trainer_zero3
+    info = infos[0]
+    assert infos[1]["losses"] == info["losses"] and len(info["losses"]) == 3
+    assert max(abs(a - b) for a, b in zip(info["losses"], ref["losses"])) <= LOSS_TOL
+    # DeepSpeed clips (`gradient_clipping: auto` -> `max_grad_norm`) at every step, as the reference does.
+    assert info["gradient_clipping"] == info["max_grad_norm"] < min(info["grad_norms"])
+    for when in ("first/", "final/"):  # after the first update and after the third, on both ranks
+        assert all(_max_diff(t, ref_tensors, when) <= WEIGHT_TOL for t in tensors)
+    # Not vacuous: the second and third updates moved the weights by far more than the tolerance.
+    moved = max((ref_tensors[k] - ref_tensors["first/" + k[len("final/"):]]).abs().max().item()
+                for k in ref_tensors if k.startswith("final/"))
+    assert moved > 100 * WEIGHT_TOL
+
+
+def test_trainer_save_model_under_zero3_writes_the_gathered_weights(trainer_zero3):
+    dump, infos, tensors, _, _ = trainer_zero3
+    assert [info["saved_equal_gathered"] for info in infos] == [True, True]
+    saved = load_file(dump / "final" / "model.safetensors")
+    assert sorted(saved) == sorted(k[len("final/"):] for k in tensors[0] if k.startswith("final/"))
+    assert all(torch.equal(saved[n], tensors[0][f"final/{n}"]) for n in saved)
+
+
+def test_deepspeed_on_cpu_without_use_cpu_is_refused(monkeypatch):
+    from hf_compress.distributed import check_distributed_support
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    args = SimpleNamespace(fsdp=None, deepspeed={"zero_optimization": {"stage": 3}}, world_size=1, use_cpu=False)
+    with pytest.raises(ValueError, match=r"^DeepSpeed was launched with WORLD_SIZE=2 but accelerate counts 1 process\(es\)"
+                       r": .* set `use_cpu=True` \(DeepSpeed's CPU accelerator, gloo\) or launch on GPUs.$"):
+        check_distributed_support(args, [])
+    args.world_size = 2  # what `use_cpu=True` (or a GPU) gives
+    assert check_distributed_support(args, []) == "deepspeed-zero3"
 
 
 def test_zero3_really_partitions_every_parameter(zero3):
@@ -54,10 +132,12 @@ def test_zero3_really_partitions_every_parameter(zero3):
 def test_masks_reapplied_to_partitioned_parameters_hold(zero3):
     _, infos, tensors = zero3
     ref = infos[0]
-    # The first update, and the masks re-applied after it, as one process: the second forward sees the same weights.
-    # (From the second update on ZeRO-3 on CPU is not one process's, with or without masks: see the worker.)
-    assert max(abs(a - b) for a, b in zip(ref["losses"][:2], ref["ref_losses"][:2])) <= LOSS_TOL
+    # Every update, and the masks re-applied after it, as one process (DeepSpeed's default clipping off, as there).
+    assert len(ref["losses"]) == 3
+    assert max(abs(a - b) for a, b in zip(ref["losses"], ref["ref_losses"])) <= LOSS_TOL
     assert infos[1]["losses"] == ref["losses"]
+    names = [k[len("ds/"):] for k in tensors[0] if k.startswith("ds/")]
+    assert max((tensors[0][f"ds/{n}"] - tensors[0][f"ref/{n}"]).abs().max().item() for n in names) <= WEIGHT_TOL
     masked = [k[len("mask/"):] for k in tensors[0] if k.startswith("mask/")]
     assert len(masked) == 14  # 7 matrices x 2 layers
     for n in masked:
