@@ -70,8 +70,8 @@ def check_distributed_support(args=None, callbacks=()) -> str:
     Under DeepSpeed ZeRO-3 each rank holds a slice of every weight, so the pruning callbacks (gradual and structured),
     the quantization-aware callback and the end-of-training quantization export are refused there (`cache_teacher_logits` with a ZeRO-3
     teacher is refused where the teacher is placed, `prepare_teacher`). Under FSDP, [`check_fsdp_support`] decides (FSDP2 pruning is
-    supported). DDP and ZeRO-1/2 keep full weights on every rank and are supported. Any DeepSpeed run whose ranks
-    accelerate miscounts (on CPU without `use_cpu=True`) is refused by [`check_deepspeed_process_count`].
+    supported). DDP and ZeRO-1/2 keep full weights on every rank and are supported. Any launch whose ranks
+    accelerate miscounts (on CPU without `use_cpu=True`) is refused first, by [`check_process_count`].
 
     Args:
         args (`TrainingArguments`, *optional*): the run's arguments (`fsdp`, `deepspeed`, `world_size`).
@@ -85,11 +85,10 @@ def check_distributed_support(args=None, callbacks=()) -> str:
     """
     backend = parallel_backend(args)
     names = {_callback_name(cb) for cb in callbacks or ()} - {None}
+    check_process_count(args, backend)
     if backend == "fsdp":
         check_fsdp_support(args, names)
         return backend
-    if backend.startswith("deepspeed"):
-        check_deepspeed_process_count(args)
     if backend != "deepspeed-zero3":
         return backend
     for cb in callbacks or ():
@@ -104,25 +103,37 @@ def check_distributed_support(args=None, callbacks=()) -> str:
     return backend
 
 
-def check_deepspeed_process_count(args=None) -> None:
+def check_process_count(args=None, backend: str | None = None) -> None:
     """
-    Raise one line when DeepSpeed runs under a launcher of `WORLD_SIZE` ranks that accelerate counts as fewer.
+    Raise one line when a launcher started `WORLD_SIZE` ranks that accelerate does not train as one distributed run.
 
-    On a machine without a GPU, `TrainingArguments(deepspeed=..., use_cpu=False)` makes accelerate find no distributed
-    backend (`PartialState._prepare_backend` returns `backend=None`), so it sets `num_processes = 1` on every rank
-    while DeepSpeed's own process group has them all: each rank then trains on the whole data set as the main process
-    (measured: both ranks logged the same losses over twice the steps), or, with `train_batch_size: "auto"`, the
-    first `deepspeed.initialize` stops at DeepSpeed's batch-size assertion. With `use_cpu=True` accelerate opens a
-    gloo group of `WORLD_SIZE` and the Trainer runs DeepSpeed on its CPU accelerator (tests/test_deepspeed.py).
+    On a machine without a GPU, `TrainingArguments(use_cpu=False)` under `torchrun` / `accelerate launch` makes
+    accelerate set up no distributed training: without `ddp_backend` it finds no backend and counts 1 process on every
+    rank (`PartialState._prepare_backend` returns `backend=None`); with `ddp_backend="gloo"` it counts them all but
+    keeps `DistributedType.NO`, so the Trainer's `parallel_mode` is `not_parallel` and no gradient is all-reduced.
+    Either way each rank trains on its own as if alone and writes the same files (measured: DeepSpeed ranks logged
+    the same losses over twice the steps; `accelerate launch` with an FSDP2 config ran two unsynchronised runs into one
+    output folder). With `use_cpu=True` accelerate opens a gloo group of `WORLD_SIZE` (DDP; DeepSpeed on its CPU
+    accelerator, tests/test_deepspeed.py). FSDP needs GPUs.
     """
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     counted = getattr(args, "world_size", None) if args is not None else None
-    if counted is not None and counted < launched:
-        raise ValueError(
-            f"DeepSpeed was launched with WORLD_SIZE={launched} but accelerate counts {counted} process(es): without "
-            "a GPU and without `use_cpu=True` it finds no distributed backend, so every rank would train on the whole "
-            "data set as the main process; set `use_cpu=True` (DeepSpeed's CPU accelerator, gloo) or launch on GPUs."
-        )
+    mode = getattr(getattr(args, "parallel_mode", None), "value", None) if args is not None else None
+    unsynchronised = launched > 1 and mode in ("not_parallel", "not_distributed")
+    if not unsynchronised and (counted is None or counted >= launched):
+        return
+    backend = backend or parallel_backend(args)
+    what = {"fsdp": "FSDP", "deepspeed": "DeepSpeed", "deepspeed-zero3": "DeepSpeed"}.get(backend)
+    fix = ("FSDP shards on GPUs only: launch on GPUs, or drop the FSDP config and set `use_cpu=True` (`--use_cpu`) to "
+           "train with DDP over gloo" if backend == "fsdp" else
+           "set `use_cpu=True` (`--use_cpu`; " + ("DeepSpeed's CPU accelerator, gloo" if what == "DeepSpeed" else
+                                                  "DDP over gloo") + ") or launch on GPUs")
+    found = f"counts {counted} process(es)" + (f" in parallel mode `{mode}`" if mode else "")
+    raise ValueError(
+        f"{what + ': t' if what else 'T'}he launcher started WORLD_SIZE={launched} ranks but accelerate {found}: without a GPU and without "
+        f"`use_cpu=True` it sets up no distributed training, so every rank would train alone, unsynchronised, and "
+        f"write the same files; {fix}."
+    )
 
 
 def _callback_name(cb) -> str | None:
@@ -296,7 +307,7 @@ from .atomic import atomic_output_dir  # noqa: E402
 
 __all__ = [
     "atomic_output_dir",
-    "check_deepspeed_process_count",
+    "check_process_count",
     "check_distributed_support",
     "check_fsdp_support",
     "check_safetensors_file",

@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import os
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from conftest import random_classification_dataset, tiny_bert_config, tiny_llama_config
@@ -235,6 +237,27 @@ def test_ddp_and_zero2_are_accepted(monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
     assert check_distributed_support(None, [GradualPruningCallback()]) == "deepspeed"
+
+
+def test_ranks_the_trainer_would_not_synchronise_are_refused_in_one_line(monkeypatch):
+    # `torchrun` on a machine without a GPU and without `use_cpu=True`: accelerate counts the ranks (with
+    # `ddp_backend="gloo"`) but sets up no distributed training (parallel mode `not_parallel`), or counts 1 (without it).
+    from transformers.training_args import ParallelMode
+
+    from hf_compress.distributed import check_process_count
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for counted, mode, found in ((2, ParallelMode.NOT_PARALLEL, "counts 2 process(es) in parallel mode `not_parallel`"),
+                                 (1, None, "counts 1 process(es)")):
+        args = SimpleNamespace(fsdp=None, deepspeed=None, world_size=counted, parallel_mode=mode)
+        with pytest.raises(ValueError) as err:
+            check_distributed_support(args, [])
+        assert str(err.value) == (
+            f"The launcher started WORLD_SIZE=2 ranks but accelerate {found}: without a GPU and without `use_cpu=True` "
+            "it sets up no distributed training, so every rank would train alone, unsynchronised, and write the same "
+            "files; set `use_cpu=True` (`--use_cpu`; DDP over gloo) or launch on GPUs.")
+    # `use_cpu=True` (or a GPU): the ranks are one distributed run
+    check_process_count(SimpleNamespace(world_size=2, parallel_mode=ParallelMode.DISTRIBUTED), "ddp")
 
 
 # ---- corrupt or missing checkpoint files ----------------------------------------------------------------------

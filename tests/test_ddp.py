@@ -161,3 +161,43 @@ def test_cli_under_torchrun_writes_one_output(tmp_path):
     assert {"README.md", "compression_report.json", "model.safetensors"} <= set(os.listdir(out))
     assert [p for p in os.listdir(tmp_path) if p.startswith(".hf-compress-")] == []
     assert proc.stdout.count("Wrote ") == 1
+
+
+FSDP2_ACCELERATE_CONFIG = """compute_environment: LOCAL_MACHINE
+distributed_type: FSDP
+fsdp_config:
+  fsdp_version: 2
+  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP
+  fsdp_state_dict_type: FULL_STATE_DICT
+  fsdp_reshard_after_forward: true
+mixed_precision: 'no'
+num_machines: 1
+num_processes: 2
+machine_rank: 0
+use_cpu: false
+"""
+
+
+def test_cli_under_accelerate_launch_with_an_fsdp2_config_on_cpu_refuses_in_one_line_before_any_work(tmp_path):
+    # On a machine without a GPU accelerate sets up no distributed training for an FSDP config (DistributedType.NO,
+    # parallel mode `not_parallel`): each rank would train alone, unsynchronised, into the same output folder.
+    from test_cli import FAST, make_csv, make_tiny_model
+
+    model, data = make_tiny_model(tmp_path / "model"), make_csv(tmp_path / "data.csv")
+    config = tmp_path / "fsdp.yaml"
+    config.write_text(FSDP2_ACCELERATE_CONFIG)
+    out = tmp_path / "out"
+    i = FAST.index("--use_cpu")
+    fast = FAST[:i] + FAST[i + 2:]  # without `--use_cpu true`
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "-m", "hf_compress.cli.main",
+           "--model", model, "--dataset", data, "--output_dir", str(out), "--ddp_backend", "gloo", *fast]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode != 0
+    ours = [line for line in proc.stderr.splitlines() if line.startswith("hf-compress")]
+    assert ours == 2 * [
+        "hf-compress: error: FSDP: the launcher started WORLD_SIZE=2 ranks but accelerate counts 2 process(es) in "
+        "parallel mode `not_parallel`: without a GPU and without `use_cpu=True` it sets up no distributed training, so "
+        "every rank would train alone, unsynchronised, and write the same files; FSDP shards on GPUs only: launch on "
+        "GPUs, or drop the FSDP config and set `use_cpu=True` (`--use_cpu`) to train with DDP over gloo."]
+    assert "[hf-compress]" not in proc.stdout  # refused before the plan: nothing read, trained or written
+    assert not out.exists() and [p for p in os.listdir(tmp_path) if p.startswith(".hf-compress-")] == []

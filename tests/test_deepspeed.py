@@ -6,7 +6,7 @@ Two launches. tests/deepspeed_trainer_worker.py runs `DistillationTrainer` with 
 steps, clipped at every step, equal one process (each loss within 1e-6, measured 2.4e-7; the weights after the first
 and the third update within 1e-5, measured 4.3e-7 and 1.2e-6), and the Trainer's `save_model` writes the gathered
 weights exactly. Without `use_cpu=True` accelerate counts one process per rank on a machine without a GPU: refused
-(`check_deepspeed_process_count`).
+(`check_process_count`).
 
 tests/deepspeed_worker.py is the hand-written engine loop: `deepspeed.initialize` with stage 3 partitions every
 parameter (each rank keeps half of each, `param.data` is empty outside the forward), fixed pruning masks are
@@ -115,8 +115,8 @@ def test_deepspeed_on_cpu_without_use_cpu_is_refused(monkeypatch):
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     args = SimpleNamespace(fsdp=None, deepspeed={"zero_optimization": {"stage": 3}}, world_size=1, use_cpu=False)
-    with pytest.raises(ValueError, match=r"^DeepSpeed was launched with WORLD_SIZE=2 but accelerate counts 1 process\(es\)"
-                       r": .* set `use_cpu=True` \(DeepSpeed's CPU accelerator, gloo\) or launch on GPUs.$"):
+    with pytest.raises(ValueError, match=r"^DeepSpeed: the launcher started WORLD_SIZE=2 ranks but accelerate counts 1 process\(es\)"
+                       r": without a GPU .* set `use_cpu=True` \(`--use_cpu`; DeepSpeed's CPU accelerator, gloo\) or launch on GPUs.$"):
         check_distributed_support(args, [])
     args.world_size = 2  # what `use_cpu=True` (or a GPU) gives
     assert check_distributed_support(args, []) == "deepspeed-zero3"

@@ -57,22 +57,14 @@ class RunContext:
 @contextmanager
 def open_run(plan: CompressionPlan):
     """
-    Seed, refuse a distributed setup the training callbacks cannot run under, create the shared scratch folder and
-    keep transformers' per-file progress bars off (one bar per stage); yields the [`RunContext`]. On the way out the
+    Seed, create the shared scratch folder and keep transformers' per-file progress bars off (one bar per stage); yields the [`RunContext`]. On the way out the
     bars are restored and the main process deletes the scratch folder, whatever happened.
     """
     import transformers
 
-    from ..distributed import check_distributed_support
-
     started = time.time()
-    ma, ta = plan.model_args, plan.training_args
-    transformers.set_seed(ta.seed)
-    if ma.train:
-        from ..callbacks import GradualPruningCallback, QATCallback
-
-        check_distributed_support(ta, ([GradualPruningCallback] if plan.prunes else [])
-                                  + ([QATCallback] if plan.fake_quantizes else []))
+    ta = plan.training_args
+    transformers.set_seed(ta.seed)  # the launcher was checked by `prepare` (`check_launch`), before any data was read
     main = ta.process_index == 0  # initialises the process group under a launcher
     parent = os.path.dirname(plan.output_dir)
     os.makedirs(parent, exist_ok=True)

@@ -140,6 +140,7 @@ def prepare(model_args: ModelArguments, data_args: DataArguments, training_args,
             f"magnitude masks of `--sparsity {pruning_args.target_sparsity:g}` were fixed on the uncut shapes; pass "
             "`--prune_schedule oneshot` (cut first, then prune the smaller model) or `--no_prune`."
         )
+    check_launch(model_args, training_args, pruning_args, quantization_args, structured_args)
     model_path = model_args.model or default_model_path()
     config, task_name, has_head = _check_model(model_path, model_args, quantization_args, structured_args)
     tokenizer = _load_tokenizer(model_path)
@@ -156,6 +157,25 @@ def prepare(model_args: ModelArguments, data_args: DataArguments, training_args,
         output_dir=output_dir, train_dataset=train, eval_dataset=evaluation, eval_split_name=split_name,
         recipe=dict(recipe or {}), command=command, structured_args=structured_args,
     )
+
+
+def check_launch(model_args, training_args, pruning_args, quantization_args, structured_args=None) -> None:
+    """The launcher's refusals, before any data is read: ranks that accelerate does not count (`torchrun` /
+    `accelerate launch` on CPU without `--use_cpu`), FSDP on CPU, and the training callbacks a sharded run cannot hold
+    ([`~hf_compress.distributed.check_distributed_support`]), as one `CompressionInputError` line."""
+    from ..callbacks import GradualPruningCallback, QATCallback, StructuredPruningCallback
+    from ..distributed import check_distributed_support
+
+    callbacks = []
+    if model_args.train:
+        callbacks += [GradualPruningCallback] if model_args.prune and pruning_args.target_sparsity > 0 else []
+        callbacks += [QATCallback] if model_args.quantize and model_args.qat else []
+        gradual = structured_args is not None and structured_args.enabled and structured_args.prune_schedule == "gradual"
+        callbacks += [StructuredPruningCallback] if gradual else []
+    try:
+        check_distributed_support(training_args, callbacks)
+    except ValueError as err:
+        raise CompressionInputError(str(err)) from None
 
 
 def _check_model(model_path: str, model_args, quantization_args, structured_args) -> tuple[object, str, bool]:

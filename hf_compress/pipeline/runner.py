@@ -41,7 +41,7 @@ def run(plan: CompressionPlan) -> dict | None:
     half-written checkpoint. Under `torchrun` / `accelerate launch` every rank trains (DDP) and only the main
     process evaluates, exports, writes and pushes; the other ranks return `None`.
     """
-    with open_run(plan) as ctx:  # seed, launcher checks, the shared scratch folder (deleted at the end), quiet bars
+    with open_run(plan) as ctx:  # seed, the shared scratch folder (deleted at the end), quiet bars
         load_inputs(ctx)  # tokenizer, tokenized splits, collator, model; prints the plan
         ctx.record("base_finetune", finetune_base(ctx))  # a new task head: fine-tune the dense base first
         keep_base(ctx)  # a frozen copy of the dense base, the reference of every figure
