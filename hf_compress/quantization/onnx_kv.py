@@ -179,13 +179,15 @@ def full_sequence_feed(session, batch):
 
 
 def onnx_generate(session, tokenizer, prompt, max_new_tokens=32, eos_token_id=None):
-    """Greedy decoding with the KV-cache graph: the prompt in one call, then one token per call fed the `present`
-    tensors back as `past_key_values`. Returns the new token ids (ending with the eos token if one was generated)."""
+    """Greedy decoding with the KV-cache graph: the prompt (a text, or a list of token ids) in one call, then one
+    token per call fed the `present` tensors back as `past_key_values`. Returns the new token ids (ending with the
+    eos token if one was generated; `eos_token_id=-1` never stops early)."""
     import numpy as np
 
     names = [i.name for i in session.get_inputs()]
     eos = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
-    ids = tokenizer(prompt, return_tensors="np")["input_ids"].astype("int64")
+    ids = tokenizer(prompt, return_tensors="np")["input_ids"] if isinstance(prompt, str) else np.array([prompt])
+    ids = ids.astype("int64")
     past = {i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), dtype="float32")
             for i in session.get_inputs() if i.name.startswith("past_key_values.")}
     outputs = ["logits"] + [name.replace("past_key_values.", "present.") for name in past]
