@@ -39,6 +39,7 @@ from hf_compress.quantization.onnx_int4 import (  # noqa: E402
     rewrite_int4,
     unpack_nibbles,
 )
+from hf_compress.quantization.onnx_kv import full_sequence_feed  # noqa: E402
 
 CT = "compressed-tensors"
 CASES = {  # name -> (family, head, task, outputs, group size, quantize_embeddings)
@@ -79,7 +80,7 @@ def _fake_quantized(model, args):
 
 def _run(path, batch, outputs):
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    feed = {i.name: batch[i.name].numpy() for i in sess.get_inputs()}
+    feed = full_sequence_feed(sess, {k: v.numpy() for k, v in batch.items()})  # a causal LM's graph: empty past
     return [torch.from_numpy(o) for o in sess.run(outputs, feed)]
 
 

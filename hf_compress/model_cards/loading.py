@@ -214,15 +214,21 @@ def check_loaders(folder: str, texts: list[str], reference_logits, atol: float |
 
 def _check_onnx(folder: str, texts: list[str], compare) -> dict:
     """The `--format onnx` folder read as the card says (tokenizer + `onnxruntime.InferenceSession`), in a clean
-    interpreter without hf_compress; the graph's inputs and outputs come from the graph itself."""
+    interpreter without hf_compress; the graph's inputs and outputs come from the graph itself (a KV-cache graph is
+    fed an empty past and positions 0, 1, ... by `full_sequence_feed`, whose numpy-only source is pasted in)."""
+    import inspect
 
     import torch
 
-    code = (f"import json, os, numpy as np, onnxruntime\nfrom transformers import AutoTokenizer\n"
+    from ..quantization.onnx_kv import full_sequence_feed
+
+    code = (f"import json, os, numpy as np, onnxruntime\nfrom transformers import AutoTokenizer\n\n"
+            f"{inspect.getsource(full_sequence_feed)}\n\n"
             f"tok = AutoTokenizer.from_pretrained({folder!r})\n"
             f"s = onnxruntime.InferenceSession(os.path.join({folder!r}, 'model.onnx'), providers=['CPUExecutionProvider'])\n"
             f"b = tok({texts!r}, padding=True, truncation=True, return_tensors='np')\n"
-            f"outs = s.run(None, {{i.name: b[i.name].astype('int64') for i in s.get_inputs()}})\n"
+            f"names = [o.name for o in s.get_outputs() if not o.name.startswith('present.')]\n"
+            f"outs = s.run(names, full_sequence_feed(s, dict(b)))\n"
             f"l = outs[0] if len(outs) == 1 else np.stack(outs, -1)\n"
             f"print('RESULT', json.dumps({{'logits': l.tolist()}}))\n")
     result = run_result_without_hf_compress(code)

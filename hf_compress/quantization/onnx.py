@@ -4,8 +4,9 @@ The graph is written with the TorchScript exporter (`torch.onnx.export(..., dyna
 quantizing, converted by `onnxruntime.quantization.quantize_dynamic` (int8 weights per tensor, activations quantized
 per tensor at run time by `DynamicQuantizeLinear`, matrix products in `MatMulInteger`). It is our own small exporter:
 optimum-onnx does not install with our transformers pin. Covered: the encoder tasks (`logits`, or `start_logits` /
-`end_logits` for extractive QA) and causal LMs as a graph without KV cache (`logits` for every position; generation
-re-runs the whole prefix). With `--bits 4` the fp32 graph is rewritten to weight-only int4 on our compressed-tensors
+`end_logits` for extractive QA) and causal LMs as one graph with a KV cache for prefill and decode ([`onnx_kv`]:
+`past_key_values.{i}.key/value` in, `logits` and `present.{i}.key/value` out, the optimum / onnxruntime-genai names),
+checked on a padded prompt and decode steps. With `--bits 4` the fp32 graph is rewritten to weight-only int4 on our compressed-tensors
 grid (`MatMulNBits`, [`onnx_int4`]), which QAT replays exactly. Nothing here imports onnx or onnxruntime at import
 time.
 """
@@ -71,17 +72,15 @@ def onnx_refusal(model_type: str | None, task: str, quantize: bool, bits: int, q
 
 
 class _Graph(torch.nn.Module):
-    """The traced function: named tensor inputs in, the task's output tensors out (no `ModelOutput`, no cache)."""
+    """The traced function of an encoder task: named tensor inputs in, the task's output tensors out (no
+    `ModelOutput`). A causal LM is traced with its cache by [`onnx_kv.CachedLM`] instead."""
 
-    def __init__(self, model, input_names, output_names, causal: bool):
+    def __init__(self, model, input_names, output_names):
         super().__init__()
-        self.model, self.input_names, self.output_names, self.causal = model, list(input_names), list(output_names), causal
+        self.model, self.input_names, self.output_names = model, list(input_names), list(output_names)
 
     def forward(self, *inputs):
-        kwargs = dict(zip(self.input_names, inputs))
-        if self.causal:
-            kwargs["use_cache"] = False
-        out = self.model(**kwargs)
+        out = self.model(**dict(zip(self.input_names, inputs)))
         return tuple(out[name] for name in self.output_names)
 
 
@@ -123,14 +122,68 @@ def op_counts(path: str) -> dict:
     return {**counts, "int4_ops": int4} if int4 else counts
 
 
+class _EncoderExport:
+    """The encoder tasks' graph (no cache): traced on one probe, checked on another of other shapes."""
+
+    kv_cache = False
+
+    def __init__(self, model, tokenizer, task: str, path: str):
+        layout = get_task(task).logit_layout
+        self.inputs, self.outputs = graph_inputs(model, tokenizer), list(layout.outputs)
+        self.vocab = model.get_input_embeddings().num_embeddings
+        traced = _probe(self.vocab, self.inputs, batch=2, length=8, seed=0)
+        axes = {n: {0: "batch", 1: "sequence"} for n in self.inputs}
+        axes.update({n: ({0: "batch", 1: "sequence"} if layout.per_position else {0: "batch"}) for n in self.outputs})
+        with torch.no_grad():
+            torch.onnx.export(_Graph(model, self.inputs, self.outputs).eval(),
+                              tuple(traced[n] for n in self.inputs), path, input_names=self.inputs,
+                              output_names=self.outputs, dynamic_axes=axes, opset_version=OPSET, dynamo=False,
+                              training=torch.onnx.TrainingMode.EVAL)
+        self.probe = _probe(self.vocab, self.inputs, batch=3, length=11, seed=1)
+        self.info = {"inputs": self.inputs, "outputs": self.outputs, "kv_cache": False}
+
+    def reference(self, model) -> torch.Tensor:
+        with torch.no_grad():
+            return _stack(_Graph(model, self.inputs, self.outputs)(*(self.probe[n] for n in self.inputs))).float()
+
+    def diff(self, path: str, reference: torch.Tensor) -> float:
+        import onnxruntime as ort
+
+        sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        got = sess.run(self.outputs, {n: self.probe[n].numpy() for n in self.inputs})
+        return float((_stack([torch.from_numpy(g) for g in got]) - reference).abs().max())
+
+
+class _CausalExport:
+    """A causal LM's graph with its KV cache ([`onnx_kv`]), checked on a padded prefill and decode steps."""
+
+    kv_cache = True
+
+    def __init__(self, model, tokenizer, task: str, path: str):
+        from . import onnx_kv
+
+        self.kv = onnx_kv
+        self.info = {**onnx_kv.export_kv_graph(model, path, OPSET), "kv_cache": True}
+        self.names = self.info["token_inputs"]
+        self.steps = onnx_kv.probe_steps(model.get_input_embeddings().num_embeddings)
+
+    def reference(self, model) -> list[torch.Tensor]:
+        return self.kv.reference_logits(model, self.steps, self.names)
+
+    def diff(self, path: str, reference) -> float:
+        return self.kv.kv_max_diff(path, self.steps, self.names, reference, self.info)
+
+
 def export_onnx(model, folder: str, tokenizer, task: str, quantize: bool, quantize_embeddings: bool = False,
                 args=None) -> dict:
     """
     Write `model` as `folder/model.onnx` (the dynamic-int8 graph when `quantize`, else fp32) with its `config.json`
-    and tokenizer, and check it against `model` on a probe batch of another shape than the traced one. int8 covers
-    the `MatMul` weights, and the embedding tables (`Gather`) only with `quantize_embeddings`, as the other formats.
-    With `quantize` and `args.bits == 4` (`args`: the [`QuantizationArguments`], compressed-tensors, a group size)
-    it is the weight-only int4 graph of [`onnx_int4`], checked against the fake-quantized model instead.
+    and tokenizer, and check it against `model` on a probe batch of another shape than the traced one. A causal LM is
+    written with its KV cache ([`onnx_kv`]) and checked on a padded prompt and decode steps fed the graph's own
+    `present`. int8 covers the `MatMul` weights, and the embedding tables (`Gather`) only with `quantize_embeddings`,
+    as the other formats. With `quantize` and `args.bits == 4` (`args`: the [`QuantizationArguments`],
+    compressed-tensors, a group size) it is the weight-only int4 graph of [`onnx_int4`], checked against the
+    fake-quantized model instead.
 
     Returns:
         `dict`: `format`, `precision`, the inputs and outputs, `max_abs_logit_diff_fp32` (fp32 graph vs model,
@@ -148,33 +201,13 @@ def export_onnx(model, folder: str, tokenizer, task: str, quantize: bool, quanti
 
         model, int4_model = onnx_int4.plain_and_reference(model, args)
     model = model.eval()
-    layout = get_task(task).logit_layout
-    inputs, outputs = graph_inputs(model, tokenizer), list(layout.outputs)
-    # A causal LM (its labels shifted by one) is traced without its KV cache.
-    wrapper = _Graph(model, inputs, outputs, causal=layout.shift_labels).eval()
-    vocab = model.get_input_embeddings().num_embeddings
-    traced = _probe(vocab, inputs, batch=2, length=8, seed=0)
-    axes = {n: {0: "batch", 1: "sequence"} for n in inputs}
-    axes.update({n: ({0: "batch", 1: "sequence"} if layout.per_position else {0: "batch"}) for n in outputs})
+    kind = _CausalExport if get_task(task).logit_layout.shift_labels else _EncoderExport
     os.makedirs(folder, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder, prefix=".onnx-") as tmp:
         fp32 = os.path.join(tmp, "fp32.onnx")
-        with torch.no_grad():
-            torch.onnx.export(wrapper, tuple(traced[n] for n in inputs), fp32, input_names=inputs, output_names=outputs,
-                              dynamic_axes=axes, opset_version=OPSET, dynamo=False,
-                              training=torch.onnx.TrainingMode.EVAL)
-        probe = _probe(vocab, inputs, batch=3, length=11, seed=1)
-        with torch.no_grad():
-            reference = _stack(wrapper(*(probe[n] for n in inputs))).float()
-            if int4:
-                int4_reference = _stack(_Graph(int4_model, inputs, outputs, wrapper.causal)(*(probe[n] for n in inputs)))
-
-        def diff(path, ref=reference):
-            sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-            got = sess.run(outputs, {n: probe[n].numpy() for n in inputs})
-            return float((_stack([torch.from_numpy(g) for g in got]) - ref).abs().max())
-
-        diff_fp32 = diff(fp32)
+        graph = kind(model, tokenizer, task, fp32)
+        reference = graph.reference(model)
+        diff_fp32 = graph.diff(fp32, reference)
         if not diff_fp32 <= FP32_ATOL:
             raise RuntimeError(f"The ONNX graph of `{type(model).__name__}` differs from the model by {diff_fp32:.2e} "
                                f"(> {FP32_ATOL}); nothing was written. Use `--format compressed-tensors` for this model.")
@@ -182,7 +215,9 @@ def export_onnx(model, folder: str, tokenizer, task: str, quantize: bool, quanti
         if int4:
             written = os.path.join(tmp, "int4.onnx")
             extra = onnx_int4.write_int4(fp32, written, model, args)
-            extra["max_abs_logit_diff_fake_quantized"] = onnx_int4.check_exact(diff(written, int4_reference), int4_reference)
+            int4_reference = graph.reference(int4_model)
+            scale = torch.stack([r.abs().max() for r in (int4_reference if graph.kv_cache else [int4_reference])])
+            extra["max_abs_logit_diff_fake_quantized"] = onnx_int4.check_exact(graph.diff(written, int4_reference), scale)
         elif quantize:
             from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -192,10 +227,10 @@ def export_onnx(model, folder: str, tokenizer, task: str, quantize: bool, quanti
         precision = "dynamic int8 (weights per tensor, activations per tensor at run time)" if quantize else "fp32"
         info = {"format": "onnx", "task": task, "runtime": f"onnxruntime {ort.__version__}", "opset": OPSET,
                 "precision": extra.pop("precision", precision),
-                "quantized_embeddings": bool(quantize and quantize_embeddings),
-                "inputs": inputs, "outputs": outputs, "kv_cache": False, "fp32_atol": FP32_ATOL,
-                "max_abs_logit_diff_fp32": diff_fp32, "max_abs_logit_diff": diff(written), "op_counts": op_counts(written),
-                **extra}
+                "quantized_embeddings": bool(quantize and quantize_embeddings), **graph.info, "fp32_atol": FP32_ATOL,
+                "max_abs_logit_diff_fp32": diff_fp32, "max_abs_logit_diff": graph.diff(written, reference),
+                "op_counts": op_counts(written), **extra}
+        info.pop("token_inputs", None)
         model.config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         os.replace(written, os.path.join(folder, ONNX_FILE))
@@ -233,18 +268,16 @@ class OnnxRuntimeModel(torch.nn.Module):
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, **unused):
         # Named like a transformers `forward`: callers pick the columns to pass from this signature; labels and
-        # other columns are not graph inputs and are ignored.
+        # other columns are not graph inputs and are ignored. A KV-cache graph gets an empty past and positions
+        # 0, 1, ... (what the model computes without a cache) from `full_sequence_feed`.
         from transformers.modeling_outputs import CausalLMOutput, QuestionAnsweringModelOutput
 
-        ids = input_ids
+        from .onnx_kv import full_sequence_feed
+
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
-        feed = {}
-        for name in self.input_names:
-            value = batch.get(name)
-            if value is None:  # a tokenizer without token type ids / a call without a mask
-                value = torch.zeros_like(ids) if name == "token_type_ids" else torch.ones_like(ids)
-            feed[name] = value.detach().cpu().numpy().astype("int64")
-        got = dict(zip(self.output_names, (torch.from_numpy(o) for o in self.session.run(self.output_names, feed))))
+        feed = full_sequence_feed(self.session, {k: v.detach().cpu().numpy() for k, v in batch.items() if v is not None})
+        names = [n for n in self.output_names if not n.startswith("present.")]
+        got = dict(zip(names, (torch.from_numpy(o) for o in self.session.run(names, feed))))
         if "start_logits" in got:
             return QuestionAnsweringModelOutput(start_logits=got["start_logits"], end_logits=got["end_logits"])
         return CausalLMOutput(logits=got["logits"])
@@ -263,8 +296,16 @@ def export_info(report: dict | None) -> dict:
 def describe_export(report: dict | None) -> str:
     """The card's format sentence: the runtime, the precision, which ops run in int8 and the measured difference."""
     info = export_info(report)
-    text = ("ONNX Runtime graph (`model.onnx`, no KV cache: each call runs the whole sequence); load it with "
-            "`onnxruntime.InferenceSession` and the tokenizer, no torch or hf_compress needed.")
+    if info.get("kv_cache"):
+        text = (f"ONNX Runtime graph (`model.onnx`) with a KV cache, one graph for the prompt and each new token: inputs "
+                f"`{'`, `'.join(n for n in info['inputs'] if not n.startswith('past_'))}` and `past_key_values.{{i}}.key` / "
+                f"`.value` ([batch, {info.get('kv_heads')} heads, past, {info.get('head_dim')}], past may be 0; "
+                f"{info.get('num_layers')} layers), outputs `logits` and `present.{{i}}.key` / `.value` (the names "
+                "optimum and onnxruntime-genai use); load it with `onnxruntime.InferenceSession` and the tokenizer, no "
+                "torch or hf_compress needed.")
+    else:
+        text = ("ONNX Runtime graph (`model.onnx`, each call runs the whole sequence); load it with "
+                "`onnxruntime.InferenceSession` and the tokenizer, no torch or hf_compress needed.")
     if not info:
         return text
     counts = info.get("op_counts") or {}
@@ -280,19 +321,23 @@ def describe_export(report: dict | None) -> str:
 
 
 def usage_snippet(ref: str, report: dict | None = None) -> str:
-    """The card's code: the graph with `onnxruntime.InferenceSession` and the tokenizer, no torch model."""
+    """The card's code: the graph with `onnxruntime.InferenceSession` and the tokenizer, no torch model. A KV-cache
+    graph gets the greedy loop [`onnx_kv.onnx_generate`], its source pasted in (numpy and onnxruntime only)."""
     info = export_info(report)
     outputs, inputs = info.get("outputs") or ["logits"], info.get("inputs") or ["input_ids", "attention_mask"]
-    if info.get("task") == "causal-lm":  # one text: a causal LM's tokenizer may have no pad token
-        batch = "batch = tokenizer(['The first words of a text'], return_tensors='np')\n"
-    else:
-        batch = "batch = tokenizer(['A first example.', 'A second, longer example.'], padding=True, return_tensors='np')\n"
-    return ("import os\n\nimport onnxruntime\nfrom huggingface_hub import snapshot_download\n"
+    head = ("import os\n\nimport onnxruntime\nfrom huggingface_hub import snapshot_download\n"
             "from transformers import AutoTokenizer\n\n"
             f"ref = {ref!r}  # a Hub id or a local folder\n"
             "folder = ref if os.path.isdir(ref) else snapshot_download(ref)\n"
             "tokenizer = AutoTokenizer.from_pretrained(folder)\n"
-            f"session = onnxruntime.InferenceSession(os.path.join(folder, {ONNX_FILE!r}), providers=['CPUExecutionProvider'])\n"
-            + batch +
+            f"session = onnxruntime.InferenceSession(os.path.join(folder, {ONNX_FILE!r}), providers=['CPUExecutionProvider'])\n")
+    if info.get("kv_cache"):
+        from .onnx_kv import onnx_generate
+
+        return (head + "\n\n" + inspect.getsource(onnx_generate) + "\n\n"
+                "new_tokens = onnx_generate(session, tokenizer, 'The first words of a text', max_new_tokens=16)\n"
+                "print(new_tokens)\nprint(tokenizer.decode(new_tokens))")
+    batch = "batch = tokenizer(['A first example.', 'A second, longer example.'], padding=True, return_tensors='np')\n"
+    return (head + batch +
             f"{', '.join(outputs)}, = session.run({outputs!r}, {{k: batch[k].astype('int64') for k in {inputs!r}}})\n"
             f"print({outputs[0]}.shape)")
