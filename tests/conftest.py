@@ -114,6 +114,24 @@ def real_finetuned(real_data, tmp_path_factory):
     return out / "model"
 
 
+@pytest.fixture(scope="session")
+def real_finetuned_accuracy(real_finetuned, real_data):
+    """`accuracy(rows)`: held-out accuracy of `real_finetuned` on the first `rows` rows of the test split, evaluated
+    once per row count in a session: the fp32 reference that several real-model tests compare with."""
+    from transformers import AutoModelForSequenceClassification
+
+    tok, ds = real_data
+    model = AutoModelForSequenceClassification.from_pretrained(real_finetuned)
+    cache = {}
+
+    def accuracy(rows: int = REAL_EVAL_ROWS) -> float:
+        if rows not in cache:
+            cache[rows] = evaluate_accuracy(model, ds["test"].select(range(rows)), tok)
+        return cache[rows]
+
+    return accuracy
+
+
 def evaluate_accuracy(model, dataset, tokenizer, batch_size: int = 64) -> float:
     """Held-out accuracy of a sequence classifier, in eval mode and without grad."""
     from torch.utils.data import DataLoader

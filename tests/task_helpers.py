@@ -88,3 +88,26 @@ def qa_rows(n: int = 64, seed: int = 0) -> list[dict]:
 def lm_texts(n: int = 60, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
     return [" ".join([rng.choice(PEOPLE), "went", "to", rng.choice(PLACES), "."] * 3) for _ in range(n)]
+
+
+def onnx_tokenizer(folder, family: str):
+    """`tiny_tokenizer` for an ONNX export of `family`: only BERT takes `token_type_ids`, so the decoder families
+    (Llama, Qwen2) get a tokenizer without them, as the graph's inputs."""
+    tok = tiny_tokenizer(folder)
+    if family != "bert":
+        tok.model_input_names = ["input_ids", "attention_mask"]
+    return tok
+
+
+def onnx_batch(family: str, seed: int = 3) -> dict:
+    """A batch of 4 x 13 ids, two rows right-padded (from 6 and from 9) and, for BERT, two segments: another shape,
+    other padding and segment ids than the batch an export traces and probes with."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 128, (4, 13), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    mask[3, 9:] = 0
+    batch = {"input_ids": ids, "attention_mask": mask}
+    if family == "bert":
+        batch["token_type_ids"] = (torch.arange(13) >= 7).long().expand(4, 13).contiguous()
+    return batch

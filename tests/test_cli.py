@@ -73,11 +73,26 @@ def _read(out):
     return report, card
 
 
-def test_prune_only_end_to_end(tiny_setup, capsys):
-    model, data, tmp = tiny_setup
-    out = tmp / "out"
-    rc = main(["--model", model, "--dataset", data, "--output_dir", str(out), "--sparsity", "0.5", "--no_quantize", *FAST])
-    assert rc == 0
+def _console_script():
+    exe = os.path.join(os.path.dirname(sys.executable), "hf-compress")
+    return [exe] if os.path.exists(exe) else [sys.executable, "-m", "hf_compress.cli.main"]
+
+
+@pytest.fixture(scope="module")
+def prune_only_run(tmp_path_factory):
+    """`hf-compress --sparsity 0.5 --no_quantize` on the tiny model, run once, through the installed command (a
+    subprocess, as users run it): `(CompletedProcess, output folder, the folder it was written in)`. Read by
+    `test_prune_only_end_to_end` (the output) and `test_console_script_runs_end_to_end` (the command)."""
+    tmp = tmp_path_factory.mktemp("prune-only")
+    model, data, out = make_tiny_model(tmp / "model", head=True), make_csv(tmp / "data.csv"), tmp / "out"
+    res = subprocess.run(_console_script() + ["--model", model, "--dataset", data, "--output_dir", str(out), "--sparsity",
+                                              "0.5", "--no_quantize", *FAST], capture_output=True, text=True, timeout=600)
+    return res, out, tmp
+
+
+def test_prune_only_end_to_end(prune_only_run):
+    res, out, tmp = prune_only_run
+    assert res.returncode == 0, res.stderr[-2000:]
     names = set(os.listdir(out))
     assert {"config.json", "model.safetensors", "tokenizer.json", "compression_report.json", "README.md"} <= names
     # The run left no temporary folder next to the output.
@@ -105,7 +120,7 @@ def test_prune_only_end_to_end(tiny_setup, capsys):
     assert report["pipeline"]["train_steps"] == 6
     assert report["pipeline"]["base_finetune_steps"] == 0  # the head was already there
     assert "--sparsity 0.5" in card or "target_sparsity" in card
-    summary = capsys.readouterr().out
+    summary = res.stdout
     assert "linear-weight sparsity" in summary
     assert f"{100 * report['sparsity']['linear_weights']:.1f}%" in summary
 
@@ -226,8 +241,7 @@ def test_bad_input_one_line_exit_2(case, tmp_path, capsys):
 
 def test_console_script_subprocess(tmp_path):
     """The installed `hf-compress` script: bad input exits 2 with one line and no traceback."""
-    exe = os.path.join(os.path.dirname(sys.executable), "hf-compress")
-    cmd = [exe] if os.path.exists(exe) else [sys.executable, "-m", "hf_compress.cli.main"]
+    cmd = _console_script()
     res = subprocess.run(cmd + ["--model", str(tmp_path / "nope"), "--bits", "4"], capture_output=True, text=True, timeout=300)
     assert res.returncode == 2
     assert "Traceback" not in res.stderr
@@ -270,14 +284,9 @@ def test_prune_and_quantize(tiny_setup, bits):
     assert f"{bits}-bit" in card or f"bits: {bits}" in card or f"load_in_{bits}bit" in card
 
 
-def test_console_script_runs_end_to_end(tiny_setup):
+def test_console_script_runs_end_to_end(prune_only_run):
     """The real installed command (subprocess) on a tiny model: files, report and card."""
-    model, data, tmp = tiny_setup
-    exe = os.path.join(os.path.dirname(sys.executable), "hf-compress")
-    cmd = [exe] if os.path.exists(exe) else [sys.executable, "-m", "hf_compress.cli.main"]
-    out = tmp / "cli-out"
-    res = subprocess.run(cmd + ["--model", model, "--dataset", data, "--output_dir", str(out), "--sparsity", "0.5",
-                                "--no_quantize", *FAST], capture_output=True, text=True, timeout=600)
+    res, out, _ = prune_only_run
     assert res.returncode == 0, res.stderr[-2000:]
     report, card = _read(out)
     assert report["techniques"] == ["pruning"]

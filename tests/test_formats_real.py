@@ -15,7 +15,8 @@ ROWS = 500  # first rows of the fixed test split
 
 
 @pytest.mark.slow
-def test_compressed_tensors_minilm_card_snippet_pipeline_and_accuracy(real_finetuned, real_data, tmp_path):
+def test_compressed_tensors_minilm_card_snippet_pipeline_and_accuracy(real_finetuned, real_finetuned_accuracy, real_data,
+                                                                      tmp_path):
     from transformers import AutoModelForSequenceClassification, pipeline
 
     from hf_compress.model_cards import build_report, build_model_card
@@ -25,7 +26,7 @@ def test_compressed_tensors_minilm_card_snippet_pipeline_and_accuracy(real_finet
     tok, ds = real_data
     test = ds["test"].select(range(ROWS))
     model = AutoModelForSequenceClassification.from_pretrained(real_finetuned).eval()
-    fp32_acc = evaluate_accuracy(model, test, tok)
+    fp32_acc = real_finetuned_accuracy(ROWS)
     results = {}
     for name, fields in [("int8", dict(bits=8)), ("int4-g32", dict(bits=4, group_size=32))]:
         folder = tmp_path / name

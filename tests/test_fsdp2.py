@@ -1,7 +1,7 @@
 """FSDP2 (`torch.distributed.fsdp.fully_shard`, gloo, CPU, 2 ranks) against one process, and the FSDP refusals.
 
-tests/fsdp2_worker.py runs three times (module fixtures, one launch at a time): alone (the one-process reference,
-whole batch), under `torchrun --nproc_per_node=2` with student and teacher `fully_shard`-ed (each rank half the
+tests/fsdp2_worker.py runs three times (one module fixture starts the three launches together): alone (the
+one-process reference, whole batch), under `torchrun --nproc_per_node=2` with student and teacher `fully_shard`-ed (each rank half the
 batch), and under `torchrun` with DDP (the README's parity table). Tolerances: the loss and every gradient within
 1e-6 (measured: loss 4.8e-7, gradients 1.5e-8 at most: the float order of the cross-rank reductions); masks bit-identical; final weights
 after 6 AdamW steps within 1e-4 (measured 1.0e-5: Adam divides the small gradient differences by small second
@@ -36,31 +36,56 @@ def _env():
     return env
 
 
-def _launch(root, ranks: int, *extra):
+def _start(root, ranks: int, *extra):
     dump = root / "dump"
     worker = [os.path.join(HERE, "fsdp2_worker.py"), "--dump-dir", str(dump), *extra]
     cmd = [sys.executable, *(["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"] if ranks > 1
                              else []), *worker]
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), dump, ranks
+
+
+def _finish(proc, dump, ranks: int):
+    try:
+        stdout, stderr = proc.communicate(timeout=420)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        stdout, stderr = proc.communicate()
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
     infos = [json.load(open(dump / f"rank{r}.json")) for r in range(ranks)]
     tensors = [load_file(dump / f"rank{r}.safetensors") for r in range(ranks)]
     return dump, infos, tensors
 
 
 @pytest.fixture(scope="module")
-def single(tmp_path_factory):
-    return _launch(tmp_path_factory.mktemp("single"), 1)
+def launches(tmp_path_factory):
+    """The three runs of the worker, started together (they are independent; most of each is starting Python and
+    importing torch and transformers, which overlaps) and each waited for: `{"single", "fsdp", "ddp"}` ->
+    `(dump dir, per-rank infos, per-rank tensors)`."""
+    started = {"single": _start(tmp_path_factory.mktemp("single"), 1),
+               "fsdp": _start(tmp_path_factory.mktemp("fsdp2"), 2),
+               "ddp": _start(tmp_path_factory.mktemp("ddp"), 2, "--ddp")}
+    try:
+        return {name: _finish(*run) for name, run in started.items()}
+    finally:
+        for proc, _, _ in started.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
 
 
 @pytest.fixture(scope="module")
-def fsdp(tmp_path_factory):
-    return _launch(tmp_path_factory.mktemp("fsdp2"), 2)
+def single(launches):
+    return launches["single"]
 
 
 @pytest.fixture(scope="module")
-def ddp(tmp_path_factory):
-    return _launch(tmp_path_factory.mktemp("ddp"), 2, "--ddp")
+def fsdp(launches):
+    return launches["fsdp"]
+
+
+@pytest.fixture(scope="module")
+def ddp(launches):
+    return launches["ddp"]
 
 
 def _max_diff(a: dict, b: dict, prefix: str) -> float:

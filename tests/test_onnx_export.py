@@ -15,7 +15,7 @@ ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
 from family_configs import build  # noqa: E402
-from task_helpers import lm_texts, make_tiny, tiny_tokenizer  # noqa: E402
+from task_helpers import lm_texts, make_tiny, onnx_batch, onnx_tokenizer, tiny_tokenizer  # noqa: E402
 
 from hf_compress.cli.main import main  # noqa: E402
 from hf_compress.model_cards.guard import embedding_bytes, quality_warning  # noqa: E402
@@ -34,25 +34,6 @@ CASES = {  # name -> (family, head, task, output names)
 }
 
 
-def _tokenizer(folder, family):
-    tok = tiny_tokenizer(folder)
-    if family == "llama":
-        tok.model_input_names = ["input_ids", "attention_mask"]
-    return tok
-
-
-def _batch(family, seed=3):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, 128, (4, 13), generator=g)
-    mask = torch.ones_like(ids)
-    mask[1, 6:] = 0
-    mask[3, 9:] = 0
-    batch = {"input_ids": ids, "attention_mask": mask}
-    if family != "llama":
-        batch["token_type_ids"] = (torch.arange(13) >= 7).long().expand(4, 13).contiguous()
-    return batch
-
-
 def _reference(model, batch, outputs):
     with torch.no_grad():
         out = model(**batch)
@@ -64,9 +45,9 @@ def _reference(model, batch, outputs):
 def test_graph_matches_the_model(case, quantize, tmp_path):
     family, head, task, outputs = CASES[case]
     model = build(family, head)  # norms and biases randomised
-    info = export_onnx(model, str(tmp_path / "out"), _tokenizer(tmp_path / "tok", family), task, quantize=quantize)
+    info = export_onnx(model, str(tmp_path / "out"), onnx_tokenizer(tmp_path / "tok", family), task, quantize=quantize)
     assert sorted(os.listdir(tmp_path / "out")) == ["config.json", "model.onnx", "tokenizer.json", "tokenizer_config.json"]
-    batch = _batch(family)  # another shape, other padding and segment ids than the traced batch
+    batch = onnx_batch(family)  # another shape, other padding and segment ids than the traced batch
     sess = ort.InferenceSession(str(tmp_path / "out" / "model.onnx"), providers=["CPUExecutionProvider"])
     assert [i.name for i in sess.get_inputs()] == info["inputs"]
     # A causal LM's graph has its KV cache (tests/test_onnx_kv.py): here it runs whole sequences, past empty.
@@ -100,7 +81,7 @@ def test_graph_matches_the_model(case, quantize, tmp_path):
 
 def test_quantize_embeddings_quantizes_the_gather(tmp_path):
     model = build("llama", "causal-lm")
-    info = export_onnx(model, str(tmp_path), _tokenizer(tmp_path / "tok", "llama"), "causal-lm", quantize=True,
+    info = export_onnx(model, str(tmp_path), onnx_tokenizer(tmp_path / "tok", "llama"), "causal-lm", quantize=True,
                        quantize_embeddings=True)
     linears = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
     assert info["op_counts"]["int8_weight_tensors"] == linears + 1  # + the token embedding
@@ -113,7 +94,7 @@ def test_card_snippet_runs_verbatim_without_hf_compress(case, tmp_path):
 
     family, head, task, outputs = CASES[case]
     model = build(family, head)
-    tok = _tokenizer(tmp_path / "tok", family)
+    tok = onnx_tokenizer(tmp_path / "tok", family)
     info = export_onnx(model, str(tmp_path / "my-model"), tok, task, quantize=False)
     code = usage_snippet("my-model", {"pipeline": {"stages": {"export": info}}})
     code += f"\nimport json\nprint('OUT', json.dumps([o.tolist() for o in ({', '.join(outputs)},)]))\n"
@@ -201,14 +182,29 @@ def _run_card_snippet(out, tmp_path):
     return proc.stdout
 
 
+@pytest.fixture(scope="module")
+def cli_output(tiny, tmp_path_factory):
+    """`hf-compress --format onnx` on a tiny model, run once per kind in this module: `seq-int8` (BERT, pruned 50%, int8
+    graph) or `causal-fp32` (Llama, pruned 50%, fp32 graph); the tests only read the folder it wrote."""
+    made = {}
+
+    def run(kind):
+        if kind not in made:
+            out = tmp_path_factory.mktemp(f"onnx-{kind}") / "out"
+            if kind == "seq-int8":
+                args = ["--model", tiny["seq"], "--dataset", tiny["csv"], "--sparsity", "0.5", "--no_qat"]
+            else:
+                args = ["--model", tiny["causal"], "--dataset", tiny["txt"], "--sparsity", "0.5", "--no_quantize"]
+            assert main([*args, "--output_dir", str(out), "--format", "onnx", *FAST]) == 0
+            made[kind] = out
+        return made[kind]
+
+    return run
+
+
 @pytest.mark.parametrize("kind", ["seq-int8", "causal-fp32"])
-def test_cli_end_to_end(tiny, tmp_path, capsys, kind):
-    out = tmp_path / "out"
-    if kind == "seq-int8":
-        args = ["--model", tiny["seq"], "--dataset", tiny["csv"], "--sparsity", "0.5", "--no_qat"]
-    else:
-        args = ["--model", tiny["causal"], "--dataset", tiny["txt"], "--sparsity", "0.5", "--no_quantize"]
-    assert main([*args, "--output_dir", str(out), "--format", "onnx", *FAST]) == 0
+def test_cli_end_to_end(cli_output, tmp_path, kind):
+    out = cli_output(kind)
     with open(out / "compression_report.json") as f:
         report = json.load(f)
     assert report["format"] == "onnx"
@@ -271,13 +267,12 @@ def test_embedding_share_from_the_written_files(tmp_path):
     assert embedding_bytes(str(tmp_path), ["lm_head.weight"]) is None
 
 
-def test_push_verify_reloads_the_graph(tiny, tmp_path, hub):
-    """`--verify_push` on an ONNX folder: downloaded, loaded with onnxruntime, the recorded predictions reproduced."""
+def test_push_verify_reloads_the_graph(cli_output, hub):
+    """`--verify_push` on an ONNX folder (the int8 graph `test_cli_end_to_end` reads): downloaded, loaded with
+    onnxruntime, the recorded predictions reproduced."""
     from hf_compress.hub import push_to_hub
 
-    out = tmp_path / "out"
-    assert main(["--model", tiny["seq"], "--dataset", tiny["csv"], "--output_dir", str(out), "--format", "onnx",
-                 "--no_qat", "--no_prune", *FAST]) == 0
+    out = cli_output("seq-int8")
     result = push_to_hub(str(out), "user/onnx-model", endpoint=hub.url, verify=True)
     recorded = json.loads((out / "compression_report.json").read_text())["verification"]
     assert result.verified["metrics"] == recorded["metrics"]

@@ -14,6 +14,7 @@ import copy
 import json
 import os
 import re
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -23,7 +24,7 @@ ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 
 from family_configs import build  # noqa: E402
-from task_helpers import tiny_tokenizer  # noqa: E402
+from task_helpers import onnx_batch, onnx_tokenizer  # noqa: E402
 
 from hf_compress.quantization import QuantizationArguments, attach_fake_quant, quantization_targets  # noqa: E402
 from hf_compress.quantization.numerics import fake_quantize_int  # noqa: E402
@@ -52,24 +53,6 @@ CASES = {  # name -> (family, head, task, outputs, group size, quantize_embeddin
 
 def _args(group_size=32, emb=False):
     return QuantizationArguments(backend=CT, bits=4, group_size=group_size, quantize_embeddings=emb)
-
-
-def _tokenizer(folder, family):
-    tok = tiny_tokenizer(folder)
-    if family != "bert":
-        tok.model_input_names = ["input_ids", "attention_mask"]
-    return tok
-
-
-def _batch(family, seed=3):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, 128, (4, 13), generator=g)
-    mask = torch.ones_like(ids)
-    mask[1, 6:] = 0
-    batch = {"input_ids": ids, "attention_mask": mask}
-    if family == "bert":
-        batch["token_type_ids"] = (torch.arange(13) >= 7).long().expand(4, 13).contiguous()
-    return batch
 
 
 def _fake_quantized(model, args):
@@ -158,9 +141,9 @@ def test_int4_graph_computes_the_fake_quantized_model(case, tmp_path):
     family, head, task, outputs, group, emb = CASES[case]
     model = build(family, head)  # norms and biases randomised
     args = _args(group, emb)
-    info = export_onnx(model, str(tmp_path / "out"), _tokenizer(tmp_path / "tok", family), task, quantize=True,
+    info = export_onnx(model, str(tmp_path / "out"), onnx_tokenizer(tmp_path / "tok", family), task, quantize=True,
                        quantize_embeddings=emb, args=args)
-    batch = _batch(family)  # another shape and padding than the traced and probe batches
+    batch = onnx_batch(family)  # another shape and padding than the traced and probe batches
     got = _run(tmp_path / "out" / "model.onnx", batch, outputs)
     diff, scale = _max_diff(got, _fake_quantized(model, args), batch, outputs)
     assert diff <= RELATIVE_ATOL * max(1.0, scale)
@@ -186,18 +169,27 @@ def test_int4_graph_computes_the_fake_quantized_model(case, tmp_path):
     assert diff_one <= RELATIVE_ATOL * max(1.0, scale_one)
 
 
-def test_int4_graph_size_is_half_a_byte_per_weight_plus_scales(tmp_path):
-    model = build("llama", "causal-lm")
-    args = _args(32)
-    fp32 = export_onnx(model, str(tmp_path / "fp32"), _tokenizer(tmp_path / "tok", "llama"), "causal-lm", quantize=False)
-    info = export_onnx(model, str(tmp_path / "int4"), _tokenizer(tmp_path / "tok", "llama"), "causal-lm", quantize=True,
-                       args=args)
-    assert fp32["precision"] == "fp32"
+@pytest.fixture(scope="module")
+def llama_graphs(tmp_path_factory):
+    """One randomised tiny Llama exported once as the fp32 graph and once as the int4 (group 32) graph, for the tests
+    below that only read the graphs (exporting is the slow part of each). `export_onnx` leaves the model as it was."""
+    root = tmp_path_factory.mktemp("llama-graphs")
+    model, args = build("llama", "causal-lm"), _args(32)
+    tok = onnx_tokenizer(root / "tok", "llama")
+    fp32 = export_onnx(model, str(root / "fp32"), tok, "causal-lm", quantize=False)
+    int4 = export_onnx(model, str(root / "int4"), tok, "causal-lm", quantize=True, args=args)
+    return SimpleNamespace(model=model, args=args, fp32=fp32, int4=int4, fp32_path=root / "fp32" / "model.onnx",
+                           int4_path=root / "int4" / "model.onnx")
+
+
+def test_int4_graph_size_is_half_a_byte_per_weight_plus_scales(llama_graphs):
+    model, args, info = llama_graphs.model, llama_graphs.args, llama_graphs.int4
+    assert llama_graphs.fp32["precision"] == "fp32"
     linears, _ = quantization_targets(model, args)
     n = sum(model.get_submodule(name).weight.numel() for name in linears)
     assert info["int4_weight_bytes"] == n // 2 + (n // 32) * 4  # 0.5 byte per weight + one fp32 scale per 32
-    fp32_bytes = os.path.getsize(tmp_path / "fp32" / "model.onnx")
-    int4_bytes = os.path.getsize(tmp_path / "int4" / "model.onnx")
+    fp32_bytes = os.path.getsize(llama_graphs.fp32_path)
+    int4_bytes = os.path.getsize(llama_graphs.int4_path)
     # The file shrinks by the fp32 bytes of the quantized weights less their int4 bytes; the nodes' attributes and the
     # longer initializer names add a few hundred bytes each (3.7 KB for these 14 measured).
     overhead = int4_bytes - (fp32_bytes - 4 * n + info["int4_weight_bytes"])
@@ -211,20 +203,20 @@ def test_a_trained_qat_model_exports_exactly(tmp_path):
     args = _args(32)
     attach_fake_quant(model, args, *quantization_targets(model, args))
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    batch = _batch("bert")
+    batch = onnx_batch("bert")
     for _ in range(3):
         model(**batch).logits.pow(2).mean().backward()
         opt.step()
         opt.zero_grad()
     model.eval()
-    export_onnx(model, str(tmp_path / "out"), _tokenizer(tmp_path / "tok", "bert"), "sequence-classification",
+    export_onnx(model, str(tmp_path / "out"), onnx_tokenizer(tmp_path / "tok", "bert"), "sequence-classification",
                 quantize=True, args=args)
     diff, scale = _max_diff(_run(tmp_path / "out" / "model.onnx", batch, ["logits"]), model, batch, ["logits"])
     assert diff <= RELATIVE_ATOL * max(1.0, scale)
     assert any("parametrizations" in n for n, _ in model.named_parameters())  # the caller's model is not changed
 
 
-def test_int4_graph_equals_the_compressed_tensors_reload(tmp_path):
+def test_int4_graph_equals_the_compressed_tensors_reload(llama_graphs, tmp_path):
     """The int4 graph and the compressed-tensors checkpoint reloaded by plain `from_pretrained`: the same dequantized
     weights bit for bit, the same logits within fp32 rounding."""
     from onnx import numpy_helper
@@ -232,52 +224,44 @@ def test_int4_graph_equals_the_compressed_tensors_reload(tmp_path):
 
     from hf_compress.quantization import quantize_and_save
 
-    model = build("llama", "causal-lm")
-    args = _args(32)
-    quantize_and_save(model, str(tmp_path / "ct"), args)
+    model, args = llama_graphs.model, llama_graphs.args
+    quantize_and_save(copy.deepcopy(model), str(tmp_path / "ct"), args)
     # Decompressed on load (as the pipeline's own check reloads it): plain `nn.Linear` weights.
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ct",
                                                     quantization_config=CompressedTensorsConfig(dequantize=True)).eval()
-    export_onnx(model, str(tmp_path / "onnx"), _tokenizer(tmp_path / "tok", "llama"), "causal-lm", quantize=True, args=args)
-    graph = onnx.load(str(tmp_path / "onnx" / "model.onnx")).graph
+    graph = onnx.load(str(llama_graphs.int4_path)).graph
     inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
     linears, _ = quantization_targets(model, args)
     for name in linears:
         b = torch.from_numpy(inits[f"{name}.weight_int4.B"])
         scales = torch.from_numpy(inits[f"{name}.weight_int4.scales"]).reshape(b.shape[0], b.shape[1])
         assert torch.equal(dequantize_matmul_nbits(b, scales), reloaded.get_submodule(name).weight.detach()), name
-    batch = _batch("llama")
-    got = _run(tmp_path / "onnx" / "model.onnx", batch, ["logits"])
+    batch = onnx_batch("llama")
+    got = _run(llama_graphs.int4_path, batch, ["logits"])
     diff, scale = _max_diff(got, reloaded, batch, ["logits"])
     assert diff <= RELATIVE_ATOL * max(1.0, scale)
 
 
-def test_onnxruntime_quantizer_rounds_otherwise(tmp_path):
+def test_onnxruntime_quantizer_rounds_otherwise(llama_graphs, tmp_path):
     """Why our own integers: ONNX Runtime's `MatMulNBitsQuantizer` (symmetric, block 32) on the same fp32 graph computes
     something QAT did not train, far beyond fp32 rounding; our graph does not."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    model = build("llama", "causal-lm")
-    args = _args(32)
-    tok = _tokenizer(tmp_path / "tok", "llama")
-    export_onnx(model, str(tmp_path / "fp32"), tok, "causal-lm", quantize=False)
-    export_onnx(model, str(tmp_path / "ours"), tok, "causal-lm", quantize=True, args=args)
-    quantizer = MatMulNBitsQuantizer(onnx.load(str(tmp_path / "fp32" / "model.onnx")), block_size=32, is_symmetric=True,
+    model, args = llama_graphs.model, llama_graphs.args
+    quantizer = MatMulNBitsQuantizer(onnx.load(str(llama_graphs.fp32_path)), block_size=32, is_symmetric=True,
                                      accuracy_level=0)
     quantizer.process()
     quantizer.model.save_model_to_file(str(tmp_path / "ort.onnx"))
-    batch, fake = _batch("llama"), _fake_quantized(model, args)
-    ours, scale = _max_diff(_run(tmp_path / "ours" / "model.onnx", batch, ["logits"]), fake, batch, ["logits"])
+    batch, fake = onnx_batch("llama"), _fake_quantized(model, args)
+    ours, scale = _max_diff(_run(llama_graphs.int4_path, batch, ["logits"]), fake, batch, ["logits"])
     theirs, _ = _max_diff(_run(tmp_path / "ort.onnx", batch, ["logits"]), fake, batch, ["logits"])
     assert ours <= RELATIVE_ATOL * max(1.0, scale) and theirs > 100 * RELATIVE_ATOL * max(1.0, scale)
 
 
-def test_a_linear_missing_from_the_graph_is_refused(tmp_path):
-    model = build("llama", "causal-lm")
-    export_onnx(model, str(tmp_path), _tokenizer(tmp_path / "tok", "llama"), "causal-lm", quantize=False)
+def test_a_linear_missing_from_the_graph_is_refused(llama_graphs, tmp_path):
     stray = {"model.layers.0.mlp.down_proj": torch.randn(64, 128)}  # no node reads these values
     with pytest.raises(ValueError, match=r"found no `MatMul`/`Gemm`/`Gather` reading the weight of model.layers.0.mlp.down_proj"):
-        rewrite_int4(str(tmp_path / "model.onnx"), str(tmp_path / "x.onnx"), stray, {}, 32)
+        rewrite_int4(str(llama_graphs.fp32_path), str(tmp_path / "x.onnx"), stray, {}, 32)
     assert not os.path.exists(tmp_path / "x.onnx")
 
 

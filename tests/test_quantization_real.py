@@ -25,7 +25,7 @@ EVAL_ROWS = 500  # bitsandbytes' CPU kernels make each evaluation the slow part 
 
 
 @pytest.mark.slow
-def test_real_minilm_quantization_table(real_data, real_finetuned, tmp_path):
+def test_real_minilm_quantization_table(real_data, real_finetuned, real_finetuned_accuracy, tmp_path):
     from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, Trainer, TrainingArguments
 
     from hf_compress.callbacks import QATCallback, QuantizationCallback
@@ -34,7 +34,7 @@ def test_real_minilm_quantization_table(real_data, real_finetuned, tmp_path):
     test = ds["test"].select(range(EVAL_ROWS))
     fp32 = AutoModelForSequenceClassification.from_pretrained(real_finetuned)
     fp32_bytes = sum(p.stat().st_size for p in real_finetuned.glob("*.safetensors"))
-    rows = [{"model": "fp32", "accuracy": evaluate_accuracy(fp32, test, tok), "MB": fp32_bytes / 1e6}]
+    rows = [{"model": "fp32", "accuracy": real_finetuned_accuracy(EVAL_ROWS), "MB": fp32_bytes / 1e6}]
 
     settings = {
         "8-bit LLM.int8": QuantizationArguments(bits=8),
