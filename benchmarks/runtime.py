@@ -140,6 +140,36 @@ def _ort_predict(path: str, threads: int):
     return lambda feed: sess.run(["logits"], {n: feed[n].astype(np.int64) for n in names})[0]
 
 
+def _openvino_predict(path: str, threads: int, mode: str, calibration=None):
+    """An OpenVINO model compiled for the CPU from the same ONNX graph: `fp32` as read, `int8 weights` (NNCF weight
+    compression, int8 per channel, activations fp32) or `static int8` (NNCF post-training quantization with
+    `calibration` batches: int8 activations and weights, OpenVINO's int8 compute path). Returns (predict, model)."""
+    import nncf
+    import numpy as np
+    import openvino as ov
+
+    core = ov.Core()
+    model = core.read_model(path)
+    names = [i.get_any_name() for i in model.inputs]
+    if mode == "int8 weights":
+        model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
+    elif mode == "static int8":
+        feeds = [{n: feed[n].astype(np.int64) for n in names} for feed, _ in calibration]
+        model = nncf.quantize(model, nncf.Dataset(feeds), model_type=nncf.ModelType.TRANSFORMER, subset_size=len(feeds))
+    compiled = core.compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32"})
+    request, out = compiled.create_infer_request(), compiled.output("logits")
+    return (lambda feed: request.infer({n: feed[n].astype(np.int64) for n in names})[out]), model
+
+
+def _openvino_bytes(model, folder: str) -> int:
+    """Bytes of the OpenVINO IR (`.xml` + `.bin`) `ov.save_model` writes, without fp16 compression."""
+    import openvino as ov
+
+    os.makedirs(folder, exist_ok=True)
+    ov.save_model(model, os.path.join(folder, "model.xml"), compress_to_fp16=False)
+    return sum(os.path.getsize(os.path.join(folder, f)) for f in ("model.xml", "model.bin"))
+
+
 def _torch_dynamic_int8(model) -> tuple[object, int]:
     import torch
     from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
@@ -168,6 +198,7 @@ def measure(cfg: dict, folders: dict, threads: int) -> list[dict]:
     reps = cfg["reps"]
     latency = {"batch-1 s": _batches(tok, test.select(range(min(reps + 1, len(test)))), 1),
                "batch-32 s": _batches(tok, test.select(range(min(32 * (reps + 1), len(test)))), 32)}
+    calibration = _batches(tok, ds["train"].shuffle(seed=0).select(range(128)), 32)  # OpenVINO static int8 only
     work = tempfile.mkdtemp(prefix="hf_compress_bench_runtime_measure_")
     rows = []
 
@@ -176,6 +207,12 @@ def measure(cfg: dict, folders: dict, threads: int) -> list[dict]:
         rows.append({**row, **_measure(predict, eval_batches, latency, reps)})
         print(f"  {row['row']}: accuracy {rows[-1]['accuracy']:.4f}, batch-32 {rows[-1]['batch-32 s'] * 1e3:.1f} ms, "
               f"{row['bytes'] / 1e6:.2f} MB ({time.time() - t0:.0f}s)", flush=True)
+
+    def openvino_rows(fp32_graph: str, who: str, label: str, modes):
+        for mode in modes:
+            predict, ov_model = _openvino_predict(fp32_graph, threads, mode, calibration=calibration)
+            ir = os.path.join(work, f"{label}-openvino-{mode}".replace(" ", "_").replace(",", ""))
+            add({"row": f"{label} -> OpenVINO {mode}", "who": who, "bytes": _openvino_bytes(ov_model, ir)}, predict)
 
     def onnx_rows(model, who: str, label: str, variants):
         for quantize, emb, kind, *qargs in variants:
@@ -200,6 +237,10 @@ def measure(cfg: dict, folders: dict, threads: int) -> list[dict]:
         rows.append({"row": "fine-tune, PyTorch dynamic int8 (torch.ao)", "who": "peer",
                      "error": f"{type(err).__name__}: {str(err)[:80]}"})
     onnx_rows(base, "peer", "fine-tune", ((False, False, "fp32"), (True, False, "dynamic int8")))
+    # OpenVINO on the same fp32 graph (optimum-intel does not install with our pins; `openvino` and `nncf` do).
+    # Static int8 calibrates on 4 batches of 32 training rows.
+    openvino_rows(os.path.join(work, "fine-tune-fp32", "model.onnx"), "peer", "fine-tune",
+                  ("fp32", "int8 weights", "static int8"))
     for name in [n for n in STUDENTS if n in folders]:
         student = AutoModelForSequenceClassification.from_pretrained(folders[name]).eval()
         label = f"{name}, distilled"
@@ -211,6 +252,10 @@ def measure(cfg: dict, folders: dict, threads: int) -> list[dict]:
             variants.append((True, spec["quantize_embeddings"], f"int4 g{spec['group_size']} (QAT-exact"
                              f"{', embeddings too' if spec['quantize_embeddings'] else ''})", qat_arguments(spec)))
         onnx_rows(student, "ours", label, variants)
+        if not STUDENTS[name]["qat"]:  # the same student in the other runtime (the choice of ONNX Runtime, measured)
+            onnx_rows(student, "ours", label, [(False, False, "fp32")])
+            openvino_rows(os.path.join(work, f"{label}-fp32".replace(" ", "_").replace(",", ""), "model.onnx"), "ours",
+                          label, ("static int8",))
     return rows
 
 
@@ -267,7 +312,9 @@ def plot(rows: list[dict], path: str) -> None:
 
 
 def main(argv=None) -> int:
+    import nncf
     import onnxruntime as ort
+    import openvino as ov
     import torch
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -293,7 +340,8 @@ def main(argv=None) -> int:
     rows = measure(cfg, folders, threads)
     summary = summarize(rows)
     result = {"settings": {"mode": mode, **cfg, "threads": threads, "max_length": MAX_LENGTH, "torch": torch.__version__,
-                           "onnxruntime": ort.__version__, "students": STUDENTS,
+                           "onnxruntime": ort.__version__, "openvino": ov.__version__,
+                           "nncf": nncf.__version__, "students": STUDENTS,
                            "model": "MiniLM-L6 (all-MiniLM-L6-v2) + new head", "dataset": "rotten_tomatoes",
                            "distillation": "T=2, alpha=0.9, lr 1e-4, batch 16, from the fine-tune (benchmarks.results.train)"},
               "rows": rows, "summary": summary, "measure_wall_s": time.time() - t0}
@@ -302,7 +350,7 @@ def main(argv=None) -> int:
     s = result["settings"]
     head = (f"MiniLM-L6 / Rotten Tomatoes: fine-tune {s['base_steps']} steps, students distilled {s['student_steps']} steps; "
             f"{s['eval_rows']} test rows, median of {s['reps']} batches, {threads} threads, torch {s['torch']}, "
-            f"onnxruntime {s['onnxruntime']}; every row measured in one process.\n\n")
+            f"onnxruntime {s['onnxruntime']}, openvino {s['openvino']}, nncf {s['nncf']}; every row measured in one process.\n\n")
     table = print_table(rows, ["row", "who", "accuracy", "accuracy points vs fp32", "batch-1 x", "batch-32 s",
                                "batch-32 x", "bytes", "size x smaller", "max |logit diff| to torch",
                                "max |logit diff| to QAT model", "int8 MatMulInteger", "int4 MatMulNBits", "error"])
