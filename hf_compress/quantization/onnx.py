@@ -102,6 +102,11 @@ def _probe(vocab_size: int, names, batch: int, length: int, seed: int) -> dict:
     return {n: values[n] for n in names}
 
 
+def _logit_scale(reference: list[torch.Tensor]) -> float:
+    """`max(1, max |logit|)` over the reference outputs: the scale the fp32 and int4 checks' bounds are relative to."""
+    return max(1.0, max(float(r.abs().max()) for r in reference))
+
+
 def _stack(outputs) -> torch.Tensor:
     return outputs[0] if len(outputs) == 1 else torch.stack(list(outputs), -1)
 
@@ -126,8 +131,6 @@ def op_counts(path: str) -> dict:
 class _EncoderExport:
     """The encoder tasks' graph (no cache): traced on one probe, checked on another of other shapes."""
 
-    kv_cache = False
-
     def __init__(self, model, tokenizer, task: str, path: str):
         layout = get_task(task).logit_layout
         self.inputs, self.outputs = graph_inputs(model, tokenizer), list(layout.outputs)
@@ -143,29 +146,28 @@ class _EncoderExport:
         self.probe = _probe(self.vocab, self.inputs, batch=3, length=11, seed=1)
         self.info = {"inputs": self.inputs, "outputs": self.outputs, "kv_cache": False}
 
-    def reference(self, model) -> torch.Tensor:
+    def reference(self, model) -> list[torch.Tensor]:
+        """The model's outputs on the probe, stacked (one call: a one-element list, as the causal graph's steps)."""
         with torch.no_grad():
-            return _stack(_Graph(model, self.inputs, self.outputs)(*(self.probe[n] for n in self.inputs))).float()
+            return [_stack(_Graph(model, self.inputs, self.outputs)(*(self.probe[n] for n in self.inputs))).float()]
 
-    def diff(self, path: str, reference: torch.Tensor) -> float:
+    def diff(self, path: str, reference: list[torch.Tensor]) -> float:
         import onnxruntime as ort
 
         sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
         got = sess.run(self.outputs, {n: self.probe[n].numpy() for n in self.inputs})
-        return float((_stack([torch.from_numpy(g) for g in got]) - reference).abs().max())
+        return float((_stack([torch.from_numpy(g) for g in got]) - reference[0]).abs().max())
 
 
 class _CausalExport:
     """A causal LM's graph with its KV cache ([`onnx_kv`]), checked on a padded prefill and decode steps."""
-
-    kv_cache = True
 
     def __init__(self, model, tokenizer, task: str, path: str):
         from . import onnx_kv
 
         self.kv = onnx_kv
         self.info = {**onnx_kv.export_kv_graph(model, path, OPSET), "kv_cache": True}
-        self.names = self.info["token_inputs"]
+        self.names = self.info.pop("token_inputs")
         self.steps = onnx_kv.probe_steps(model.get_input_embeddings().num_embeddings)
 
     def reference(self, model) -> list[torch.Tensor]:
@@ -211,7 +213,7 @@ def export_onnx(model, folder: str, tokenizer, task: str, quantize: bool, quanti
         diff_fp32 = graph.diff(fp32, reference)
         # Relative to the logits' scale (as the loaders check's `relative_logit_tolerance`): fp32 rounding grows with
         # it (SmolLM2-135M, logits up to ~25: 8.8e-5), a traced shape-dependent branch gives differences of order 1.
-        logit_scale = max(1.0, max(float(r.abs().max()) for r in (reference if graph.kv_cache else [reference])))
+        logit_scale = _logit_scale(reference)
         fp32_tolerance = FP32_ATOL * logit_scale
         if not diff_fp32 <= fp32_tolerance:
             raise RuntimeError(f"The ONNX graph of `{type(model).__name__}` differs from the model by {diff_fp32:.2e} "
@@ -222,8 +224,8 @@ def export_onnx(model, folder: str, tokenizer, task: str, quantize: bool, quanti
             written = os.path.join(tmp, "int4.onnx")
             extra = onnx_int4.write_int4(fp32, written, model, args)
             int4_reference = graph.reference(int4_model)
-            scale = torch.stack([r.abs().max() for r in (int4_reference if graph.kv_cache else [int4_reference])])
-            extra["max_abs_logit_diff_fake_quantized"] = onnx_int4.check_exact(graph.diff(written, int4_reference), scale)
+            extra["max_abs_logit_diff_fake_quantized"] = onnx_int4.check_exact(graph.diff(written, int4_reference),
+                                                                               _logit_scale(int4_reference))
         elif quantize:
             from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -237,7 +239,6 @@ def export_onnx(model, folder: str, tokenizer, task: str, quantize: bool, quanti
                 "fp32_tolerance": fp32_tolerance, "logit_scale": logit_scale,
                 "max_abs_logit_diff_fp32": diff_fp32, "max_abs_logit_diff": graph.diff(written, reference),
                 "op_counts": op_counts(written), **extra}
-        info.pop("token_inputs", None)
         model.config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         os.replace(written, os.path.join(folder, ONNX_FILE))

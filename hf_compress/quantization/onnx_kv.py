@@ -145,13 +145,12 @@ def kv_max_diff(path: str, steps, names, reference, geometry: dict) -> float:
     import onnxruntime as ort
 
     sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-    layers = geometry["num_layers"]
+    inputs, outputs, _ = graph_names(names, geometry["num_layers"])
     shape = (PROBE_BATCH, geometry["kv_heads"], 0, geometry["head_dim"])
-    past = {PAST.format(i, t): np.zeros(shape, np.float32) for i in range(layers) for t in ("key", "value")}
-    present_names = [PRESENT.format(i, t) for i in range(layers) for t in ("key", "value")]
+    past = {n: np.zeros(shape, np.float32) for n in inputs[len(names):]}
     worst = 0.0
     for step, ref in zip(steps, reference):
-        got = sess.run(["logits", *present_names], {**{n: step[n].numpy() for n in names}, **past})
+        got = sess.run(outputs, {**{n: step[n].numpy() for n in names}, **past})
         past = dict(zip(past, got[1:]))
         real = step["real"]
         worst = max(worst, float((torch.from_numpy(got[0])[real] - ref[real]).abs().max()))
