@@ -129,8 +129,9 @@ def check_process_count(args=None, backend: str | None = None) -> None:
            "set `use_cpu=True` (`--use_cpu`; " + ("DeepSpeed's CPU accelerator, gloo" if what == "DeepSpeed" else
                                                   "DDP over gloo") + ") or launch on GPUs")
     found = f"counts {counted} process(es)" + (f" in parallel mode `{mode}`" if mode else "")
+    subject = f"{what}: the launcher" if what else "The launcher"
     raise ValueError(
-        f"{what + ': t' if what else 'T'}he launcher started WORLD_SIZE={launched} ranks but accelerate {found}: without a GPU and without "
+        f"{subject} started WORLD_SIZE={launched} ranks but accelerate {found}: without a GPU and without "
         f"`use_cpu=True` it sets up no distributed training, so every rank would train alone, unsynchronised, and "
         f"write the same files; {fix}."
     )

@@ -57,8 +57,9 @@ class RunContext:
 @contextmanager
 def open_run(plan: CompressionPlan):
     """
-    Seed, create the shared scratch folder and keep transformers' per-file progress bars off (one bar per stage); yields the [`RunContext`]. On the way out the
-    bars are restored and the main process deletes the scratch folder, whatever happened.
+    Seed, create the shared scratch folder and keep transformers' per-file progress bars off (one bar per stage);
+    yields the [`RunContext`]. On the way out the bars are restored and the main process deletes the scratch folder,
+    whatever happened.
     """
     import transformers
 

@@ -45,17 +45,17 @@ class CompressionPlan:
     @property
     def prunes(self) -> bool:
         """Unstructured pruning runs: `--prune` and a `target_sparsity` above 0."""
-        return self.model_args.prune and self.pruning_args.target_sparsity > 0
+        return runs_pruning(self.model_args, self.pruning_args)
 
     @property
     def prunes_structures(self) -> bool:
         """Structured (width / depth) pruning runs: a `--prune_structure` was given."""
-        return self.structured_args is not None and self.structured_args.enabled
+        return runs_structured_pruning(self.structured_args)
 
     @property
     def fake_quantizes(self) -> bool:
         """The last `qat_fraction` of the training runs under the export's fake quantization (`QATCallback`)."""
-        return self.model_args.train and self.model_args.quantize and self.model_args.qat
+        return runs_qat(self.model_args)
 
     @property
     def techniques(self) -> list[str]:
@@ -65,6 +65,19 @@ class CompressionPlan:
                 + (["distillation"] if ma.train and ma.teacher is not None else [])
                 + (["pruning"] if self.prunes else [])
                 + (["quantization"] if ma.quantize else []))
+
+
+# The plan's techniques from the arguments alone: `prepare` checks them before the plan (and its data) exists.
+def runs_pruning(model_args, pruning_args) -> bool:
+    return model_args.prune and pruning_args.target_sparsity > 0
+
+
+def runs_structured_pruning(structured_args) -> bool:
+    return structured_args is not None and structured_args.enabled
+
+
+def runs_qat(model_args) -> bool:
+    return model_args.train and model_args.quantize and model_args.qat
 
 
 def _inside(path: str, folder: str) -> bool:
@@ -132,15 +145,15 @@ def prepare(model_args: ModelArguments, data_args: DataArguments, training_args,
         raise CompressionInputError(f"target_sparsity must be in [0, 1), got {pruning_args.target_sparsity}.")
     if quantization_args.bits not in (4, 8):
         raise CompressionInputError(f"bits must be 4 or 8, got {quantization_args.bits!r}.")
-    if (structured_args is not None and structured_args.enabled and structured_args.prune_schedule == "gradual"
-            and model_args.prune and pruning_args.target_sparsity > 0):
+    gradual_cut = runs_structured_pruning(structured_args) and structured_args.prune_schedule == "gradual"
+    if gradual_cut and runs_pruning(model_args, pruning_args):
         # The gradual cut at the end of training changes the shapes the magnitude masks were made for.
         raise CompressionInputError(
             f"`--prune_schedule gradual` cuts {structured_args.prune_structure} at the end of training, after the "
             f"magnitude masks of `--sparsity {pruning_args.target_sparsity:g}` were fixed on the uncut shapes; pass "
             "`--prune_schedule oneshot` (cut first, then prune the smaller model) or `--no_prune`."
         )
-    check_launch(model_args, training_args, pruning_args, quantization_args, structured_args)
+    check_launch(model_args, training_args, pruning_args, structured_args)
     model_path = model_args.model or default_model_path()
     config, task_name, has_head = _check_model(model_path, model_args, quantization_args, structured_args)
     tokenizer = _load_tokenizer(model_path)
@@ -159,7 +172,7 @@ def prepare(model_args: ModelArguments, data_args: DataArguments, training_args,
     )
 
 
-def check_launch(model_args, training_args, pruning_args, quantization_args, structured_args=None) -> None:
+def check_launch(model_args, training_args, pruning_args, structured_args=None) -> None:
     """The launcher's refusals, before any data is read: ranks that accelerate does not count (`torchrun` /
     `accelerate launch` on CPU without `--use_cpu`), FSDP on CPU, and the training callbacks a sharded run cannot hold
     ([`~hf_compress.distributed.check_distributed_support`]), as one `CompressionInputError` line."""
@@ -168,10 +181,10 @@ def check_launch(model_args, training_args, pruning_args, quantization_args, str
 
     callbacks = []
     if model_args.train:
-        callbacks += [GradualPruningCallback] if model_args.prune and pruning_args.target_sparsity > 0 else []
-        callbacks += [QATCallback] if model_args.quantize and model_args.qat else []
-        gradual = structured_args is not None and structured_args.enabled and structured_args.prune_schedule == "gradual"
-        callbacks += [StructuredPruningCallback] if gradual else []
+        gradual_cut = runs_structured_pruning(structured_args) and structured_args.prune_schedule == "gradual"
+        callbacks += [GradualPruningCallback] if runs_pruning(model_args, pruning_args) else []
+        callbacks += [QATCallback] if runs_qat(model_args) else []
+        callbacks += [StructuredPruningCallback] if gradual_cut else []
     try:
         check_distributed_support(training_args, callbacks)
     except ValueError as err:
