@@ -24,6 +24,26 @@ def check_teacher_logits_placement(teacher_logits: str | None, placement: str) -
         )
 
 
+def check_teacher_placement(placement: str, cached: bool = False, teacher_device: str | None = None,
+                            teacher_logits: str | None = None) -> None:
+    """One-line refusals of `teacher_placement` from the arguments alone: an unknown value, a placement with Hub
+    teacher logits, `"shard"` with the logit cache or with `teacher_device`. Also asked by
+    `hf_compress.distillation.teacher.resolve_teacher_placement` (which adds the run's and the teacher's checks)."""
+    if placement not in TEACHER_PLACEMENTS:
+        raise ValueError(f"teacher_placement must be one of {', '.join(TEACHER_PLACEMENTS)}, got {placement!r}.")
+    check_teacher_logits_placement(teacher_logits, placement)
+    if placement == "shard" and cached:
+        raise ValueError(
+            "teacher_placement='shard' with cache_teacher_logits: the cache is built by the main process with a "
+            "whole teacher; use `teacher_placement=\"replicate\"` (or `\"auto\"`), or drop `cache_teacher_logits`."
+        )
+    if placement == "shard" and teacher_device is not None:
+        raise ValueError(
+            f"teacher_placement='shard' puts each rank's shard on the student's device, not on "
+            f"teacher_device={teacher_device!r}; drop `teacher_device` or use `teacher_placement=\"replicate\"`."
+        )
+
+
 @dataclass
 class DistillationArguments(TrainingArguments):
     r"""
@@ -146,28 +166,11 @@ class DistillationArguments(TrainingArguments):
             raise ValueError(
                 f"teacher_cache_dtype must be one of {', '.join(TEACHER_DTYPES)}, got {self.teacher_cache_dtype!r}."
             )
-        self._check_teacher_placement()
+        # What the arguments alone show; the run's and the teacher's checks: `resolve_teacher_placement`.
+        check_teacher_placement(self.teacher_placement, self.cache_teacher_logits, self.teacher_device,
+                                self.teacher_logits)
         if self.distillation_task not in TASK_CHOICES:
             raise ValueError(
                 f"distillation_task must be one of {', '.join(TASK_CHOICES)}, got {self.distillation_task!r}."
             )
         super().__post_init__()
-
-    def _check_teacher_placement(self) -> None:
-        """The checks of `teacher_placement` that the arguments alone can make (the rest need the run and the teacher)."""
-        placement = self.teacher_placement
-        if placement not in TEACHER_PLACEMENTS:
-            raise ValueError(
-                f"teacher_placement must be one of {', '.join(TEACHER_PLACEMENTS)}, got {placement!r}."
-            )
-        check_teacher_logits_placement(self.teacher_logits, placement)
-        if placement == "shard" and self.cache_teacher_logits:
-            raise ValueError(
-                "teacher_placement='shard' with cache_teacher_logits: the cache is built by the main process with a "
-                "whole teacher; use `teacher_placement=\"replicate\"` (or `\"auto\"`), or drop `cache_teacher_logits`."
-            )
-        if placement == "shard" and self.teacher_device is not None:
-            raise ValueError(
-                f"teacher_placement='shard' puts each rank's shard on the student's device, not on "
-                f"teacher_device={self.teacher_device!r}; drop `teacher_device` or use `teacher_placement=\"replicate\"`."
-            )

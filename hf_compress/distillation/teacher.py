@@ -65,10 +65,9 @@ def resolve_teacher_placement(placement: str, backend: str, teacher, cached: boo
     `"shard"` (no rank holds a whole teacher, which is what FSDP is for); else `"replicate"`. An explicit choice
     that cannot work is refused in one line naming the value and the fix.
     """
-    from .config import TEACHER_PLACEMENTS
+    from .config import check_teacher_placement
 
-    if placement not in TEACHER_PLACEMENTS:
-        raise ValueError(f"teacher_placement must be one of {', '.join(TEACHER_PLACEMENTS)}, got {placement!r}.")
+    check_teacher_placement(placement)
     zero3, fsdp2 = backend == "deepspeed-zero3", backend == "fsdp"
     loaded = "loaded with `device_map` (it has an `hf_device_map`)" if is_dispatched(teacher) else (
         "quantized (bitsandbytes)" if is_quantized(teacher) else None)
@@ -96,11 +95,7 @@ def resolve_teacher_placement(placement: str, backend: str, teacher, cached: boo
                 f"teacher_placement='shard' needs FSDP2 or DeepSpeed ZeRO-3, but this run is {backend!r}; launch with "
                 "FSDP2 (`fsdp_config={'version': 2}` on GPUs) or use `teacher_placement=\"replicate\"`."
             )
-        if cached:
-            raise ValueError(
-                "teacher_placement='shard' with cache_teacher_logits: the cache is built by the main process with a "
-                "whole teacher; use `teacher_placement=\"replicate\"` (or `\"auto\"`), or drop `cache_teacher_logits`."
-            )
+        check_teacher_placement(placement, cached)
         if loaded is not None:
             raise ValueError(
                 f"teacher_placement='shard' cannot shard a teacher {loaded}; use `teacher_placement=\"auto\"` "
