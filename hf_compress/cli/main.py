@@ -18,8 +18,8 @@ import sys
 from ..redact import redact_command, redact_mapping, redact_value  # light: os and re only
 
 # Short spellings of the issue's command line -> the dataclass field they set.
-ALIASES = {"--sparsity": "--target_sparsity"}
-YAML_ALIASES = {"sparsity": "target_sparsity"}
+ALIASES = {"--sparsity": "--target_sparsity", "--max_accuracy_drop": "--max_metric_drop"}
+YAML_ALIASES = {"sparsity": "target_sparsity", "max_accuracy_drop": "max_metric_drop"}
 
 # The demo: fine-tune the new head of MiniLM-L6 (dense base), then 50% gradual pruning with the last quarter of the
 # steps quantization-aware, and an 8-bit export of the Linear layers and the word embedding (half of MiniLM's
@@ -130,6 +130,9 @@ def parse(argv: list[str]):
     demo = explicit_demo or ("model" not in given and not given & set(BUDGET_OPTIONS))
     if demo:
         defaults.update(DEMO_DEFAULTS)
+    from ..pipeline.arguments import TARGET_DEFAULTS
+
+    defaults.update(TARGET_DEFAULTS.get(_option_value(argv, "target", recipe_file.get("target")), {}))
     defaults.update(recipe_file)
     parser.set_defaults(**defaults)
     # argparse converts string defaults with the option's type only; YAML already gives typed values.
@@ -141,6 +144,17 @@ def parse(argv: list[str]):
     shown = (["demo"] if demo else []) + ([f"--config={config_path}"] if config_path else []) + argv
     command = "hf-compress " + shlex.join(redact_command(shown))
     return groups, recipe, command.strip()
+
+
+def _option_value(argv: list[str], name: str, default=None):
+    """The value given to `--name` on the command line (the last one wins, as in argparse), else `default`."""
+    value = default
+    for i, arg in enumerate(argv):
+        if arg == f"--{name}" and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith(f"--{name}="):
+            value = arg.split("=", 1)[1]
+    return value
 
 
 def _recipe(parser, argv, defaults, groups) -> dict:
@@ -217,6 +231,13 @@ def _print_summary(report: dict, output_dir: str, seconds: float) -> None:
     for a, b, c in rows:
         print(f"| {a:<{w0}} | {b:>{w1}} | {c:>{w2}} |")
     print(line)
+    search = ((report.get("pipeline") or {}).get("stages") or {}).get("latency_search")
+    if search:
+        from ..pipeline.latency import describe_search
+
+        print("Latency search (this machine):")
+        for row in describe_search(search):
+            print(row)
     print(f"Techniques: {', '.join(report.get('techniques', [])) or 'none'}. Output: {output_dir}. Took {seconds:.0f} s.")
     if report.get("quality_guard"):
         print(report["quality_guard"])

@@ -14,6 +14,12 @@ DEFAULT_OUTPUT_DIR = "hf-compress-output"
 # `--format`: the quantized formats set `QuantizationArguments.backend`; bitmask and dense save unquantized weights.
 # `onnx` writes an ONNX Runtime graph: dynamic int8 when quantizing, fp32 with `--no_quantize`.
 EXPORT_FORMATS = ("compressed-tensors", "bitsandbytes", "bitmask", "dense", "onnx")
+# `--target latency`: the structures to try, least aggressive first (`none`: the base as it is), each cut one-shot,
+# distilled from the base and exported to ONNX Runtime; the fastest within the accuracy budget is kept.
+DEFAULT_LATENCY_CANDIDATES = "none;ffn=0.5;ffn=0.25;ffn=0.25,layers=0.67"
+# Option defaults a `--target` implies (the command line, a recipe or `compress()` keywords still win): the latency
+# search times ONNX Runtime graphs (dynamic int8, which no QAT replays), and unstructured sparsity runs no faster there.
+TARGET_DEFAULTS = {"latency": {"format": "onnx", "qat": False, "target_sparsity": 0.0}}
 
 
 @dataclass
@@ -57,6 +63,17 @@ class ModelArguments:
             match) is more than this many points below the base.
         max_perplexity_increase (`float`, *optional*, defaults to `0.10`):
             Quality guard for perplexity: more than this fraction above the base (`0.10` is 10%).
+        target (`str`, *optional*):
+            `latency`: try each of `latency_candidates` (structured cut one-shot, distilled from the base or
+            `--teacher`, exported to ONNX Runtime), time it on this machine at `latency_batch_size` and keep the
+            fastest whose main metric is within `max_metric_drop` points (`--max_accuracy_drop`; perplexity:
+            `max_perplexity_increase`) of the base. Implies `--format onnx --no_qat --sparsity 0`.
+        latency_candidates (`str`, *optional*, defaults to `"none;ffn=0.5;ffn=0.25;ffn=0.25,layers=0.67"`):
+            `--target latency`: the candidates, least aggressive first, separated by `;`: `none` (the base as it is)
+            or `structure=kept` pairs joined by `,` (structures `ffn`, `heads`, `hidden`, `layers`; kept as a
+            fraction in (0, 1] or a whole count > 1). The search stops at the first candidate over the budget.
+        latency_batch_size (`int`, *optional*, defaults to `32`):
+            `--target latency`: examples of the held-out split per timed call.
     """
 
     model: str | None = field(default=None, metadata={"help": "Hub id or local directory of the model to compress (default: the embedded MiniLM-L6)."})
@@ -90,7 +107,28 @@ class ModelArguments:
         metadata={"help": "Quality guard: warn when perplexity rises more than this fraction above the base (0.10: 10%%)."},
     )
 
+    target: str | None = field(
+        default=None,
+        metadata={"help": "latency: keep the fastest of --latency_candidates (cut, distilled, exported to ONNX Runtime, timed here) within --max_accuracy_drop of the base."},
+    )
+    latency_candidates: str = field(
+        default=DEFAULT_LATENCY_CANDIDATES,
+        metadata={"help": "--target latency: candidates least aggressive first, ';'-separated: none, or structure=kept pairs joined by ',' (ffn=0.5,layers=4)."},
+    )
+    latency_batch_size: int = field(default=32, metadata={"help": "--target latency: held-out examples per timed call."})
+
     def __post_init__(self):
+        if self.target not in (None,) + tuple(TARGET_DEFAULTS):
+            raise CompressionInputError(f"target must be one of {', '.join(TARGET_DEFAULTS)}, got {self.target!r}.")
+        if self.target == "latency":
+            if self.format not in (None, "onnx"):
+                raise CompressionInputError(
+                    f"--target latency times ONNX Runtime graphs, not --format {self.format}; drop --format or pass "
+                    "--format onnx.")
+            self.format = "onnx"
+            parse_latency_candidates(self.latency_candidates)
+            if self.latency_batch_size < 1:
+                raise CompressionInputError(f"latency_batch_size must be >= 1, got {self.latency_batch_size}.")
         if self.task not in ("auto",) + TASKS:
             raise CompressionInputError(f"task must be auto or one of {', '.join(TASKS)}, got {self.task!r}.")
         if self.base_finetune_steps is not None and self.base_finetune_steps < 0:
@@ -103,6 +141,45 @@ class ModelArguments:
             self.format = "compressed-tensors" if self.quantize else "dense"
         elif not self.quantize and self.format != "onnx":
             raise CompressionInputError(f"--format {self.format} quantizes, but --no_quantize was given; drop one of them.")
+
+
+def parse_latency_candidates(spec: str) -> list[dict]:
+    """`--latency_candidates` -> one `{structure: kept}` dict per candidate, in order (`{}` for `none`).
+
+    Raises:
+        `CompressionInputError`: one line naming the bad part and the form expected.
+    """
+    from ..architectures import STRUCTURES
+
+    form = "`none` or structure=kept pairs joined by `,` (e.g. `none;ffn=0.5;ffn=0.25,layers=4`)"
+    out = []
+    for part in [p.strip() for p in str(spec).split(";")]:
+        if part == "none":
+            out.append({})
+            continue
+        candidate = {}
+        for pair in [p.strip() for p in part.split(",")]:
+            name, sep, value = pair.partition("=")
+            name = name.strip()
+            try:
+                kept = float(value)
+            except ValueError:
+                kept = None
+            if not sep or name not in STRUCTURES or name in candidate or kept is None or not (
+                    0 < kept <= 1 or (kept > 1 and kept.is_integer())):
+                raise CompressionInputError(
+                    f"latency_candidates: {part!r} is not a candidate; each of the `;`-separated candidates is {form}, "
+                    f"structures {', '.join(STRUCTURES)}, kept a fraction in (0, 1] or a whole count > 1.")
+            candidate[name] = int(kept) if kept > 1 else kept
+        out.append(candidate)
+    if len(set(map(candidate_name, out))) < len(out):
+        raise CompressionInputError(f"latency_candidates {spec!r} names a candidate twice; list each once.")
+    return out
+
+
+def candidate_name(candidate: dict) -> str:
+    """How a latency candidate is named in the plan, the console and the report: `none` or `ffn=0.5,layers=4`."""
+    return ",".join(f"{k}={v:g}" for k, v in candidate.items()) or "none"
 
 
 @dataclass

@@ -25,6 +25,14 @@ def write_output(ctx: RunContext) -> None:
     if meta.get("label_names"):
         summary += " Labels: " + ", ".join(f"`{n}`" for n in meta["label_names"]) + "."
     summary += f" **{guard}**" if guard else ""
+    search = ctx.stages.get("latency_search")
+    if search:  # what `--target latency` tried, measured on the machine that ran it
+        from .latency import describe_search
+
+        why = ("the fastest of the candidates below within the budget" if search["within_budget"] else
+               "the closest to the base of the candidates below (none was within the budget)")
+        summary += (f"\n\nChosen by `--target latency`: `{search['chosen']}`, {why}, each timed on the machine that "
+                    "ran the command:\n\n" + "\n".join(describe_search(search)))
     card = build_model_card(report, plan.recipe, plan.command, repo_id=ta.hub_model_id if ta.push_to_hub else None,
                             output_dir=ckpt, pipeline_tag=meta["pipeline_tag"], summary=summary)
     card.save(os.path.join(ckpt, "README.md"))

@@ -37,6 +37,8 @@ class CompressionPlan:
     recipe: dict = field(default_factory=dict)
     command: str = "hf-compress"
     structured_args: object = None  # `StructuredPruningArguments` (Minitron-style width/depth pruning), or None
+    latency_candidates: tuple = ()  # `--target latency`: the `{structure: kept}` candidates to try, in order
+    latency_skipped: tuple = ()  # default candidates the family cannot cut: (name, why) pairs
 
     @property
     def label_names(self) -> list[str] | None:
@@ -154,8 +156,10 @@ def prepare(model_args: ModelArguments, data_args: DataArguments, training_args,
             "`--prune_schedule oneshot` (cut first, then prune the smaller model) or `--no_prune`."
         )
     check_launch(model_args, training_args, pruning_args, structured_args)
+    check_latency_target(model_args, training_args, pruning_args, structured_args)
     model_path = model_args.model or default_model_path()
     config, task_name, has_head = _check_model(model_path, model_args, quantization_args, structured_args)
+    latency_candidates, latency_skipped = resolve_latency_candidates(config, model_args)
     tokenizer = _load_tokenizer(model_path)
     _check_teacher(model_args, training_args)
     task, train, evaluation, split_name = _resolve_data(data_args, task_name, training_args.seed)
@@ -169,6 +173,7 @@ def prepare(model_args: ModelArguments, data_args: DataArguments, training_args,
         quantization_args=quantization_args, model_path=model_path, task=task, has_head=has_head,
         output_dir=output_dir, train_dataset=train, eval_dataset=evaluation, eval_split_name=split_name,
         recipe=dict(recipe or {}), command=command, structured_args=structured_args,
+        latency_candidates=latency_candidates, latency_skipped=latency_skipped,
     )
 
 
@@ -189,6 +194,53 @@ def check_launch(model_args, training_args, pruning_args, structured_args=None) 
         check_distributed_support(training_args, callbacks)
     except ValueError as err:
         raise CompressionInputError(str(err)) from None
+
+
+def check_latency_target(model_args, training_args, pruning_args, structured_args) -> None:
+    """`--target latency`'s refusals from the arguments alone (the candidates' structures are checked against the
+    config in [`_check_model`]), one `CompressionInputError` line each."""
+    if model_args.target != "latency":
+        return
+    if runs_pruning(model_args, pruning_args):
+        raise CompressionInputError(
+            f"--target latency cuts structures; unstructured `--sparsity {pruning_args.target_sparsity:g}` runs no "
+            "faster in ONNX Runtime: drop --sparsity (or pass --no_prune).")
+    if runs_structured_pruning(structured_args):
+        raise CompressionInputError(
+            f"--target latency picks the structure from --latency_candidates; drop `--prune_structure "
+            f"{structured_args.prune_structure}` (or pass it as a candidate, e.g. `--latency_candidates "
+            f"'none;{structured_args.prune_structure.split(',')[0]}=0.5'`).")
+    if not model_args.train:
+        raise CompressionInputError("--target latency distils every cut candidate from the base; drop --no_train.")
+    if not model_args.evaluate:
+        raise CompressionInputError("--target latency compares every candidate's held-out metric with the base's; "
+                                    "drop --no_evaluate.")
+    if getattr(training_args, "world_size", 1) > 1:
+        raise CompressionInputError(
+            f"--target latency times its candidates in one process on one machine, not across WORLD_SIZE="
+            f"{training_args.world_size} ranks; run it without torchrun / accelerate launch.")
+
+
+def resolve_latency_candidates(config, model_args) -> tuple[tuple, tuple]:
+    """`--target latency`'s candidates this model can be cut to, and the skipped ones with why. A candidate the user
+    listed that the family cannot cut is refused in one line; the default list skips it (DeBERTa-v2's convolution
+    keeps every block, so `layers` candidates go). `((), ())` without `--target latency`."""
+    from ..architectures import StructuredPruningError, check_structured_support
+    from .arguments import DEFAULT_LATENCY_CANDIDATES, candidate_name, parse_latency_candidates
+
+    if model_args.target != "latency":
+        return (), ()
+    kept, skipped = [], []
+    for candidate in parse_latency_candidates(model_args.latency_candidates):
+        try:
+            if candidate:
+                check_structured_support(config, list(candidate))
+            kept.append(candidate)
+        except StructuredPruningError as err:
+            if model_args.latency_candidates != DEFAULT_LATENCY_CANDIDATES:
+                raise CompressionInputError(f"--latency_candidates {candidate_name(candidate)}: {err}") from None
+            skipped.append((candidate_name(candidate), str(err)))
+    return tuple(kept), tuple(skipped)
 
 
 def _check_model(model_path: str, model_args, quantization_args, structured_args) -> tuple[object, str, bool]:
@@ -309,6 +361,19 @@ def describe_plan(plan: CompressionPlan, train_rows: int, eval_rows: int, steps:
         stages.append(f"dense base fine-tune {base_steps} steps")
     if ma.evaluate:
         stages.append("evaluate base")
+    if ma.target == "latency":
+        from .arguments import candidate_name
+
+        names = [candidate_name(c) for c in plan.latency_candidates]
+        budget = ("`--max_perplexity_increase` " + f"{ma.max_perplexity_increase:.0%}" if task.lower_is_better
+                  else f"{ma.max_metric_drop:g} point(s)")
+        stages.append(f"latency search over {len(names)} candidates ({'; '.join(names)}): each cut one-shot, "
+                      f"{'distilled from ' + ('the base' if ma.teacher in (None, 'base') else model_id(ma.teacher))} "
+                      f"{steps} steps, exported {f'{qa.bits}-bit' if ma.quantize else 'fp32'} to ONNX Runtime, evaluated and timed here at batch "
+                      f"{ma.latency_batch_size}; the fastest within {budget} of the base is kept")
+        lines.append("Stages: " + " -> ".join(stages) + ".")
+        lines += [f"Latency candidate {name} skipped: {why}" for name, why in plan.latency_skipped]
+        return lines
     sa = plan.structured_args
     structured = sa.prune_schedule if plan.prunes_structures else None
     if structured == "oneshot":

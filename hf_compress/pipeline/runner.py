@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 
-from .arguments import DEFAULT_OUTPUT_DIR, DataArguments, ModelArguments
+from .arguments import DEFAULT_OUTPUT_DIR, TARGET_DEFAULTS, DataArguments, ModelArguments
 from .context import barrier, open_run
 from .export import check_export, export
+from .latency import search_latency
 from .output import push, write_output
 from .plan import CompressionPlan, prepare
 from .report import build_run_report, evaluate_result, quality_guard
@@ -46,13 +47,17 @@ def run(plan: CompressionPlan) -> dict | None:
         ctx.record("base_finetune", finetune_base(ctx))  # a new task head: fine-tune the dense base first
         keep_base(ctx)  # a frozen copy of the dense base, the reference of every figure
         ctx.base_metrics = evaluate_base(ctx)
-        ctx.record("structured_pruning", prune_structured(ctx))  # one-shot now, or gradual during training
-        ctx.record("qat", add_training_callbacks(ctx))  # gradual pruning, then QAT over its masks
-        ctx.record("train", train(ctx))  # fine-tune or distil under those callbacks
-        ctx.record("pruning", collect_pruning_checks(ctx))  # after training: the callbacks' self-checks
-        ctx.record("pruning", prune_one_shot(ctx))  # --no_train: magnitude masks at the target
-        if ctx.main:  # the other ranks trained; the main process alone exports, measures and writes
-            ctx.record("export", export(ctx))  # the checkpoint in `--format`, loaded back as a user loads it
+        if plan.model_args.target == "latency":  # one process: candidates cut, distilled, exported and timed
+            ctx.record("latency_search", search_latency(ctx))  # the kept one's model, export and records in ctx
+        else:
+            ctx.record("structured_pruning", prune_structured(ctx))  # one-shot now, or gradual during training
+            ctx.record("qat", add_training_callbacks(ctx))  # gradual pruning, then QAT over its masks
+            ctx.record("train", train(ctx))  # fine-tune or distil under those callbacks
+            ctx.record("pruning", collect_pruning_checks(ctx))  # after training: the callbacks' self-checks
+            ctx.record("pruning", prune_one_shot(ctx))  # --no_train: magnitude masks at the target
+            if ctx.main:  # the other ranks trained; the main process alone exports
+                ctx.record("export", export(ctx))  # the checkpoint in `--format`, loaded back as a user loads it
+        if ctx.main:  # the main process alone measures and writes
             check_export(ctx)  # the pruning self-check's second half, on the written folder
             ctx.report = build_run_report(ctx, evaluate_result(ctx))  # metrics, sizes, loaders check, stages
             ctx.report["quality_guard"] = quality_guard(ctx)  # printed by the CLI summary and written into the card
@@ -63,7 +68,7 @@ def run(plan: CompressionPlan) -> dict | None:
 
 
 def compress(model: str | None = None, dataset: str = "rotten_tomatoes", output_dir: str = DEFAULT_OUTPUT_DIR, *,
-             teacher: str | None = None, target_sparsity: float = 0.5, bits: int = 8, **kwargs) -> dict:
+             teacher: str | None = None, target_sparsity: float | None = None, bits: int = 8, **kwargs) -> dict:
     """
     Python API of `hf-compress`: compress `model` on `dataset` into `output_dir` and return the report.
 
@@ -84,8 +89,11 @@ def compress(model: str | None = None, dataset: str = "rotten_tomatoes", output_
     from ..pruning.structured_config import StructuredPruningArguments
     from ..quantization import QuantizationArguments
 
-    values = dict(model=model, dataset=dataset, output_dir=output_dir, teacher=teacher, target_sparsity=target_sparsity,
-                  bits=bits, **kwargs)
+    # `target_sparsity` defaults to 0.5, or to what a `target=` implies (`TARGET_DEFAULTS`, as on the command line).
+    implied = {k: v for k, v in TARGET_DEFAULTS.get(kwargs.get("target"), {}).items() if k not in kwargs}
+    values = dict(model=model, dataset=dataset, output_dir=output_dir, teacher=teacher, bits=bits, **implied, **kwargs)
+    if target_sparsity is not None or "target_sparsity" not in values:
+        values["target_sparsity"] = 0.5 if target_sparsity is None else target_sparsity
     groups = []
     for cls in (ModelArguments, DataArguments, DistillationArguments, PruningArguments, QuantizationArguments,
                 StructuredPruningArguments):
