@@ -14,7 +14,9 @@ contiguous token stream (scenes joined with EOS), cut into non-overlapping windo
 scenes, never from the held-out ones.
 
 Rows (one run): bf16; RTN (`quantize_and_save`, compressed-tensors, ours); our GPTQ (`hf_compress.quantization.gptq`) plain and
-with act-order + MSE scales; llm-compressor's `GPTQModifier` (and `AWQModifier`) with the same group-64 int4 scheme,
+with act-order + MSE scales; ours with training (row c): the model distilled into itself under int4 g64 QAT
+(`--qat-steps` steps of 4 x 128 tokens from the train scenes, pure KL to the frozen model), then the RTN row's export;
+llm-compressor's `GPTQModifier` (and `AWQModifier`) with the same group-64 int4 scheme,
 run in their own venv (llm-compressor 0.14 pins transformers 5.15-5.17), created under
 `$HF_COMPRESS_CACHE/venvs/llmcompressor` (default `~/.cache/hf_compress/...`) if missing: `torch==2.13.0` (the CPU
 build) first, then `llmcompressor==0.14.0.1`. Each row: perplexity, weight bytes on disk, wall time of the method
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import random
@@ -129,8 +132,52 @@ def calibration_blocks(tokenizer, n: int, seq: int, seed: int = 0) -> list[list[
     return [blocks[i] for i in sorted(random.Random(seed).sample(range(len(blocks)), n))]
 
 
+def distilled_qat_row(base, tok, args, test, tmp: str, steps: int, seed: int = 0, batch_size: int = 4, seq: int = 128,
+                      lr: float = 5e-5) -> dict:
+    """Row (c): the bf16 model distilled into itself under int4 g64 QAT (`QATCallback`, every step fake-quantized on
+    the export's grid), pure KL to the frozen model's logits (alpha 1, T 1), on blocks of the Hamlet train scenes; then
+    the same compressed-tensors export as the RTN row. Trained in fp32 (this CPU has no bf16 instructions; the
+    teacher is the fp32 copy of the bf16 weights)."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+
+    from benchmarks.lm_pruning import hamlet_blocks, perplexity
+    from hf_compress.callbacks import QATCallback
+    from hf_compress.distillation import DistillationArguments
+    from hf_compress.quantization import quantize_and_save
+    from hf_compress.trainers import DistillationTrainer
+
+    blocks = hamlet_blocks(tok, "train", seq)
+    rng = random.Random(seed)
+    blocks = [blocks[i] for i in sorted(rng.sample(range(len(blocks)), min(len(blocks), steps * batch_size)))]
+    train = Dataset.from_dict({"input_ids": blocks, "attention_mask": [[1] * seq for _ in blocks], "labels": blocks})
+    teacher = copy.deepcopy(base).float().eval()
+    student = copy.deepcopy(base).float()
+    qargs = dataclasses.replace(args, qat_fraction=1.0)
+    targs = DistillationArguments(
+        output_dir=os.path.join(tmp, "qat-run"), max_steps=steps, per_device_train_batch_size=batch_size,
+        learning_rate=lr, lr_scheduler_type="constant", warmup_steps=0, report_to="none", save_strategy="no",
+        use_cpu=True, seed=seed, disable_tqdm=True, logging_steps=max(1, steps // 6), temperature=1.0, alpha=1.0)
+    t0 = time.perf_counter()
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=targs, train_dataset=train,
+                                  processing_class=tok, callbacks=[QATCallback(qargs)])
+    trainer.train()
+    train_seconds = time.perf_counter() - t0
+    out = os.path.join(tmp, "distil-qat")
+    quantize_and_save(student, out, args)
+    seconds = time.perf_counter() - t0
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16).eval()
+    row = {"method": f"distillation + int4 g64 QAT (ours, {steps} steps)", "ppl": perplexity(model, test),
+           "MB": weight_bytes(out) / 1e6, "seconds": round(seconds, 1), "train_seconds": round(train_seconds, 1),
+           "train_tokens": len(blocks) * seq, "lr": lr, "batch_size": batch_size,
+           "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h]}
+    del model, teacher, student, trainer
+    return row
+
+
 def run(calib_blocks=64, calib_seq=128, eval_seq=512, eval_windows=None, seed=0, llmc_methods=("gptq", "awq"),
-        ours=("act-order+mse", "plain"), venv=None, on_row=None) -> dict:
+        ours=("act-order+mse", "plain"), venv=None, on_row=None, qat_steps=60) -> dict:
     """Every row (see the module doc); `on_row(result)` is called after each, so a cut run keeps its rows."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -201,6 +248,8 @@ def run(calib_blocks=64, calib_seq=128, eval_seq=512, eval_windows=None, seed=0,
         # our best variant first, then llm-compressor, then the rest: a cut run still has the comparison
         for name in ours[:1]:
             ours_row(name)
+        if qat_steps:
+            add(distilled_qat_row(base, tok, args, test, tmp, qat_steps, seed))
 
         if llmc_methods:
             for rec in run_llmcompressor(path, calib, tmp, list(llmc_methods), venv):
@@ -227,11 +276,12 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--llmcompressor", default="gptq,awq", help="llm-compressor methods, comma-separated ('' to skip)")
     parser.add_argument("--ours", default="act-order+mse,plain", help="our GPTQ variants: plain, mse, act-order, act-order+mse")
-    parser.add_argument("--quick", action="store_true", help="8 calibration blocks, 2 windows, no llm-compressor")
+    parser.add_argument("--qat-steps", type=int, default=60, help="row (c): distillation + int4 QAT steps (0 to skip)")
+    parser.add_argument("--quick", action="store_true", help="8 calibration blocks, 2 windows, no llm-compressor, 4 QAT steps")
     parser.add_argument("--output-dir", default=None, help="default: benchmarks/results (benchmarks/results-quick with --quick)")
     a = parser.parse_args(argv)
     if a.quick:
-        a.calib_blocks, a.eval_windows, a.llmcompressor = 8, 2, ""
+        a.calib_blocks, a.eval_windows, a.llmcompressor, a.qat_steps = 8, 2, "", 4
     out_dir = a.output_dir or ("benchmarks/results-quick" if a.quick else "benchmarks/results")
     os.makedirs(out_dir, exist_ok=True)
 
@@ -243,7 +293,8 @@ def main(argv=None) -> int:
         write_results(out_dir, "lm_quantization", result, "# W4A16 int4 g64 on SmolLM2-135M\n\n" + settings + table + "\n")
 
     result = run(a.calib_blocks, a.calib_seq, a.eval_seq, a.eval_windows, a.seed,
-                 [m for m in a.llmcompressor.split(",") if m], [m for m in a.ours.split(",") if m], on_row=write)
+                 [m for m in a.llmcompressor.split(",") if m], [m for m in a.ours.split(",") if m], on_row=write,
+                 qat_steps=a.qat_steps)
     write(result, final=True)
     return 0
 

@@ -12,7 +12,9 @@ What works where (see the README section "Distributed and interrupted runs"):
   the Trainer's `use_cpu=True` + `fsdp` (which trains with DDP), QAT through the Trainer, CPU offload with QAT,
   and the end-of-training quantization export.
 - DeepSpeed ZeRO-3 shards the parameters too, without DTensors: a magnitude threshold or a row-wise absmax computed
-  on a rank's slice is not the one of the full weight, so those callbacks are refused at start-up.
+  on a rank's slice is not the one of the full weight. The gradual pruning callback selects on the all-gathered fp32
+  master weights and zeroes them through DeepSpeed (`hf_compress.zero3`); QAT and the structured callback are refused
+  at start-up.
 - A run killed mid-save leaves a `checkpoint-N` folder that transformers' `get_last_checkpoint` still picks;
   [`last_valid_checkpoint`] skips it and [`validate_checkpoint`] names the broken file in one line.
 """
@@ -33,6 +35,9 @@ _NEEDS_FULL_WEIGHTS = {
     "StructuredPruningCallback": "its parameters are partitioned outside the forward, so neither weight-magnitude scores "
                                  "nor the final cut see whole weights (FSDP2 `fully_shard` runs it)",
 }
+# Of those, the ones that gather the partitioned weights under ZeRO-3 themselves (`hf_compress.zero3`): the gradual
+# pruning callback selects on the all-gathered fp32 master weights and zeroes master, optimizer states and compute copy.
+_ZERO3_WHOLE_WEIGHTS = {"GradualPruningCallback"}
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 _TRUE = ("1", "true", "yes")
 
@@ -67,8 +72,9 @@ def check_distributed_support(args=None, callbacks=()) -> str:
     """
     Raise one clear error, before any training, when a callback cannot work under the launcher's parallelism.
 
-    Under DeepSpeed ZeRO-3 each rank holds a slice of every weight, so the pruning callbacks (gradual and structured),
-    the quantization-aware callback and the end-of-training quantization export are refused there (`cache_teacher_logits` with a ZeRO-3
+    Under DeepSpeed ZeRO-3 each rank holds a slice of every weight, so the structured pruning callback, the
+    quantization-aware callback and the end-of-training quantization export are refused there (the gradual pruning
+    callback gathers the weights it selects on, `hf_compress.zero3`) (`cache_teacher_logits` with a ZeRO-3
     teacher is refused where the teacher is placed, `prepare_teacher`). Under FSDP, [`check_fsdp_support`] decides (FSDP2 pruning is
     supported). DDP and ZeRO-1/2 keep full weights on every rank and are supported. Any launch whose ranks
     accelerate miscounts (on CPU without `use_cpu=True`) is refused first, by [`check_process_count`].
@@ -94,7 +100,7 @@ def check_distributed_support(args=None, callbacks=()) -> str:
     for cb in callbacks or ():
         cls = cb if isinstance(cb, type) else type(cb)
         name = next((c.__name__ for c in cls.__mro__ if c.__name__ in _NEEDS_FULL_WEIGHTS), None)
-        if name is not None:
+        if name is not None and name not in _ZERO3_WHOLE_WEIGHTS:
             raise ValueError(
                 f"`{name}` cannot run under {backend.upper() if backend == 'fsdp' else 'DeepSpeed ZeRO-3'}: "
                 f"{_NEEDS_FULL_WEIGHTS[name]}; train with DDP (`torchrun` or `accelerate launch` without FSDP / "

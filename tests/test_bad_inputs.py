@@ -369,13 +369,33 @@ def test_report_json_of_checkpoint_is_checked(tmp_path):
 def test_deepspeed_config_stage_is_read(tmp_path):
     from types import SimpleNamespace
 
-    from hf_compress.callbacks import GradualPruningCallback
+    from hf_compress.callbacks import QATCallback
+    from hf_compress.quantization import QuantizationArguments
 
     config = tmp_path / "ds.json"
     config.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    qat = QATCallback(QuantizationArguments())
     for deepspeed in ({"zero_optimization": {"stage": 3}}, str(config)):
         args = SimpleNamespace(fsdp=None, deepspeed=deepspeed, world_size=2)
-        with pytest.raises(ValueError, match=r"^`GradualPruningCallback` cannot run under DeepSpeed ZeRO-3"):
-            check_distributed_support(args, [GradualPruningCallback()])
+        with pytest.raises(ValueError, match=r"^`QATCallback` cannot run under DeepSpeed ZeRO-3"):
+            check_distributed_support(args, [qat])
     args = SimpleNamespace(fsdp=None, deepspeed={"zero_optimization": {"stage": 2}}, world_size=2)
-    assert check_distributed_support(args, [GradualPruningCallback()]) == "deepspeed"
+    assert check_distributed_support(args, [qat]) == "deepspeed"
+
+
+@pytest.mark.parametrize("deepspeed", [{"zero_optimization": {"stage": 3}}, "file"])
+def test_hf_compress_under_zero3_is_refused_before_any_data(deepspeed, tmp_path):
+    # The pipeline evaluates and exports the in-memory model after training; ZeRO-3 leaves every rank a slice.
+    from hf_compress.pipeline.arguments import ModelArguments
+    from hf_compress.pipeline.plan import check_launch
+    from hf_compress.tasks import CompressionInputError
+
+    if deepspeed == "file":
+        deepspeed = str(tmp_path / "ds.json")
+        (tmp_path / "ds.json").write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    args = SimpleNamespace(fsdp=None, deepspeed=deepspeed, world_size=1)
+    with pytest.raises(CompressionInputError, match=r"^hf-compress evaluates, exports and checks the model it trained in "
+                                                    r"memory, whose weights DeepSpeed ZeRO-3 keeps partitioned"):
+        check_launch(ModelArguments(), args, PruningArguments())
+    args.deepspeed = {"zero_optimization": {"stage": 2}}  # full weights on every rank: not refused here
+    check_launch(ModelArguments(), args, PruningArguments(target_sparsity=0.0))

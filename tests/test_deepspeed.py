@@ -64,6 +64,14 @@ def trainer_zero3(tmp_path_factory):
     return dump, infos, tensors, json.load(open(dump / "ref.json")), load_file(dump / "ref.safetensors")
 
 
+@pytest.fixture(scope="module")
+def pruning_zero3(tmp_path_factory):
+    pytest.importorskip("deepspeed")
+    dump = tmp_path_factory.mktemp("pruning_zero3")
+    infos, tensors = _launch("deepspeed_pruning_worker.py", dump)
+    return dump, infos, tensors, json.load(open(dump / "ref.json")), load_file(dump / "ref.safetensors")
+
+
 def _max_diff(a: dict, b: dict, prefix: str) -> float:
     names = [k for k in b if k.startswith(prefix)]
     assert names and sorted(names) == sorted(k for k in a if k.startswith(prefix))
@@ -157,11 +165,21 @@ def test_export_through_the_gathered_parameters_is_written_once(zero3):
 
 def test_a_selection_on_a_zero3_partition_is_not_the_full_weights(zero3):
     _, infos, _ = zero3
-    assert all(info["local_selection_mismatches"] > 0 for info in infos)  # why the pruning callback is refused
+    # why the pruning callback selects on the all-gathered master weights (`hf_compress.zero3`), not its partition
+    assert all(info["local_selection_mismatches"] > 0 for info in infos)
 
 
-@pytest.mark.parametrize("callback", ["GradualPruningCallback", "QATCallback", "QuantizationCallback",
-                                      "StructuredPruningCallback"])
+def test_gradual_pruning_is_accepted_under_zero3_the_others_refused():
+    from hf_compress.callbacks import GradualPruningCallback, QATCallback
+    from hf_compress.distributed import check_distributed_support
+
+    args = SimpleNamespace(fsdp=None, deepspeed={"zero_optimization": {"stage": 3}}, world_size=2)
+    assert check_distributed_support(args, [GradualPruningCallback]) == "deepspeed-zero3"
+    with pytest.raises(ValueError, match=r"^`QATCallback` cannot run under DeepSpeed ZeRO-3"):
+        check_distributed_support(args, [GradualPruningCallback, QATCallback])
+
+
+@pytest.mark.parametrize("callback", ["QATCallback", "QuantizationCallback", "StructuredPruningCallback"])
 def test_zero3_refusals_stay(callback):
     import hf_compress.callbacks as cbs
     from hf_compress.distributed import check_distributed_support
@@ -198,3 +216,37 @@ def test_structured_pruning_refuses_zero3_partitioned_parameters(tiny_llama):
     with pytest.raises(ValueError, match=r"^`StructuredPruningCallback` cannot run under DeepSpeed ZeRO-3: .* prune the "
                        r"saved model with `structured_prune`.$"):
         cb.on_train_begin(SimpleNamespace(output_dir=None), TrainerState(max_steps=4), TrainerControl(), model=tiny_llama)
+
+
+def test_gradual_pruning_under_zero3_selects_the_masks_of_one_process(pruning_zero3):
+    # Global scope (one threshold over every weight) on ZeRO-3-partitioned weights: both ranks take the masks of
+    # one plain process at every pruning event, bit for bit.
+    _, infos, tensors, ref, ref_tensors = pruning_zero3
+    assert [i["zero_stage"] for i in infos] == [3, 3] and all(i["zero3_path"] for i in infos)
+    assert infos[0]["partitioning"]["partitioned"] == infos[0]["partitioning"]["count"]  # every weight partitioned
+    assert infos[0]["events"] == ref["events"] == [0, 2, 4]
+    masks = sorted(k for k in ref_tensors if k.startswith("mask"))
+    assert len(masks) == 3 * len([k for k in ref_tensors if k.startswith("mask4/")]) > 0
+    for r in range(2):
+        assert sorted(k for k in tensors[r] if k.startswith("mask")) == masks
+        assert all(torch.equal(tensors[r][k], ref_tensors[k]) for k in masks)
+    kept = sum(int(ref_tensors[k].sum()) for k in masks if k.startswith("mask4/"))
+    total = sum(ref_tensors[k].numel() for k in masks if k.startswith("mask4/"))
+    assert 1 - kept / total == pytest.approx(0.5, abs=1e-3)  # the global target, over every pruned weight
+
+
+def test_gradual_pruning_under_zero3_trains_as_one_process_and_saves_exact_zeros(pruning_zero3):
+    dump, infos, tensors, ref, ref_tensors = pruning_zero3
+    for loss, expected in zip(infos[0]["losses"], ref["losses"], strict=True):
+        assert abs(loss - expected) <= LOSS_TOL
+    # 6 AdamW steps at lr 1e-2 (3 in the distillation run): the reduce-scatter's summation order grows to 1.5e-5
+    assert _max_diff(tensors[0], ref_tensors, "final/") <= 5 * WEIGHT_TOL
+    saved = load_file(dump / "final" / "model.safetensors")
+    for key in (k for k in ref_tensors if k.startswith("mask4/")):
+        name = key[len("mask4/"):]
+        pruned = ref_tensors[key] == 0
+        assert bool((saved[name][pruned] == 0).all())  # pruned entries exactly zero in the saved checkpoint
+        assert bool((tensors[1][f"final/{name}"][pruned] == 0).all())
+    assert infos[0]["sparsity_logged"][-1] == pytest.approx(0.5, abs=1e-3)
+    check = infos[0]["check"]  # the permanent-vs-masked self-check ran on the partitioned model (all ranks)
+    assert check["permanent_vs_masked"] <= check["tolerance"]

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from contextlib import nullcontext
 
 import torch
 from transformers import TrainerCallback
 from transformers.utils import logging
 
-from ..architectures import weight_layouts
+from .. import zero3
+from ..architectures import weight_layout, weight_layouts
 from ..fsdp import GatheredTensors, any_dtensor, full_tensor, is_dtensor, shard_like
 from ..pruning.config import PruningArguments
 from ..pruning.masks import (
@@ -39,7 +41,9 @@ def optimizer_preserves_zeros(optimizer) -> bool:
     so with these optimizers the pruned weights cannot move. Any other optimizer (Adafactor, 8-bit optimizers whose
     quantized state need not decode to 0, ...) gets the masks re-applied after every step.
     """
-    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the torch one
+    inner = optimizer
+    while not isinstance(inner, torch.optim.Optimizer) and hasattr(inner, "optimizer"):
+        inner = inner.optimizer  # accelerate's AcceleratedOptimizer, DeepSpeed's ZeRO optimizer: the torch one inside
     if type(inner) in (torch.optim.Adam, torch.optim.AdamW):
         return all(group.get("eps", 0) > 0 for group in inner.param_groups)
     return type(inner) is torch.optim.SGD
@@ -131,6 +135,7 @@ class GradualPruningCallback(TrainerCallback):
         self._active = False
         self._hooks: list = []
         self._layouts: dict = {}
+        self._zero3 = False  # DeepSpeed ZeRO-3 partitions the weights: select and zero them whole (`hf_compress.zero3`)
         self.check: dict | None = None  # the self-check's figures, once the masks are permanent
         self.check_batch: dict | None = None
 
@@ -176,7 +181,9 @@ class GradualPruningCallback(TrainerCallback):
         sparsity = self.sparsity_at(step)
         weights = {name: p for name, p, _ in self._pairs}
         current = {name: m for name, _, m in self._pairs}
-        if any_dtensor(weights.values()):
+        if self._zero3:  # the fp32 master weights, gathered one at a time; full masks on every rank
+            weights = zero3.FullFP32Weights(weights)
+        elif any_dtensor(weights.values()):
             # FSDP2 shards: the selection must see the whole matrices (layer and global scope alike), so it runs the
             # single-process code on weights all-gathered one at a time; every rank gets the same full masks and
             # keeps its own shard of them (`shard_like`). Exact by construction, at one all-gather per weight per
@@ -214,6 +221,10 @@ class GradualPruningCallback(TrainerCallback):
 
     @torch.no_grad()
     def _apply(self, optimizer=None) -> None:
+        if self._zero3:  # master weight, optimizer states and compute copy, through DeepSpeed
+            for _, param, mask in self._pairs:
+                zero3.masked_fill_(param, mask)
+            return
         state = getattr(optimizer, "state", None) if optimizer is not None else None
         for _, param, mask in self._pairs:
             param.masked_fill_(~mask, 0.0)
@@ -227,11 +238,19 @@ class GradualPruningCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         self.end_step = self._resolve_end_step(state.max_steps)
         names = resolve_targets(model, self.config.pruning_target_modules)
-        masks = attach_masks(model, names)
         params = dict(model.named_parameters(remove_duplicate=False))
+        self._zero3 = zero3.any_partitioned(params[n] for n in names)
+        if self._zero3:  # full-shape masks and layouts, read from each weight gathered in turn
+            masks, self._layouts = {}, {}
+            for name in names:
+                with zero3.gathered([params[name]]):
+                    masks.update(attach_masks(model, [name]))
+                    self._layouts[name] = weight_layout(model, name)
+        else:
+            masks = attach_masks(model, names)
+            # Conv1D's input axis and the parts of fused projections / stacked experts, read once from the architecture.
+            self._layouts = weight_layouts(model, names)
         self._pairs = [(name, params[name], masks[name]) for name in names]
-        # Conv1D's input axis and the parts of fused projections / stacked experts, read once from the architecture.
-        self._layouts = weight_layouts(model, names)
         if state.global_step > 0:
             self._restore(args, state, model, optimizer)
         elif self._is_event(0) and self.sparsity_at(0) > 0:
@@ -253,7 +272,8 @@ class GradualPruningCallback(TrainerCallback):
             # A checkpoint from elsewhere: pruned weights are exact zeros, so the zeros are the masks.
             logger.warning(f"No {MASKS_NAME} at {path}; rebuilding the pruning masks from the zero weights.")
             for _, param, mask in self._pairs:
-                mask.copy_(param != 0)
+                with zero3.gathered([param]) if self._zero3 else nullcontext():
+                    mask.copy_(param != 0)
         if any(not bool(mask.all()) for _, _, mask in self._pairs):
             self._activate()
         self._apply(optimizer)
@@ -261,8 +281,9 @@ class GradualPruningCallback(TrainerCallback):
     @torch.no_grad()
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         # The gradient hooks already zeroed the pruned entries; this pass covers gradients written without autograd
-        # hooks (e.g. an engine that fills `.grad` itself), so Adam's moments for them stay zero.
-        if self._active:
+        # hooks (e.g. an engine that fills `.grad` itself), so Adam's moments for them stay zero. (ZeRO-3 keeps no
+        # `.grad`: it reduces the hooked gradients into its partitions and steps inside `backward`.)
+        if self._active and not self._zero3:
             pairs = [(param.grad, mask) for _, param, mask in self._pairs if param.grad is not None]
             if pairs:
                 # One fused call over all tensors (what torch's own optimizers use): the per-step cost stays small.
@@ -274,6 +295,8 @@ class GradualPruningCallback(TrainerCallback):
         # (`optimizer_preserves_zeros`): then this pass over every pruned weight is a no-op, and skipping it halves
         # the callback's per-step cost.
         if self._active and not optimizer_preserves_zeros(optimizer):
+            if self._zero3:
+                return self._apply(optimizer)
             torch._foreach_mul_([param for _, param, _ in self._pairs], [mask for _, _, mask in self._pairs])
 
     def on_step_end(self, args, state, control, optimizer=None, **kwargs):
@@ -296,7 +319,12 @@ class GradualPruningCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):
         if logs is None or model is None or not self._pairs:
             return
-        stats = sparsity_stats(model, [name for name, _, _ in self._pairs])
+        if self._zero3:  # the weights are partitioned: the masks' zeros (what the callback keeps at zero)
+            layers = {name: 1.0 - float(mask.float().mean()) for name, _, mask in self._pairs}
+            total = sum(mask.numel() for _, _, mask in self._pairs)
+            stats = {"sparsity": sum(layers[n] * m.numel() for n, _, m in self._pairs) / total, "layers": layers}
+        else:
+            stats = sparsity_stats(model, [name for name, _, _ in self._pairs])
         entries = {"sparsity": round(stats["sparsity"], 6), "sparsity_target": round(self.sparsity_at(state.global_step), 6)}
         if self.config.pruning_log_per_layer:
             entries.update({f"sparsity/{name}": round(v, 6) for name, v in stats["layers"].items()})
@@ -306,6 +334,13 @@ class GradualPruningCallback(TrainerCallback):
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(entries)
 
+    def _make_permanent(self, model) -> None:
+        if self._zero3:  # zero through DeepSpeed, then drop the buffers
+            self._apply()
+            remove_masks(model, apply=False)
+        else:
+            remove_masks(model)
+
     def on_train_end(self, args, state, control, model=None, train_dataloader=None, **kwargs):
         try:
             if model is not None and self._pairs:
@@ -314,7 +349,7 @@ class GradualPruningCallback(TrainerCallback):
                 first = next(iter(train_dataloader), None) if train_dataloader is not None else None
                 batches = [dict(first)] if isinstance(first, Mapping) else None
                 self.check_batch = check_batch(model, batches)
-                self.check = check_permanent(model, self.check_batch, remove_masks)
+                self.check = check_permanent(model, self.check_batch, self._make_permanent)
         finally:
             for handle in self._hooks:
                 handle.remove()

@@ -178,12 +178,19 @@ def prepare(model_args: ModelArguments, data_args: DataArguments, training_args,
 
 
 def check_launch(model_args, training_args, pruning_args, structured_args=None) -> None:
-    """The launcher's refusals, before any data is read: ranks that accelerate does not count (`torchrun` /
+    """The launcher's refusals, before any data is read: DeepSpeed ZeRO-3 (the pipeline works on the whole in-memory
+    model after training), ranks that accelerate does not count (`torchrun` /
     `accelerate launch` on CPU without `--use_cpu`), FSDP on CPU, and the training callbacks a sharded run cannot hold
     ([`~hf_compress.distributed.check_distributed_support`]), as one `CompressionInputError` line."""
     from ..callbacks import GradualPruningCallback, QATCallback, StructuredPruningCallback
-    from ..distributed import check_distributed_support
+    from ..distributed import check_distributed_support, parallel_backend
 
+    if parallel_backend(training_args) == "deepspeed-zero3":
+        raise CompressionInputError(
+            "hf-compress evaluates, exports and checks the model it trained in memory, whose weights DeepSpeed ZeRO-3 "
+            "keeps partitioned across the ranks; use ZeRO-1/2 (`zero_optimization.stage` 1 or 2) or DDP, or train "
+            "with `DistillationTrainer` / `Trainer` and `GradualPruningCallback` under ZeRO-3 and save with "
+            "`trainer.save_model`.")
     callbacks = []
     if model_args.train:
         gradual_cut = runs_structured_pruning(structured_args) and structured_args.prune_schedule == "gradual"

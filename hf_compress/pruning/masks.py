@@ -410,9 +410,11 @@ def apply_masks(model: nn.Module) -> None:
 
 
 @torch.no_grad()
-def remove_masks(model: nn.Module) -> None:
-    """Make the pruning permanent: zero the masked entries, then drop the buffers (a plain model again)."""
-    apply_masks(model)
+def remove_masks(model: nn.Module, apply: bool = True) -> None:
+    """Make the pruning permanent: zero the masked entries, then drop the buffers (a plain model again). `apply=False`
+    only drops them (the caller zeroed the weights itself, e.g. through DeepSpeed ZeRO-3)."""
+    if apply:
+        apply_masks(model)
     for name in list(get_masks(model)):
         module, param_name = _owner(model, name)
         del module._buffers[param_name + MASK_SUFFIX]
