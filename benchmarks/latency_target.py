@@ -47,7 +47,7 @@ def run(steps: int, base_steps: int, drop: float) -> dict:
         with open(os.path.join(out, "compression_report.json")) as f:
             report = json.load(f)
     search = report["pipeline"]["stages"]["latency_search"]
-    console = [line for line in proc.stdout.splitlines() if not line.startswith("|")]
+    console = [line.replace(out, "<out>") for line in proc.stdout.splitlines() if not line.startswith(("|", "+"))]
     return {"command": "hf-compress " + " ".join(cmd[1:]).replace(out, "<out>"), "wall_seconds": round(wall, 1),
             "search": search, "table": describe_search(search), "metrics": report["metrics"],
             "size": report["size"], "quality_guard": report.get("quality_guard"), "console": console[-12:],
