@@ -16,8 +16,9 @@ scenes, never from the held-out ones.
 Rows (one run): bf16; RTN (`quantize_and_save`, compressed-tensors, ours); our GPTQ (`hf_compress.quantization.gptq`) plain and
 with act-order + MSE scales; ours with training (row c): the model distilled into itself under int4 g64 QAT
 (`--qat-steps` steps of 4 x 128 tokens from the train scenes, pure KL to the frozen model), then the RTN row's export;
-llm-compressor's `GPTQModifier` (and `AWQModifier`) with the same group-64 int4 scheme,
-run in their own venv (llm-compressor 0.14 pins transformers 5.15-5.17), created under
+llm-compressor's `GPTQModifier` and `AWQModifier` with the same group-64 int4 scheme (on a machine without an
+accelerator `torch.Tensor.pin_memory` is made the identity in their process: AWQ's activation cache pins host memory,
+which CPU-only torch refuses; each row lists the patches), run in their own venv (llm-compressor 0.14 pins transformers 5.15-5.17), created under
 `$HF_COMPRESS_CACHE/venvs/llmcompressor` (default `~/.cache/hf_compress/...`) if missing: `torch==2.13.0` (the CPU
 build) first, then `llmcompressor==0.14.0.1`. Each row: perplexity, weight bytes on disk, wall time of the method
 (quantize + save; for llm-compressor the `oneshot` call + save inside the venv, and the whole subprocess). Our GPTQ's
@@ -57,13 +58,20 @@ _LLMC_SCRIPT = textwrap.dedent("""
     from llmcompressor.modifiers.awq import AWQModifier
 
     model_dir, calib_file, out_root, methods = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4].split(",")
+    patches = []
+    if not torch.cuda.is_available():
+        # AWQ's activation cache pins host memory (llmcompressor/pipelines/cache.py, _pin_intermediate), which a
+        # CPU-only torch refuses ("Cannot access accelerator device"); pinning only speeds host-to-device copies,
+        # so on a machine without one the tensor itself is the same result.
+        torch.Tensor.pin_memory = lambda self, *args, **kwargs: self
+        patches.append("torch.Tensor.pin_memory is the identity (no accelerator)")
     blocks = json.load(open(calib_file))
     scheme = {"targets": ["Linear"], "weights": {"num_bits": 4, "type": "int", "symmetric": True,
                                                  "strategy": "group", "group_size": 64}}
     versions = {"llmcompressor": llmcompressor.__version__, "transformers": transformers.__version__,
                 "compressed_tensors": compressed_tensors.__version__, "torch": torch.__version__}
     for method in methods:
-        rec = {"method": method, "versions": versions}
+        rec = {"method": method, "versions": versions, "patches": patches}
         try:
             model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
             tok = AutoTokenizer.from_pretrained(model_dir)
@@ -165,7 +173,9 @@ def distilled_qat_row(base, tok, args, test, tmp: str, steps: int, seed: int = 0
     trainer.train()
     train_seconds = time.perf_counter() - t0
     out = os.path.join(tmp, "distil-qat")
-    quantize_and_save(student, out, args)
+    # back to the base's bf16 before the export, as the other rows: the embedding (tied lm_head) is stored in the
+    # model's own dtype, and fp32 would add 57 MB; the int4 scales are the bf16 model's
+    quantize_and_save(student.to(torch.bfloat16), out, args)
     seconds = time.perf_counter() - t0
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16).eval()
     row = {"method": f"distillation + int4 g64 QAT (ours, {steps} steps)", "ppl": perplexity(model, test),
@@ -260,7 +270,8 @@ def run(calib_blocks=64, calib_seq=128, eval_seq=512, eval_windows=None, seed=0,
                 model = AutoModelForCausalLM.from_pretrained(rec["folder"], dtype=torch.bfloat16).eval()
                 add({"method": label, "ppl": perplexity(model, test), "MB": weight_bytes(rec["folder"]) / 1e6,
                      "seconds": round(rec["seconds"], 1), "oneshot_seconds": round(rec["oneshot_seconds"], 1),
-                     "subprocess_seconds_all_methods": rec["subprocess_seconds_all_methods"], "versions": rec["versions"]})
+                     "subprocess_seconds_all_methods": rec["subprocess_seconds_all_methods"], "versions": rec["versions"],
+                     "patches": rec.get("patches", [])})
                 del model
         for name in ours[1:]:
             ours_row(name)
