@@ -18,7 +18,7 @@ masks) is the reference, computed on rank 0. Then the export: inside `GatheredPa
 `hf_compress.fsdp.save_full_state_dict` writes one safetensors file from rank 0.
 
 Also recorded: what a magnitude selection on a rank's own partition (`param.ds_tensor`) would choose, against the
-full weight's mask: the reason `GradualPruningCallback` stays refused under ZeRO-3.
+full weight's mask: the reason `GradualPruningCallback` selects on the gathered weights under ZeRO-3.
 """
 
 from __future__ import annotations
