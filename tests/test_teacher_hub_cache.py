@@ -5,6 +5,7 @@ with the local cache; a cache made for another run is refused in one line."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -175,7 +176,7 @@ HEX = "'[0-9a-f]{32}'"
         ({"dataset": "other"}, rf"have `dataset_digest` {HEX} but this run has {HEX}; train on the exact tokenized set "
          r"the cache was computed on"),
         ({"dataset": "shorter"}, r"have `num_rows` 16 but this run has 12; train on the exact tokenized set"),
-        ({"tokenizer": "other"}, rf"were made with tokenizer None \(`tokenizer_digest` [0-9a-f]{{32}}\) but "
+        ({"tokenizer": "other"}, r"were made with tokenizer None \(`tokenizer_digest` [0-9a-f]{32}\) but "
          r"`processing_class` has `tokenizer_digest` [0-9a-f]{32}; pass the teacher's tokenizer as `processing_class`"),
         ({"teacher_model": "acme/other-teacher"}, r"have `teacher_id` None but this run has 'acme/other-teacher'"),
         ({"student_vocab": 90}, r"^The student has input-embedding size 90 but the teacher of acme/llama-logits had 97 and "
@@ -265,14 +266,87 @@ def test_cli_refuses_bad_input_in_one_line(capsys):
     assert "temperature must be a number > 0, got 0.0" in capsys.readouterr().err
 
 
-def test_the_pipeline_refuses_teacher_logits_in_one_line(tmp_path, capsys):
+@pytest.fixture
+def pipeline_setup(tmp_path):
+    """A tiny BERT classifier teacher (random norms and biases), its 1-layer student with the teacher's head and
+    tokenizer, and the CSV both runs read."""
+    from test_cli import make_csv, make_tiny_model
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tdir = make_tiny_model(tmp_path / "teacher", head=True)
+    teacher = randomise_norms_and_biases(AutoModelForSequenceClassification.from_pretrained(tdir))
+    teacher.save_pretrained(tdir)
+    sdir = str(tmp_path / "student")
+    layer_dropped_student(teacher, [1]).save_pretrained(sdir)
+    AutoTokenizer.from_pretrained(tdir).save_pretrained(sdir)
+    return tdir, sdir, make_csv(tmp_path / "data.csv", n=48)
+
+
+PIPELINE = ["--no_prune", "--no_quantize", "--temperature", str(T), "--alpha", "0.5", "--max_steps", "4",
+            "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", str(BATCH), "--learning_rate",
+            "1e-3", "--logging_steps", "1", "--max_length", "16", "--disable_tqdm", "true", "--use_cpu", "true"]
+
+
+def _pipeline(main, sdir, data, out, *extra):
+    assert main(["--model", sdir, "--dataset", data, "--output_dir", str(out), *PIPELINE, *extra]) == 0
+    import json
+
+    from safetensors.torch import load_file
+
+    with open(os.path.join(out, "compression_report.json")) as f:
+        report = json.load(f)
+    losses = [(h["loss"], h["soft_loss"]) for h in report["pipeline"]["stages"]["train"]["log_history"] if "loss" in h]
+    return report, losses, load_file(os.path.join(out, "model.safetensors"))
+
+
+def test_hf_compress_distils_from_a_cache_pushed_for_its_data_exactly_like_the_live_teacher(pipeline_setup, hub, tmp_path, capsys):
+    # `hf-compress cache-teacher` on the raw CSV (no tokenized set): the rows hf-compress trains on; then
+    # `hf-compress --teacher_logits` trains on them with no teacher loaded, as the live teacher's local top-k cache.
     from hf_compress.cli.main import main
 
-    assert main(["--teacher_logits", "me/x", "--output_dir", str(tmp_path / "out")]) == 2
+    tdir, sdir, data = pipeline_setup
+    proc = cli_push(hub, tmp_path, tdir, data, "acme/cli-logits", "--max_length", "16")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    live, live_losses, live_weights = _pipeline(main, sdir, data, tmp_path / "live", "--teacher", tdir,
+                                                "--cache_teacher_logits", "true", "--teacher_logits_top_k", str(TOP_K))
+    capsys.readouterr()
+    hub_report, hub_losses, hub_weights = _pipeline(main, sdir, data, tmp_path / "hub", "--teacher", tdir,
+                                                    "--teacher_logits", "acme/cli-logits")
+    printed = capsys.readouterr().out
+    assert "distil 4 steps from the Hub teacher logits acme/cli-logits (no teacher loaded)" in printed
+    assert hub_report["techniques"] == live["techniques"] == ["distillation"]
+    assert len(hub_losses) == 4 and hub_losses == live_losses and all(soft > 0 for _, soft in hub_losses)
+    assert hub_weights.keys() == live_weights.keys()
+    assert all(torch.equal(hub_weights[k], live_weights[k]) for k in live_weights)
+
+
+def test_hf_compress_refuses_a_cache_of_other_rows_before_training(pipeline_setup, hub, tmp_path, capsys):
+    from hf_compress.cli.main import main
+
+    tdir, sdir, data = pipeline_setup
+    proc = cli_push(hub, tmp_path, tdir, data, "acme/cli-logits", "--max_length", "16")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    capsys.readouterr()
+    out = tmp_path / "other"
+    args = ["--model", sdir, "--dataset", data, "--output_dir", str(out), *PIPELINE, "--teacher_logits", "acme/cli-logits"]
+    # another --seed holds out other rows: as many rows, others, so the cache's dataset digest differs
+    assert main([*args, "--seed", "1"]) == 2
+    # the check loads and tokenizes the rows (their progress bars are the only other output), then one line
+    bar, _, err = capsys.readouterr().err.partition("hf-compress: error: ")
+    bars = [line for line in bar.replace("\r", "\n").split("\n") if line]
+    assert bars and all(re.fullmatch(r"[A-Za-z ]+: .*examples/s\]", line) for line in bars)
+    err = "hf-compress: error: " + err
+    assert err.startswith("hf-compress: error: --teacher_logits: The teacher logits acme/cli-logits have `dataset_digest` ")
+    assert err.endswith("build the cache for these rows with `hf-compress cache-teacher --dataset <this --dataset> "
+                        "<the same data options>`.\n") and err.count("\n") == 1
+    assert not out.exists()
+    assert main([*args, "--teacher", "base"]) == 2
     assert capsys.readouterr().err == (
-        "hf-compress: error: --teacher_logits is read by `DistillationTrainer(teacher_logits=...)` only; the "
-        "`hf-compress` pipeline distils with `--teacher`.\n"
-    )
+        "hf-compress: error: --teacher_logits acme/cli-logits replaces the teacher, and `--teacher base` distils from "
+        "this model itself; drop one (`--teacher <id>` with --teacher_logits only names the teacher the cache must "
+        "come from).\n")
+    assert main([*args, "--no_train"]) == 2
+    assert capsys.readouterr().err == "hf-compress: error: --teacher_logits acme/cli-logits is read while training; drop --no_train.\n"
 
 
 def test_sft_config_carries_the_field(tmp_path):

@@ -1,8 +1,13 @@
-"""`hf-compress cache-teacher`: run a teacher once over a tokenized dataset and push its top-k logits to the Hub.
+"""`hf-compress cache-teacher`: run a teacher once over a dataset and push its top-k logits to the Hub.
 
-    hf-compress cache-teacher --teacher <id or path> --dataset <tokenized set> --hub_repo user/name
+    hf-compress cache-teacher --teacher <id or path> --dataset <data> --hub_repo user/name
                               [--top_k 64] [--temperature 1.0] [--teacher_revision ...] [--batch_size 32]
+                              [hf-compress's data options: --text_column, --max_length, --max_train_samples, --seed]
 
+`--dataset` is either a tokenized training set (it has `input_ids`: used as it is, for `DistillationTrainer`) or
+data as `hf-compress --dataset` reads it (a shipped set, a csv/jsonl/txt file, a folder, a Hub id): then the cache
+covers exactly the tokenized rows `hf-compress` trains on with the same data options and `--seed`
+([`~hf_compress.pipeline.plan.training_examples`]), so `hf-compress --teacher_logits user/name` distils from it.
 The pushed dataset repo is read by `DistillationTrainer(teacher_logits="user/name")` with no teacher loaded
 ([`~hf_compress.distillation.hub_cache`]).
 """
@@ -20,9 +25,11 @@ class CacheTeacherArguments:
 
     Parameters:
         teacher (`str`): Hub id or directory of the teacher.
-        dataset (`str`): the tokenized training set: a `save_to_disk` folder, a data file with `input_ids`, or a Hub id.
         hub_repo (`str`): the dataset repo to push to, `namespace/name`.
-        split (`str`, *optional*, defaults to `"train"`): the split of `dataset`.
+        split (`str`, *optional*, defaults to `"train"`): the split of a tokenized `--dataset` (data that is not
+            tokenized gives the rows `hf-compress` trains on, from its `train` split).
+        seed (`int`, *optional*, defaults to `42`): `hf-compress`'s `--seed` (its default), which seeds the held-out
+            10% carved from `train` when there is no test split and the `--max_train_samples` subset.
         top_k (`int`, *optional*, defaults to `64`): classes kept per position; `0` stores full logits.
         temperature (`float`, *optional*, defaults to `1.0`): the training run's distillation temperature.
         teacher_revision (`str`, *optional*): revision of the teacher to load and record.
@@ -37,7 +44,6 @@ class CacheTeacherArguments:
     """
 
     teacher: str | None = field(default=None, metadata={"help": "Teacher Hub id or directory."})
-    dataset: str | None = field(default=None, metadata={"help": "Tokenized training set (save_to_disk folder, file or Hub id)."})
     hub_repo: str | None = field(default=None, metadata={"help": "Dataset repo to push to, namespace/name."})
     split: str = field(default="train", metadata={"help": "Split of the dataset."})
     top_k: int = field(default=64, metadata={"help": "Classes kept per position (0: full logits)."})
@@ -51,6 +57,7 @@ class CacheTeacherArguments:
     device: str | None = field(default=None, metadata={"help": "Teacher device (default: cuda if available, else cpu)."})
     private: bool = field(default=False, metadata={"help": "Create the dataset repo private."})
     local_dir: str | None = field(default=None, metadata={"help": "Keep the pushed folder there."})
+    seed: int = field(default=42, metadata={"help": "hf-compress's --seed (data not tokenized: the held-out carve and subset)."})
 
 
 def _fail(message: str) -> int:
@@ -68,7 +75,10 @@ def main(argv: list[str]) -> int:
     class _Usage(Exception):
         pass
 
-    parser = HfArgumentParser(CacheTeacherArguments, prog="hf-compress cache-teacher",
+    from ..pipeline.arguments import DataArguments
+    from ..tasks import CompressionInputError
+
+    parser = HfArgumentParser((CacheTeacherArguments, DataArguments), prog="hf-compress cache-teacher",
                               description="Compute the top-k teacher logits of a dataset and push them as a Hub dataset repo.")
 
     def error(message):  # one line instead of argparse's usage + exit
@@ -76,8 +86,8 @@ def main(argv: list[str]) -> int:
 
     parser.error = error
     try:
-        (a,) = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
-        for name in ("teacher", "dataset", "hub_repo"):
+        a, data_args = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+        for name in ("teacher", "hub_repo"):
             if not getattr(a, name):
                 raise _Usage(f"--{name} is required, e.g. `hf-compress cache-teacher --teacher T --dataset D --hub_repo me/teacher-logits`.")
         top_k = None if a.top_k == 0 else a.top_k
@@ -87,11 +97,16 @@ def main(argv: list[str]) -> int:
                                     batch_size=a.batch_size)
         if a.teacher_dtype is not None and a.teacher_dtype not in ("float32", "bfloat16", "float16"):
             raise _Usage(f"--teacher_dtype must be float32, bfloat16 or float16, got {a.teacher_dtype!r}.")
-        dataset = _load_split(a.dataset, a.split)
+        dataset = _load_split(data_args.dataset, a.split)
+        if "input_ids" not in dataset.column_names:  # data as hf-compress reads it: the rows it trains on
+            if a.split != "train":
+                raise _Usage(f"--split {a.split} applies to a tokenized --dataset; hf-compress trains on the `train` "
+                             "split of this one (hold rows out with `--eval_split` there), so drop --split.")
+            dataset = _pipeline_rows(a, data_args)
         tokenizer, teacher = _load_teacher(a)
         task = task_of_model(teacher) if a.task == "auto" else a.task
         hub_cache.check_push_inputs(a.hub_repo, top_k, a.temperature, a.dtype, task, dataset, tokenizer, a.batch_size)
-    except (_Usage, ValueError, TypeError, OSError, ImportError) as err:
+    except (_Usage, CompressionInputError, ValueError, TypeError, OSError, ImportError) as err:
         return _fail(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
     from ..hub import HubPushError
 
@@ -123,13 +138,27 @@ def _load_split(name: str, split: str):
         return dsd
     if split not in dsd:
         raise ValueError(f"--dataset {name!r} has no split {split!r} (splits: {', '.join(dsd)}); fix `--split`.")
-    ds = dsd[split]
-    if "input_ids" not in ds.column_names:
-        raise ValueError(
-            f"--dataset {name!r} has no `input_ids` column (columns: {ds.column_names}); tokenize it exactly as for "
-            "training and `save_to_disk` it, then pass that folder."
-        )
-    return ds
+    return dsd[split]
+
+
+def _pipeline_rows(a: CacheTeacherArguments, data_args):
+    """The tokenized examples `hf-compress` trains on for `data_args` and `--seed`, tokenized by the teacher's
+    tokenizer (or `--tokenizer`), for the teacher's task; before the teacher's weights are loaded."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from ..pipeline.plan import training_examples
+    from ..tasks import task_of_class
+
+    revision = {"revision": a.teacher_revision} if a.teacher_revision else {}
+    task = a.task
+    if task == "auto":
+        arch = (AutoConfig.from_pretrained(a.teacher, **revision).architectures or [None])[0]
+        found = task_of_class(arch) if arch else None
+        if found is None:
+            raise ValueError(f"--teacher {a.teacher!r} names no task in its config's architecture ({arch}); pass `--task`.")
+        task = found.name
+    tokenizer = AutoTokenizer.from_pretrained(a.tokenizer or a.teacher, **({} if a.tokenizer else revision))
+    return training_examples(data_args, task, tokenizer, a.seed)
 
 
 def _load_teacher(a: CacheTeacherArguments):

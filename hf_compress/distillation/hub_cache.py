@@ -367,6 +367,21 @@ def expected_key(dataset, tokenizer, task: str, temperature: float, teacher_id: 
     return expected
 
 
+def open_checked_cache(source: str, dataset, tokenizer, task: str, temperature: float, teacher_id: str | None = None,
+                       teacher_revision: str | None = None):
+    """Download the Hub teacher cache `source` (`user/repo`, `user/repo@revision` or a local folder) and check its key
+    against the run that will train on `dataset` ([`expected_key`], [`check_hub_cache_key`]).
+
+    Returns `(cache, key)` as [`load_hub_teacher_cache`]; raises `ValueError` (one line) for a cache made for
+    another run.
+    """
+    expected = expected_key(dataset, tokenizer, task, temperature, teacher_id, teacher_revision)
+    repo, revision = split_repo_revision(source)
+    cache, key = load_hub_teacher_cache(repo, revision)
+    check_hub_cache_key(key, expected, source)
+    return cache, key
+
+
 _FIXES = {
     "task": "distil a student of the cache's task, or push a cache for this task",
     "num_rows": "train on the exact tokenized set the cache was computed on, or push a cache for this one",

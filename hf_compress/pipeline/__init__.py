@@ -12,7 +12,7 @@ stage by stage, [`compress`] is both in one call.
 
 from .arguments import DEFAULT_OUTPUT_DIR, EXPORT_FORMATS, DataArguments, ModelArguments
 from .data import describe_documents, load_config, load_dataset_any
-from .plan import CompressionPlan, check_output_dir, describe_plan, prepare
+from .plan import CompressionPlan, check_output_dir, describe_plan, prepare, training_examples
 from .runner import compress, run
 
 __all__ = [
@@ -29,4 +29,5 @@ __all__ = [
     "load_dataset_any",
     "prepare",
     "run",
+    "training_examples",
 ]

@@ -60,11 +60,21 @@ class CompressionPlan:
         return runs_qat(self.model_args)
 
     @property
+    def teacher_logits(self) -> str | None:
+        """`--teacher_logits`: the Hub teacher cache the run distils from, with no teacher loaded; `None` otherwise."""
+        return getattr(self.training_args, "teacher_logits", None)
+
+    @property
+    def distils(self) -> bool:
+        """The training stage distils: from `--teacher` (a model, or `base`) or from `--teacher_logits`."""
+        return self.model_args.train and (self.model_args.teacher is not None or self.teacher_logits is not None)
+
+    @property
     def techniques(self) -> list[str]:
         """What the run applies, in the order the report and card list it."""
         ma = self.model_args
         return ((["structured pruning"] if self.prunes_structures else [])
-                + (["distillation"] if ma.train and ma.teacher is not None else [])
+                + (["distillation"] if self.distils else [])
                 + (["pruning"] if self.prunes else [])
                 + (["quantization"] if ma.quantize else []))
 
@@ -319,11 +329,22 @@ def _load_tokenizer(model_path: str):
 
 
 def _check_teacher(model_args, training_args) -> None:
-    if getattr(training_args, "teacher_logits", None) is not None:  # the pipeline has no Hub-cache path yet
-        raise CompressionInputError(
-            "--teacher_logits is read by `DistillationTrainer(teacher_logits=...)` only; the `hf-compress` pipeline "
-            "distils with `--teacher`."
-        )
+    logits = getattr(training_args, "teacher_logits", None)
+    if logits is not None:  # the Hub cache replaces the teacher: `--teacher` only names it for the key check
+        if model_args.teacher == "base":
+            raise CompressionInputError(
+                f"--teacher_logits {logits} replaces the teacher, and `--teacher base` distils from this model itself; "
+                "drop one (`--teacher <id>` with --teacher_logits only names the teacher the cache must come from).")
+        if not model_args.train:
+            raise CompressionInputError(f"--teacher_logits {logits} is read while training; drop --no_train.")
+        if model_args.target == "latency":
+            raise CompressionInputError(
+                f"--target latency distils every candidate from the base (or a --teacher it loads), not from "
+                f"--teacher_logits {logits}; drop one.")
+        if getattr(training_args, "cache_teacher_logits", False):
+            raise CompressionInputError(
+                f"--teacher_logits {logits} replaces the teacher and its local cache; drop --cache_teacher_logits.")
+        return
     if model_args.teacher not in (None, "base"):
         try:
             load_config(model_args.teacher)
@@ -346,6 +367,15 @@ def _resolve_data(data_args, task_name: str, seed: int) -> tuple[Task, object, o
         if bars:
             datasets.enable_progress_bars()
     return task, train, evaluation, split_name
+
+
+def training_examples(data_args, task_name: str, tokenizer, seed: int):
+    """The tokenized training examples `hf-compress` trains on for these data options, `tokenizer` and `--seed`: the
+    rows [`prepare`] resolves (splits, held-out carve, `--max_train_samples` subset, columns, labels), then the task's
+    preprocessing with its tokenizer settings, as the run's first stage does. `hf-compress cache-teacher` computes a
+    Hub teacher cache over exactly these rows, so a later `hf-compress --teacher_logits` run's key check matches."""
+    task, train, _, _ = _resolve_data(data_args, task_name, seed)
+    return task.preprocess(train, task.prepare_tokenizer(tokenizer), train=True)
 
 
 def describe_plan(plan: CompressionPlan, train_rows: int, eval_rows: int, steps: int, base_steps: int) -> list[str]:
@@ -386,7 +416,8 @@ def describe_plan(plan: CompressionPlan, train_rows: int, eval_rows: int, steps:
     if structured == "oneshot":
         stages.append(f"structured pruning of {sa.prune_structure} one-shot (checked against its masked model)")
     if ma.train:
-        what = ("distil" if ma.teacher else "fine-tune") + f" {steps} steps"
+        what = ("distil" if plan.distils else "fine-tune") + f" {steps} steps"
+        what += f" from the Hub teacher logits {plan.teacher_logits} (no teacher loaded)" if plan.teacher_logits else ""
         what += f" with gradual pruning to {pa.target_sparsity:.0%}" if plan.prunes else ""
         what += f" with gradual structured pruning of {sa.prune_structure}" if structured == "gradual" else ""
         what += f" (last {qa.qat_fraction:.0%} fake-quantized)" if plan.fake_quantizes else ""

@@ -32,6 +32,29 @@ def load_inputs(ctx: RunContext) -> None:
     ctx.base_steps = given if given is not None else ctx.steps
     for line in describe_plan(plan, len(ctx.train_dataset), len(ctx.eval_dataset), ctx.steps, ctx.base_steps):
         ctx.log(line)
+    if plan.teacher_logits is not None:
+        check_teacher_logits(ctx)
+
+
+def check_teacher_logits(ctx: RunContext) -> None:
+    """`--teacher_logits`: the Hub cache downloaded and its key checked against the tokenized training set, the
+    tokenizer, the temperature, the named teacher and the student, before the base is fine-tuned or evaluated (the
+    trainer checks the same again, from the downloaded copy); a cache made for another run is one line."""
+    from ..distillation import hub_cache
+    from ..hub import HubPushError
+    from ..tasks import CompressionInputError, task_of_model
+
+    args, source = ctx.plan.training_args, ctx.plan.teacher_logits
+    task = args.distillation_task if args.distillation_task != "auto" else task_of_model(ctx.model)
+    teacher = ctx.plan.model_args.teacher
+    try:
+        _, key = hub_cache.open_checked_cache(source, ctx.train_dataset, ctx.tokenizer, task, args.temperature,
+                                              teacher, args.teacher_revision)
+        hub_cache.check_student_against_key(ctx.model, key, task, ctx.tokenizer, source)
+    except (ValueError, HubPushError) as err:
+        fix = ("; build the cache for these rows with `hf-compress cache-teacher --dataset <this --dataset> "
+               "<the same data options>`" if "dataset_digest" in str(err) or "num_rows" in str(err) else "")
+        raise CompressionInputError(f"--teacher_logits: {str(err).rstrip('.')}{fix}.") from None
 
 
 def finetune_base(ctx: RunContext) -> dict | None:
@@ -115,11 +138,12 @@ def train(ctx: RunContext) -> dict | None:
     ma = plan.model_args
     if not ma.train:
         return None
-    teacher = ctx.base if ma.teacher == "base" else ma.teacher  # a Hub id or directory, or None
-    what = "Distilling" if teacher is not None else "Fine-tuning"
+    # a Hub id or directory (with --teacher_logits only named, for the cache's key), or None
+    teacher = ctx.base if ma.teacher == "base" else ma.teacher
+    what = "Distilling" if plan.distils else "Fine-tuning"
     what += f" with pruning to {plan.pruning_args.target_sparsity:.0%}" if plan.prunes else ""
     return train_model(ctx.model, trainer_args(plan.training_args, os.path.join(ctx.work, "run")), ctx.train_dataset,
-                       ctx.tokenizer, ctx.collator, what, teacher, ctx.callbacks)
+                       ctx.tokenizer, ctx.collator, what, teacher, ctx.callbacks, teacher_logits=plan.teacher_logits)
 
 
 def collect_pruning_checks(ctx: RunContext) -> dict | None:

@@ -9,15 +9,20 @@ import dataclasses
 
 def trainer_args(training_args, output_dir: str, **overrides):
     """The user's `TrainingArguments` with the pipeline's own settings: scratch output, no checkpoints, evaluation
-    or pushes from inside the Trainer (the pipeline evaluates, writes and pushes the final folder itself)."""
+    or pushes from inside the Trainer (the pipeline evaluates, writes and pushes the final folder itself), and no
+    `teacher_logits` (the training stage passes them to [`train_model`] itself; the base fine-tune never reads them)."""
+    if hasattr(training_args, "teacher_logits"):
+        overrides = {"teacher_logits": None, **overrides}
     return dataclasses.replace(
         training_args, output_dir=output_dir, push_to_hub=False, save_strategy="no", load_best_model_at_end=False,
         eval_strategy="no", **overrides,
     )
 
 
-def train_model(model, args, train_ds, tokenizer, collator, desc: str, teacher=None, callbacks=()) -> dict:
-    """Train with `Trainer` (or `DistillationTrainer`) under one progress bar; returns its metrics, the optimizer
+def train_model(model, args, train_ds, tokenizer, collator, desc: str, teacher=None, callbacks=(),
+                teacher_logits: str | None = None) -> dict:
+    """Train with `Trainer` (or `DistillationTrainer`, from `teacher` or from the Hub cache `teacher_logits`, with
+    `teacher` then only naming the cache's teacher) under one progress bar; returns its metrics, the optimizer
     steps really taken (`steps`, right under DDP) and the log history (per-step dicts stay off the console)."""
     from transformers import Trainer
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
@@ -26,10 +31,10 @@ def train_model(model, args, train_ds, tokenizer, collator, desc: str, teacher=N
 
     kwargs = dict(model=model, args=args, train_dataset=train_ds, data_collator=collator,
                   processing_class=tokenizer, callbacks=list(callbacks))
-    if teacher is not None:
+    if teacher is not None or teacher_logits is not None:
         from ..trainers import DistillationTrainer
 
-        trainer = DistillationTrainer(teacher_model=teacher, **kwargs)
+        trainer = DistillationTrainer(teacher_model=teacher, teacher_logits=teacher_logits, **kwargs)
     else:
         trainer = Trainer(**kwargs)
     trainer.remove_callback(ProgressCallback)

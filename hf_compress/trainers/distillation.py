@@ -169,12 +169,9 @@ class DistillationMixin:
                 "that the token ids mean the same; pass `processing_class=tokenizer`."
             )
         dataset = self.train_dataset.remove_columns([c for c in (teacher_cache.ROW,) if c in self.train_dataset.column_names])
-        expected = hub_cache.expected_key(dataset, tokenizer, self.task, self.args.temperature, teacher_id,
-                                          self.args.teacher_revision)
-        repo, revision = hub_cache.split_repo_revision(source)
         with self.args.main_process_first(desc="teacher logits"):
-            cache, key = hub_cache.load_hub_teacher_cache(repo, revision)
-        hub_cache.check_hub_cache_key(key, expected, source)
+            cache, key = hub_cache.open_checked_cache(source, dataset, tokenizer, self.task, self.args.temperature,
+                                                      teacher_id, self.args.teacher_revision)
         student = self.accelerator.unwrap_model(self.model)
         self.teacher_width = hub_cache.check_student_against_key(student, key, self.task, tokenizer, source)
         # As with a live teacher: left-padded rows at unpadded positions when either model reads absolute positions
