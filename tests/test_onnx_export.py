@@ -3,6 +3,8 @@ verbatim, the refusals before training, the CLI end to end, and the quality guar
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import re
@@ -195,7 +197,10 @@ def cli_output(tiny, tmp_path_factory):
                 args = ["--model", tiny["seq"], "--dataset", tiny["csv"], "--sparsity", "0.5", "--no_qat"]
             else:
                 args = ["--model", tiny["causal"], "--dataset", tiny["txt"], "--sparsity", "0.5", "--no_quantize"]
-            assert main([*args, "--output_dir", str(out), "--format", "onnx", *FAST]) == 0
+            printed = io.StringIO()
+            with contextlib.redirect_stdout(printed):
+                assert main([*args, "--output_dir", str(out), "--format", "onnx", *FAST]) == 0
+            (out.parent / "stdout.txt").write_text(printed.getvalue())
             made[kind] = out
         return made[kind]
 
@@ -228,6 +233,9 @@ def test_cli_end_to_end(cli_output, tmp_path, kind):
     if kind == "seq-int8":
         np.testing.assert_allclose(sess.run(["logits"], feed)[0], np.array(v["logits"]), atol=1e-5, rtol=0)
     assert "ONNX Runtime graph" in (out / "README.md").read_text()
+    # The summary's bits are the graph's: its MatMulInteger ops compute in int8; an fp32 graph is the trained width.
+    (row,) = [line for line in (out.parent / "stdout.txt").read_text().splitlines() if "bits (quantized layers)" in line]
+    assert [cell.strip() for cell in row.split("|")[2:4]] == (["32", "8"] if kind == "seq-int8" else ["32", "32"]), row
     # The card's code, verbatim: two padded texts x 2 labels, or the greedy loop's new tokens (at most 16 ids of the
     # 35-token vocabulary; the tokenizer's eos, `[SEP]`, may end it early).
     shape = r"^\(2, 2\)$" if kind == "seq-int8" else r"^\[\d+(, \d+){0,15}\]$"

@@ -187,6 +187,14 @@ def _plain(value):
     return value if isinstance(value, (int, float, str, bool, type(None))) else str(value)
 
 
+def _graph_bits(report: dict) -> str | None:
+    """The integer width an ONNX export's graph computes its quantized ops in (`4` for `MatMulNBits`, `8` for
+    `MatMulInteger`), from the export's op counts; `None` for other formats and for an fp32 graph. The graph holds
+    no safetensors, so the quantization summary (read from them) has no bits for it."""
+    counts = ((((report.get("pipeline") or {}).get("stages") or {}).get("export") or {}).get("op_counts")) or {}
+    return "4" if counts.get("int4_ops") else "8" if counts.get("int8_ops") else None
+
+
 def _print_summary(report: dict, output_dir: str, seconds: float) -> None:
     size = report.get("size", {})
     metrics = report.get("metrics", {}) or {}
@@ -205,7 +213,7 @@ def _print_summary(report: dict, output_dir: str, seconds: float) -> None:
     def bits(x):
         return f"{x:g}" if isinstance(x, (int, float)) else "-"
 
-    bits_result = "/".join(str(b) for b in quant.get("bits", [])) or bits(bpw.get("in_memory"))
+    bits_result = "/".join(str(b) for b in quant.get("bits", [])) or _graph_bits(report) or bits(bpw.get("in_memory"))
     rows = [
         ("size (weights on disk)", mb(size.get("base_weights_bytes")), mb(size.get("compressed_weights_bytes"))),
         ("size ratio", "1.00x", f"{size['ratio']:.2f}x smaller" if size.get("ratio") else "-"),
