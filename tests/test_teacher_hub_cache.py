@@ -4,6 +4,7 @@ with the local cache; a cache made for another run is refused in one line."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -288,11 +289,9 @@ PIPELINE = ["--no_prune", "--no_quantize", "--temperature", str(T), "--alpha", "
 
 
 def _pipeline(main, sdir, data, out, *extra):
-    assert main(["--model", sdir, "--dataset", data, "--output_dir", str(out), *PIPELINE, *extra]) == 0
-    import json
-
     from safetensors.torch import load_file
 
+    assert main(["--model", sdir, "--dataset", data, "--output_dir", str(out), *PIPELINE, *extra]) == 0
     with open(os.path.join(out, "compression_report.json")) as f:
         report = json.load(f)
     losses = [(h["loss"], h["soft_loss"]) for h in report["pipeline"]["stages"]["train"]["log_history"] if "loss" in h]

@@ -188,11 +188,14 @@ def _plain(value):
 
 
 def _graph_bits(report: dict) -> str | None:
-    """The integer width an ONNX export's graph computes its quantized ops in (`4` for `MatMulNBits`, `8` for
-    `MatMulInteger`), from the export's op counts; `None` for other formats and for an fp32 graph. The graph holds
-    no safetensors, so the quantization summary (read from them) has no bits for it."""
-    counts = ((((report.get("pipeline") or {}).get("stages") or {}).get("export") or {}).get("op_counts")) or {}
-    return "4" if counts.get("int4_ops") else "8" if counts.get("int8_ops") else None
+    """The integer width an ONNX export's graph computes in ([`graph_bits`] of the op counts its export recorded);
+    `None` for other formats and for an fp32 graph. The graph holds no safetensors, so the quantization summary (read
+    from them) has no bits for it."""
+    from ..quantization.onnx import graph_bits
+
+    counts = (((report.get("pipeline") or {}).get("stages") or {}).get("export") or {}).get("op_counts")
+    bits = graph_bits(counts) if counts else None
+    return None if bits is None else str(bits)
 
 
 def _print_summary(report: dict, output_dir: str, seconds: float) -> None:

@@ -48,10 +48,9 @@ class OnnxFormat(CheckpointFormat):
         return self.load(folder, source=model.eval()), info, message  # evaluated through onnxruntime, as users run it
 
     def bits(self, folder: str, config: dict) -> int | None:
-        from ..quantization.onnx import ONNX_FILE, op_counts
+        from ..quantization.onnx import ONNX_FILE, graph_bits, op_counts
 
-        counts = op_counts(os.path.join(folder, ONNX_FILE))
-        return 4 if counts.get("int4_ops") else 8 if counts["int8_ops"] else None
+        return graph_bits(op_counts(os.path.join(folder, ONNX_FILE)))
 
     def logit_tolerance(self, plain_loader: bool, bits: int | None = None, dtype=None) -> float:
         return ONNX_INT8_TOLERANCE if bits == 8 else self.relative_logit_tolerance

@@ -128,6 +128,12 @@ def op_counts(path: str) -> dict:
     return {**counts, "int4_ops": int4} if int4 else counts
 
 
+def graph_bits(counts: dict) -> int | None:
+    """The integer width a graph with these [`op_counts`] computes its quantized products in: `4` (`MatMulNBits`),
+    `8` (`MatMulInteger`, `QLinear*`), `None` for an fp32 graph."""
+    return 4 if counts.get("int4_ops") else 8 if counts.get("int8_ops") else None
+
+
 class _EncoderExport:
     """The encoder tasks' graph (no cache): traced on one probe, checked on another of other shapes."""
 
