@@ -33,6 +33,17 @@ def test_bad_latency_candidate_is_one_line_naming_it(spec, part):
     assert "\n" not in str(err.value)
 
 
+def test_latency_candidate_keeping_all_of_a_structure_is_refused_not_run_uncut():
+    # `layers=1` reads as "one block" but a kept amount of 1 is the fraction 1.0 (every block): refused, not a
+    # candidate whose layers are silently all kept
+    with pytest.raises(CompressionInputError) as err:
+        parse_latency_candidates("none;ffn=0.25,layers=1")
+    assert str(err.value) == ("latency_candidates: 'layers=1' in 'ffn=0.25,layers=1' keeps every block (a kept amount "
+                              "of 1 means all); pass a fraction below 1 (e.g. `layers=0.5`) or a whole count > 1, "
+                              "or drop `layers=1`.")
+    assert parse_latency_candidates("ffn=0.25,layers=2") == [{"ffn": 0.25, "layers": 2}]
+
+
 def test_latency_candidate_listed_twice_is_refused():
     with pytest.raises(CompressionInputError, match="names a candidate twice"):
         parse_latency_candidates("none;ffn=0.5;ffn=0.50")
@@ -118,7 +129,7 @@ def searched(setup):
     model, data, tmp = setup
     out = tmp / "searched"
     rc = main(["--model", model, "--dataset", data, "--output_dir", str(out), "--target", "latency",
-               "--latency_candidates", "none;ffn=0.5;ffn=0.25,layers=1", "--max_accuracy_drop", "100",
+               "--latency_candidates", "none;ffn=0.5;ffn=0.25,layers=0.5", "--max_accuracy_drop", "100",
                "--prune_calibration_batches", "2", *FAST])
     assert rc == 0
     with open(os.path.join(out, "compression_report.json")) as f:
@@ -131,7 +142,7 @@ def test_target_latency_tries_every_candidate_and_writes_the_fastest(searched):
     out, report = searched
     search = report["pipeline"]["stages"]["latency_search"]
     rows = search["rows"]
-    assert [r["candidate"] for r in rows] == ["none", "ffn=0.5", "ffn=0.25,layers=1"]
+    assert [r["candidate"] for r in rows] == ["none", "ffn=0.5", "ffn=0.25,layers=0.5"]
     assert all(r["within_budget"] for r in rows) and search["within_budget"] and search["not_tried"] == []
     fastest = min(rows, key=lambda r: r["latency_ms"])
     assert search["chosen"] == fastest["candidate"]
@@ -143,7 +154,7 @@ def test_target_latency_tries_every_candidate_and_writes_the_fastest(searched):
     # the written graph is the chosen candidate's: its FFN width and depth, int8, evaluated as the row says
     with open(os.path.join(out, "config.json")) as f:
         config = json.load(f)
-    shapes = {"none": (128, 2), "ffn=0.5": (64, 2), "ffn=0.25,layers=1": (32, 1)}[search["chosen"]]
+    shapes = {"none": (128, 2), "ffn=0.5": (64, 2), "ffn=0.25,layers=0.5": (32, 1)}[search["chosen"]]
     assert (config["intermediate_size"], config["num_hidden_layers"]) == shapes
     graph = onnx.load(os.path.join(out, "model.onnx"))
     assert sum(n.op_type == "MatMulInteger" for n in graph.graph.node) > 0

@@ -71,7 +71,7 @@ class ModelArguments:
         latency_candidates (`str`, *optional*, defaults to `"none;ffn=0.5;ffn=0.25;ffn=0.25,layers=0.67"`):
             `--target latency`: the candidates, least aggressive first, separated by `;`: `none` (the base as it is)
             or `structure=kept` pairs joined by `,` (structures `ffn`, `heads`, `hidden`, `layers`; kept as a
-            fraction in (0, 1] or a whole count > 1). The search stops at the first candidate over the budget.
+            fraction in (0, 1) or a whole count > 1). The search stops at the first candidate over the budget.
         latency_batch_size (`int`, *optional*, defaults to `32`):
             `--target latency`: examples of the held-out split per timed call.
     """
@@ -152,6 +152,7 @@ def parse_latency_candidates(spec: str) -> list[dict]:
     from ..architectures import STRUCTURES
 
     form = "`none` or structure=kept pairs joined by `,` (e.g. `none;ffn=0.5;ffn=0.25,layers=4`)"
+    units = {"ffn": "FFN neuron", "heads": "KV group", "hidden": "hidden channel", "layers": "block"}
     out = []
     for part in [p.strip() for p in str(spec).split(";")]:
         if part == "none":
@@ -169,7 +170,11 @@ def parse_latency_candidates(spec: str) -> list[dict]:
                     0 < kept <= 1 or (kept > 1 and kept.is_integer())):
                 raise CompressionInputError(
                     f"latency_candidates: {part!r} is not a candidate; each of the `;`-separated candidates is {form}, "
-                    f"structures {', '.join(STRUCTURES)}, kept a fraction in (0, 1] or a whole count > 1.")
+                    f"structures {', '.join(STRUCTURES)}, kept a fraction in (0, 1) or a whole count > 1.")
+            if kept == 1:  # a kept amount of 1 means all of them: the structure would not be cut
+                raise CompressionInputError(
+                    f"latency_candidates: {pair!r} in {part!r} keeps every {units[name]} (a kept amount of 1 means all); "
+                    f"pass a fraction below 1 (e.g. `{name}=0.5`) or a whole count > 1, or drop `{pair}`.")
             candidate[name] = int(kept) if kept > 1 else kept
         out.append(candidate)
     if len(set(map(candidate_name, out))) < len(out):
