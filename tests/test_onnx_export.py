@@ -224,6 +224,15 @@ def test_cli_end_to_end(cli_output, tmp_path, kind):
     (name, check), = report["loaders"].items()  # the graph as the card loads it, against the trained model
     assert name == "onnxruntime.InferenceSession (without hf_compress)" and check["status"] == "match" and check["ok"]
     assert check["max_abs_logit_diff"] <= check["tolerance"]
+    if kind == "seq-int8":  # against the int8 graph the run evaluated: ONNX Runtime read twice, the same numbers
+        assert check["compared_with"] == "the int8 graph as this run evaluated it (in-process ONNX Runtime)"
+        assert check["max_abs_logit_diff"] <= 1e-5 and check["tolerance"] <= 1e-3  # 1e-4 x the logit scale
+        assert 0 < check["max_abs_logit_diff_to_trained"] <= INT8_ATOL  # the run-time rounding, recorded
+        card = (out / "README.md").read_text()
+        assert (f"{name} was compared with the int8 graph as this run evaluated it (in-process ONNX Runtime)" in card
+                and f"differs from the trained model by at most {check['max_abs_logit_diff_to_trained']:.3g}" in card)
+    else:
+        assert "compared_with" not in check
     assert report["size"]["compressed_weight_files"] == ["model.onnx"]
     assert report["size"]["compressed_weights_bytes"] == os.path.getsize(out / "model.onnx")
     # The recorded metric was computed through onnxruntime: the recorded verification logits are the graph's.
@@ -240,6 +249,36 @@ def test_cli_end_to_end(cli_output, tmp_path, kind):
     # 35-token vocabulary; the tokenizer's eos, `[SEP]`, may end it early).
     shape = r"^\(2, 2\)$" if kind == "seq-int8" else r"^\[\d+(, \d+){0,15}\]$"
     assert re.search(shape, _run_card_snippet(out, tmp_path).strip(), re.M)
+
+
+def test_int8_folder_whose_graph_was_changed_fails_the_loaders_check(cli_output, tmp_path):
+    # The int8 check compares with the graph the run evaluated: one int8 weight changed in the written graph (it still
+    # loads and runs) must read as a mismatch at the format's tolerance, not pass as run-time rounding.
+    import shutil
+
+    import onnx
+    from transformers import AutoTokenizer
+
+    from hf_compress.model_cards.loading import check_loaders
+
+    folder = tmp_path / "tampered"
+    shutil.copytree(cli_output("seq-int8"), folder)
+    texts = ["a first held-out text", "another, longer held-out text of the test"]
+    evaluated = load_onnx(str(folder))
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    with torch.no_grad():
+        reference = evaluated(**tok(texts, padding=True, truncation=True, return_tensors="pt")).logits
+    (check,) = check_loaders(str(folder), texts, reference).values()
+    assert check["status"] == "match" and check["max_abs_logit_diff"] <= 1e-5
+    graph = onnx.load(str(folder / "model.onnx"))
+    weights = [t for t in graph.graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 2]
+    last = weights[-1]  # the classifier's int8 weight
+    values = onnx.numpy_helper.to_array(last).copy()
+    values[:, 0] = -values[:, 0]
+    last.CopyFrom(onnx.numpy_helper.from_array(values, last.name))
+    onnx.save(graph, str(folder / "model.onnx"))
+    (check,) = check_loaders(str(folder), texts, reference).values()
+    assert check["status"] == "mismatch" and not check["ok"] and check["max_abs_logit_diff"] > 10 * check["tolerance"]
 
 
 # --- the quality guard -------------------------------------------------------------------------------------------
