@@ -107,15 +107,28 @@ def run_without_hf_compress(code: str, cwd: str, timeout: int = 300):
         os.unlink(f.name)
 
 
+RESULT_TENSORS = "result.safetensors"
+
+
 def run_result_without_hf_compress(code: str, timeout: int = 300) -> dict:
     """Run `code` in a fresh interpreter without hf_compress (a temporary cwd) and return the JSON it printed on its
-    `RESULT ` line, or `{"error": <the last line of stderr>}` when it printed none."""
+    `RESULT ` line, or `{"error": <the last line of stderr>}` when it printed none. Tensors travel as a safetensors
+    file the code writes in its cwd ([`RESULT_TENSORS`], named by `"tensors_file"` in the JSON): a causal LM's logits
+    over a 49k-262k vocabulary as JSON text took minutes to print and parse; its entries join the returned dict."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as cwd:
         proc = run_without_hf_compress(code, cwd, timeout=timeout)
-    line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
-    return json.loads(line[7:]) if line else {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:200]}
+        line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+        if not line:
+            return {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:200]}
+        result = json.loads(line[7:])
+        name = result.pop("tensors_file", None)
+        if name is not None:
+            from safetensors.torch import load_file
+
+            result.update(load_file(os.path.join(cwd, os.path.basename(name))))
+        return result
 
 
 def main_logits(output):
@@ -184,7 +197,9 @@ def check_loaders(folder: str, texts: list[str], reference_logits, atol: float |
             f"try:\n    m = transformers.{auto}.from_pretrained({folder!r}).eval()\n"
             f"    with torch.no_grad():\n        o = m(**tok({texts!r}, padding=True, truncation=True, return_tensors='pt'))\n"
             f"    l = o.logits if getattr(o, 'logits', None) is not None else torch.stack([o.start_logits, o.end_logits], -1)\n"
-            f"    print('RESULT', json.dumps({{'logits': l.tolist()}}))\n"
+            f"    from safetensors.torch import save_file\n"
+            f"    save_file({{'logits': l.float().contiguous()}}, {RESULT_TENSORS!r})\n"
+            f"    print('RESULT', json.dumps({{'tensors_file': {RESULT_TENSORS!r}}}))\n"
             f"except Exception as e:\n    print('RESULT', json.dumps({{'error': type(e).__name__ + ': ' + str(e).splitlines()[0][:200]}}))\n")
     result = run_result_without_hf_compress(code)
     key = "from_pretrained (without hf_compress)"
@@ -230,8 +245,10 @@ def _check_onnx(folder: str, texts: list[str], compare) -> dict:
             f"names = [o.name for o in s.get_outputs() if not o.name.startswith('present.')]\n"
             f"outs = s.run(names, full_sequence_feed(s, dict(b)))\n"
             f"l = outs[0] if len(outs) == 1 else np.stack(outs, -1)\n"
-            f"print('RESULT', json.dumps({{'logits': l.tolist()}}))\n")
+            f"from safetensors.numpy import save_file\n"
+            f"save_file({{'logits': np.ascontiguousarray(l, dtype=np.float32)}}, {RESULT_TENSORS!r})\n"
+            f"print('RESULT', json.dumps({{'tensors_file': {RESULT_TENSORS!r}}}))\n")
     result = run_result_without_hf_compress(code)
     if "logits" not in result:
         return {"ok": False, "error": result["error"]}
-    return compare(torch.tensor(result["logits"]), "onnxruntime.InferenceSession (without hf_compress)")
+    return compare(torch.as_tensor(result["logits"]), "onnxruntime.InferenceSession (without hf_compress)")
