@@ -449,3 +449,16 @@ def test_sft_trainer_trains_on_hub_teacher_logits_exactly_like_the_local_cache(h
                        r"set `packing=False`, or distil from the live teacher.$"):
         SFTDistillationTrainer(model=student, teacher_logits="acme/sft-logits", train_dataset=chats, processing_class=tok,
                                args=config("packed", packing=True))
+
+
+def test_key_mismatch_names_its_field_for_the_fix_hint():
+    # The pipeline picks its "rebuild the cache for these rows" hint from the field, not from the message's words.
+    from hf_compress.distillation.hub_cache import ROW_FIELDS, CacheKeyMismatch, check_hub_cache_key
+
+    with pytest.raises(CacheKeyMismatch) as err:
+        check_hub_cache_key({"top_k": 8, "num_rows": 10, "temperature": 2.0}, {"num_rows": 10, "temperature": 1.0}, "u/c")
+    assert err.value.field == "temperature" and err.value.field not in ROW_FIELDS
+    assert str(err.value).startswith("The teacher logits u/c have `temperature` 2.0 but this run has 1.0; ")
+    with pytest.raises(CacheKeyMismatch) as err:
+        check_hub_cache_key({"top_k": 8, "num_rows": 10}, {"num_rows": 12}, "u/c")
+    assert err.value.field == "num_rows" and isinstance(err.value, ValueError)

@@ -394,19 +394,36 @@ _FIXES = {
 }
 
 
+class CacheKeyMismatch(ValueError):
+    """A Hub teacher cache whose key `field` differs from the run's (one line naming both values and the fix)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+# The key fields that say the cache was computed on other rows (a command-line run can rebuild it for its own data).
+ROW_FIELDS = ("num_rows", "dataset_digest")
+
+
 def check_hub_cache_key(key: dict, expected: dict, source: str) -> None:
-    """Refuse, in one line naming the field, both values and the fix, a Hub cache made for another run."""
+    """Refuse, in one line naming the field, both values and the fix, a Hub cache made for another run.
+
+    Raises:
+        [`CacheKeyMismatch`] (a `ValueError`): its `field` is the first key field that differs.
+    """
     for name, want in expected.items():
         have = key.get(name)
         if name == "temperature" and key.get("top_k") is None:
             continue  # full logits: the temperature is applied in the loss
         if name == "tokenizer_digest" and have != want:
-            raise ValueError(
+            raise CacheKeyMismatch(name,
                 f"The teacher logits {source} were made with tokenizer {key.get('tokenizer_name')!r} (`tokenizer_digest` "
                 f"{have}) but `processing_class` has `tokenizer_digest` {want}; {_FIXES[name]}."
             )
         if have != want:
-            raise ValueError(f"The teacher logits {source} have `{name}` {have!r} but this run has {want!r}; {_FIXES[name]}.")
+            raise CacheKeyMismatch(name, f"The teacher logits {source} have `{name}` {have!r} but this run has {want!r}; "
+                                         f"{_FIXES[name]}.")
 
 
 def check_student_against_key(student, key: dict, task: str, tokenizer, source: str) -> int | None:

@@ -52,8 +52,9 @@ def check_teacher_logits(ctx: RunContext) -> None:
                                               teacher, args.teacher_revision)
         hub_cache.check_student_against_key(ctx.model, key, task, ctx.tokenizer, source)
     except (ValueError, HubPushError) as err:
+        rows = getattr(err, "field", None) in hub_cache.ROW_FIELDS  # a cache of other rows: rebuild it for these
         fix = ("; build the cache for these rows with `hf-compress cache-teacher --dataset <this --dataset> "
-               "<the same data options>`" if "dataset_digest" in str(err) or "num_rows" in str(err) else "")
+               "<the same data options>`" if rows else "")
         raise CompressionInputError(f"--teacher_logits: {str(err).rstrip('.')}{fix}.") from None
 
 
