@@ -95,7 +95,7 @@ def check_loaders(ctx: RunContext) -> dict:
     evaluated (`ctx.result`), its difference to the trained model recorded as `max_abs_logit_diff_to_trained`. A loader
     over tolerance is a failure, logged and shown in the card.
     """
-    from ..model_cards.loading import check_loaders as check_folder_loaders, main_logits
+    from ..model_cards.loading import check_loaders as check_folder_loaders
 
     plan, trained, tokenizer, log = ctx.plan, ctx.model, ctx.tokenizer, ctx.log
     texts = probe_texts(plan)
@@ -120,20 +120,11 @@ def check_loaders(ctx: RunContext) -> dict:
         from ..quantization.export import fake_quantized_copy
 
         reference = fake_quantized_copy(trained, plan.quantization_args)
-    was_training = reference.training
-    reference.eval()
-    device = next(reference.parameters()).device
     inputs = tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
-    with torch.no_grad():
-        logits = main_logits(reference(**{k: v.to(device) for k, v in inputs.items()})).cpu()
-    reference.train(was_training)
+    logits = _eval_logits(reference, inputs)
     loaders = check_folder_loaders(ctx.checkpoint, texts, logits)
     if int8_graph:
-        trained.eval()
-        with torch.no_grad():
-            trained_logits = main_logits(trained(**{k: v.to(device) for k, v in inputs.items()})).float().cpu()
-        trained.train(was_training)
-        to_trained = float((logits.float() - trained_logits).abs().max())
+        to_trained = float((logits.float() - _eval_logits(trained, inputs).float()).abs().max())
         for v in loaders.values():
             v.update(compared_with="the int8 graph as this run evaluated it (in-process ONNX Runtime)",
                      max_abs_logit_diff_to_trained=to_trained)
@@ -144,6 +135,20 @@ def check_loaders(ctx: RunContext) -> dict:
             log(f"FAILED verification: {name} loads the written folder but its logits differ from the trained model by "
                 f"{v.get('max_abs_logit_diff', float('nan')):.3g} (tolerance {v['tolerance']:.3g}); do not share this folder.")
     return loaders
+
+
+def _eval_logits(model, inputs: dict) -> torch.Tensor:
+    """`model`'s main logits on the tokenized `inputs` (on the model's own device), in eval mode without gradients, on
+    the CPU; the model's train / eval mode is restored."""
+    from ..model_cards.loading import main_logits
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        logits = main_logits(model(**{k: v.to(device) for k, v in inputs.items()})).cpu()
+    model.train(was_training)
+    return logits
 
 
 def jsonable(obj):
