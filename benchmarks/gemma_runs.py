@@ -89,7 +89,7 @@ print("RESULT", json.dumps({"argmax_agreement": agree, "max_abs_diff_of_max_logi
 
 
 def fresh_reload(folder: str) -> dict:
-    from hf_compress.model_cards.loading import run_result_without_hf_compress
+    from hf_compress.model_cards.clean_interpreter import run_result_without_hf_compress
 
     return run_result_without_hf_compress(_FRESH.replace("sys.argv[1]", repr(os.path.abspath(folder))), timeout=900)
 

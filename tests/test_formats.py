@@ -16,7 +16,7 @@ import sys
 import pytest
 import torch
 
-from hf_compress.model_cards.loading import run_without_hf_compress
+from hf_compress.model_cards.clean_interpreter import run_without_hf_compress
 from hf_compress.pruning import save_compressed
 from hf_compress.quantization import (
     QuantizationArguments,

@@ -20,7 +20,7 @@ def test_compressed_tensors_minilm_card_snippet_pipeline_and_accuracy(real_finet
     from transformers import AutoModelForSequenceClassification, pipeline
 
     from hf_compress.model_cards import build_report, build_model_card
-    from hf_compress.model_cards.loading import run_without_hf_compress
+    from hf_compress.model_cards.clean_interpreter import run_without_hf_compress
     from hf_compress.quantization import QuantizationArguments, quantize_and_save
 
     tok, ds = real_data

@@ -449,7 +449,7 @@ def test_gpt2_lm_head_model_is_loaded_with_its_causal_lm_class(tmp_path):
 
 def test_clean_interpreter_result_carries_tensors_in_a_safetensors_file():
     # A causal LM's logits travel as a file, not JSON text (minutes at a 49k vocabulary); the JSON's other keys stay.
-    from hf_compress.model_cards.loading import RESULT_TENSORS, run_result_without_hf_compress
+    from hf_compress.model_cards.clean_interpreter import RESULT_TENSORS, run_result_without_hf_compress
 
     code = ("import json, torch\nfrom safetensors.torch import save_file\n"
             f"save_file({{'logits': torch.arange(6.0).reshape(2, 3) / 7}}, {RESULT_TENSORS!r})\n"

@@ -92,7 +92,7 @@ def test_quantize_embeddings_quantizes_the_gather(tmp_path):
 
 @pytest.mark.parametrize("case", ["bert-qa"])  # a causal LM's snippet is a generation loop: tests/test_onnx_kv.py
 def test_card_snippet_runs_verbatim_without_hf_compress(case, tmp_path):
-    from hf_compress.model_cards.loading import run_without_hf_compress
+    from hf_compress.model_cards.clean_interpreter import run_without_hf_compress
 
     family, head, task, outputs = CASES[case]
     model = build(family, head)
@@ -174,7 +174,7 @@ def test_cli_refuses_an_architecture_it_does_not_cover(tmp_path, capsys):
 
 
 def _run_card_snippet(out, tmp_path):
-    from hf_compress.model_cards.loading import run_without_hf_compress
+    from hf_compress.model_cards.clean_interpreter import run_without_hf_compress
 
     card = (out / "README.md").read_text()
     code = card.split("## How to use", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]

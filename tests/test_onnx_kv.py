@@ -152,7 +152,7 @@ def test_export_refuses_a_kv_graph_that_differs_from_the_model(tmp_path, monkeyp
 
 
 def test_card_snippet_generates_the_greedy_tokens_without_hf_compress(tmp_path):
-    from hf_compress.model_cards.loading import run_without_hf_compress
+    from hf_compress.model_cards.clean_interpreter import run_without_hf_compress
 
     model = build("qwen2", "causal-lm")
     tok = _tokenizer(tmp_path / "tok")

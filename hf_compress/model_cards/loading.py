@@ -7,12 +7,12 @@ and records which worked and how far their logits are from the reference; `usage
 
 from __future__ import annotations
 
-import json
 import os
 
 from ..formats import FORMATS, get_format
 from ..formats.base import read_config
 from ..tasks import task_of_class
+from .clean_interpreter import RESULT_TENSORS, modeling_modules, run_result_without_hf_compress
 
 
 def checkpoint_format(folder=None, report: dict | None = None) -> dict:
@@ -76,59 +76,6 @@ def serving_engines(folder: str, loaders: dict | None = None) -> dict:
         engines["transformers"] = {"serves": ok or bool(own), "why": why + ".", "source": "checked by loading the written folder"}
     engines["vLLM"] = vllm_support(folder)
     return engines
-
-
-def python_without_hf_compress() -> list[str]:
-    """A command prefix running Python with the installed packages but without hf_compress importable: no site
-    processing (so no editable-install hook), site-packages appended by hand; run it with a `cwd` outside the repo."""
-    import site
-    import sys
-
-    paths = [p for p in site.getsitepackages() if os.path.isdir(p)]
-    boot = "import sys; sys.path.extend(%r); sys.argv = sys.argv[1:]; exec(compile(open(sys.argv[0]).read(), sys.argv[0], 'exec'))" % paths
-    return [sys.executable, "-S", "-c", boot]
-
-
-def run_without_hf_compress(code: str, cwd: str, timeout: int = 300):
-    """Run `code` in a fresh Python where `import hf_compress` fails (checked first); returns the CompletedProcess."""
-    import subprocess
-    import tempfile
-
-    guard = ("try:\n    import hf_compress\nexcept ImportError:\n    pass\nelse:\n"
-             "    raise SystemExit('hf_compress is importable in the clean interpreter')\n")
-    with tempfile.NamedTemporaryFile("w", suffix=".py", dir=cwd, delete=False) as f:
-        f.write(guard + code)
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSTARTUP", "PYTHONHOME")}
-    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    try:
-        return subprocess.run(python_without_hf_compress() + [f.name], cwd=cwd, env=env, capture_output=True, text=True,
-                              timeout=timeout)
-    finally:
-        os.unlink(f.name)
-
-
-RESULT_TENSORS = "result.safetensors"
-
-
-def run_result_without_hf_compress(code: str, timeout: int = 300) -> dict:
-    """Run `code` in a fresh interpreter without hf_compress (a temporary cwd) and return the JSON it printed on its
-    `RESULT ` line, or `{"error": <the last line of stderr>}` when it printed none. Tensors travel as a safetensors
-    file the code writes in its cwd ([`RESULT_TENSORS`], named by `"tensors_file"` in the JSON): a causal LM's logits
-    over a 49k-262k vocabulary as JSON text took minutes to print and parse; its entries join the returned dict."""
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as cwd:
-        proc = run_without_hf_compress(code, cwd, timeout=timeout)
-        line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
-        if not line:
-            return {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:200]}
-        result = json.loads(line[7:])
-        name = result.pop("tensors_file", None)
-        if name is not None:
-            from safetensors.torch import load_file
-
-            result.update(load_file(os.path.join(cwd, os.path.basename(name))))
-        return result
 
 
 def main_logits(output):
@@ -201,7 +148,7 @@ def check_loaders(folder: str, texts: list[str], reference_logits, atol: float |
             f"    save_file({{'logits': l.float().contiguous()}}, {RESULT_TENSORS!r})\n"
             f"    print('RESULT', json.dumps({{'tensors_file': {RESULT_TENSORS!r}}}))\n"
             f"except Exception as e:\n    print('RESULT', json.dumps({{'error': type(e).__name__ + ': ' + str(e).splitlines()[0][:200]}}))\n")
-    result = run_result_without_hf_compress(code)
+    result = run_result_without_hf_compress(code, preload=modeling_modules(config))
     key = "from_pretrained (without hf_compress)"
     out[key] = compare(result["logits"], key) if "logits" in result else {"ok": False, "status": "error", "error": result["error"]}
 
@@ -248,7 +195,7 @@ def _check_onnx(folder: str, texts: list[str], compare) -> dict:
             f"from safetensors.numpy import save_file\n"
             f"save_file({{'logits': np.ascontiguousarray(l, dtype=np.float32)}}, {RESULT_TENSORS!r})\n"
             f"print('RESULT', json.dumps({{'tensors_file': {RESULT_TENSORS!r}}}))\n")
-    result = run_result_without_hf_compress(code)
+    result = run_result_without_hf_compress(code, preload=["onnxruntime"])
     if "logits" not in result:
         return {"ok": False, "error": result["error"]}
     return compare(torch.as_tensor(result["logits"]), "onnxruntime.InferenceSession (without hf_compress)")
