@@ -75,6 +75,12 @@ def test_exit_status_output_and_timeout_are_those_of_a_subprocess(tmp_path):
     assert run_without_hf_compress("print('again')\n", str(tmp_path)).stdout == "again\n"
 
 
+def test_the_parent_preloads_only_transformers_modules(tmp_path):
+    probe = "import sys, json\nprint('RESULT', json.dumps({m: m in sys.modules for m in ('json', 'wave', 'transformers.models.gpt2.modeling_gpt2')}))\n"
+    seen = _report(run_without_hf_compress(probe, str(tmp_path), preload=["wave", "transformers.models.gpt2.modeling_gpt2"]))
+    assert seen == {"json": True, "wave": False, "transformers.models.gpt2.modeling_gpt2": True}
+
+
 def test_a_dead_parent_is_replaced_and_the_check_still_runs(tmp_path):
     first = _report(run_without_hf_compress(PROBE, str(tmp_path)))
     os.kill(first["ppid"], 9)
@@ -83,9 +89,10 @@ def test_a_dead_parent_is_replaced_and_the_check_still_runs(tmp_path):
     assert after["ppid"] != first["ppid"] and after["seen"] is None
 
 
-def test_modeling_modules_name_the_family_and_backend_a_fresh_load_imports():
+def test_modeling_modules_name_only_the_transformers_family_module_a_fresh_load_imports():
     assert modeling_modules({"model_type": "bert"}) == ["transformers.models.bert.modeling_bert"]
+    # The quantization backend is not preloaded: a third-party import could change what a later check sees.
     assert modeling_modules({"model_type": "llama", "quantization_config": {"quant_method": "compressed-tensors"}}) == [
-        "transformers.models.llama.modeling_llama", "compressed_tensors"]
+        "transformers.models.llama.modeling_llama"]
     assert modeling_modules({"model_type": "no-such-family"}) == []
     assert modeling_modules({}) == []

@@ -31,8 +31,9 @@ _GUARD = ("try:\n    import hf_compress\nexcept ImportError:\n    pass\nelse:\n"
 
 # The warm parent: imports what every check imports, then forks one child per request line on stdin and answers
 # with the child's exit status on stdout. Requests name a script, a cwd, an environment, the files for the child's
-# stdout and stderr, a timeout and modules of the installed packages to import first (the checked model's modeling
-# module, which a fresh interpreter's `from_pretrained` would import the same way).
+# stdout and stderr, a timeout and transformers' own modules to import first (the checked model's modeling module,
+# which a fresh interpreter's `from_pretrained` imports the same way). Nothing else is preloaded: a third-party
+# package's import (compressed_tensors, onnxruntime) could change what a later check of another folder sees.
 _SERVER = _GUARD + r'''
 import json, os, signal, sys, time, traceback
 import torch, transformers, safetensors.torch
@@ -77,6 +78,8 @@ out.flush()
 for line in sys.stdin:
     req = json.loads(line)
     for name in req.get("preload", ()):
+        if not name.startswith("transformers.models."):
+            continue
         try:
             __import__(name)
         except Exception:
@@ -180,13 +183,14 @@ def import_time_env(env: dict) -> tuple:
 
 
 _warm: WarmInterpreter | None = None
+_warm_failed = False  # a parent that could not start is not started again: each later check runs cold at once
 _lock = threading.Lock()
 
 
 def _warm_for(env: dict) -> WarmInterpreter | None:
     """The process' warm parent for `env` (started or restarted as needed), or None where forking is unavailable."""
-    global _warm
-    if not hasattr(os, "fork"):
+    global _warm, _warm_failed
+    if not hasattr(os, "fork") or _warm_failed:
         return None
     if _warm is not None and (_warm.key != import_time_env(env) or not _warm.alive()):
         _warm.close()
@@ -195,6 +199,7 @@ def _warm_for(env: dict) -> WarmInterpreter | None:
         try:
             _warm = WarmInterpreter(env)
         except (OSError, RuntimeError):
+            _warm_failed = True
             return None
     return _warm
 
@@ -207,8 +212,8 @@ def _close_warm() -> None:
 
 def run_without_hf_compress(code: str, cwd: str, timeout: int = 300, preload=()) -> subprocess.CompletedProcess:
     """Run `code` in a fresh Python where `import hf_compress` fails (checked first); returns the CompletedProcess.
-    `preload`: modules of the installed packages the code will import (e.g. the model's modeling module), imported
-    once in the warm parent so later checks of the same family skip it."""
+    `preload`: transformers' own modules the code will import (`transformers.models.<family>.modeling_<family>`),
+    imported once in the warm parent so later checks of the same family skip it; other names are not preloaded."""
     with tempfile.NamedTemporaryFile("w", suffix=".py", dir=cwd, delete=False) as f:
         f.write(_GUARD + code)
     env = clean_env()
@@ -246,22 +251,15 @@ def run_result_without_hf_compress(code: str, timeout: int = 300, preload=()) ->
 
 
 def modeling_modules(config: dict) -> list[str]:
-    """The transformers modules a fresh `from_pretrained` of a folder with this `config.json` imports: its model
-    type's modeling module, and the quantization backend its `quantization_config` names."""
+    """The transformers module a fresh `from_pretrained` of a folder with this `config.json` imports for its model
+    type (`[]` when transformers has none, e.g. a remote-code model)."""
     import importlib.util
 
-    names = []
     model_type = str(config.get("model_type") or "").replace("-", "_")
-    if model_type:
-        names.append(f"transformers.models.{model_type}.modeling_{model_type}")
-    method = (config.get("quantization_config") or {}).get("quant_method")
-    if method == "compressed-tensors":
-        names.append("compressed_tensors")
-    found = []
-    for name in names:
-        try:
-            if importlib.util.find_spec(name) is not None:
-                found.append(name)
-        except (ImportError, ValueError):
-            pass
-    return found
+    if not model_type:
+        return []
+    name = f"transformers.models.{model_type}.modeling_{model_type}"
+    try:
+        return [name] if importlib.util.find_spec(name) is not None else []
+    except (ImportError, ValueError):
+        return []

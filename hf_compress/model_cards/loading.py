@@ -195,7 +195,7 @@ def _check_onnx(folder: str, texts: list[str], compare) -> dict:
             f"from safetensors.numpy import save_file\n"
             f"save_file({{'logits': np.ascontiguousarray(l, dtype=np.float32)}}, {RESULT_TENSORS!r})\n"
             f"print('RESULT', json.dumps({{'tensors_file': {RESULT_TENSORS!r}}}))\n")
-    result = run_result_without_hf_compress(code, preload=["onnxruntime"])
+    result = run_result_without_hf_compress(code)
     if "logits" not in result:
         return {"ok": False, "error": result["error"]}
     return compare(torch.as_tensor(result["logits"]), "onnxruntime.InferenceSession (without hf_compress)")
