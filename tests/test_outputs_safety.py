@@ -312,6 +312,30 @@ def test_save_compressed_over_an_older_save_leaves_nothing_stale(tmp_path):
         assert torch.equal(t, b.state_dict()[name]), name
 
 
+def test_a_folder_another_writer_created_first_is_replaced_whole(tmp_path, monkeypatch):
+    """Two processes converting the same cached model at once: the second finds no folder, the first renames its
+    own there, then the second's rename must replace that folder whole instead of failing."""
+    from hf_compress import atomic
+
+    dest, new = tmp_path / "cache", tmp_path / "new"
+    for folder, text in ((dest, "first writer"), (new, "second writer")):
+        folder.mkdir()
+        (folder / "a.txt").write_text(text)
+    (dest / "only-in-first.txt").write_text("x")
+    real, checks = os.path.lexists, []
+
+    def lexists(path):  # the second writer's check ran before the first writer's rename
+        checks.append(path)
+        return False if len(checks) == 1 else real(path)
+
+    monkeypatch.setattr(atomic.os.path, "lexists", lexists)
+    atomic.replace_dir(str(new), str(dest))
+    monkeypatch.undo()
+    assert checks[0] == str(dest)
+    assert sorted(os.listdir(tmp_path)) == ["cache"] and sorted(os.listdir(dest)) == ["a.txt"]
+    assert (dest / "a.txt").read_text() == "second writer"
+
+
 def test_load_compressed_ignores_a_v1_file_left_beside_a_v2_save(tmp_path, caplog):
     """An older hf_compress merged saves file by file, so a v1 `model.compressed.safetensors` of model A can sit
     beside a v2 save of model B. config.json (written with B) names the v2 file, which `from_pretrained` reads too:
