@@ -126,7 +126,7 @@ def search_latency(ctx: RunContext) -> dict | None:  # long: one candidate per l
         ms = time_model(cctx.result, batch)
         gap = (value / base_value - 1.0) if lower else 100.0 * (base_value - value)
         row = {"candidate": name, "metric": metric, "value": value, "metric_gap": round(gap, 6),
-               "within_budget": warning is None, "latency_ms": round(ms, 3), "latency_x_base": round(ms / base_ms, 6),
+               "within_budget": warning is None, "latency_ms": round(ms, 4), "latency_x_base": round(ms / base_ms, 6),
                "parameters": cctx.model.num_parameters(), "weights_bytes": checkpoint_bytes(cctx.checkpoint)["weights_bytes"],
                "train_steps": (cctx.stages.get("train") or {}).get("steps", 0), "metrics": metrics}
         rows.append(row)
@@ -149,7 +149,7 @@ def search_latency(ctx: RunContext) -> dict | None:  # long: one candidate per l
             + ".")
     return {"metric": metric, "lower_is_better": lower, "base_value": base_value, "budget":
             {"max_metric_drop": ma.max_metric_drop, "max_perplexity_increase": ma.max_perplexity_increase},
-            "batch_shape": shape, "base_pytorch_ms": round(base_ms, 3), "timed_calls": TIMED_CALLS,
+            "batch_shape": shape, "base_pytorch_ms": round(base_ms, 4), "timed_calls": TIMED_CALLS,
             "rows": rows, "chosen": rows[chosen]["candidate"], "within_budget": within, "not_tried": not_tried,
             "skipped": skipped}
 
