@@ -201,3 +201,51 @@ def test_raw_topk_logits_are_refused_in_one_line():
     values, idx = t.topk(4, dim=-1)
     with pytest.raises(ValueError, match=r"^With `teacher_indices`, `teacher_logits` must be the top-k log-probabilities"):
         soft_target_kl(torch.randn(2, 10), values + 5, teacher_indices=idx)
+
+
+@pytest.mark.parametrize("alpha, T, top_k", [(0.0, 2.0, None), (1.0, 2.0, None), (1.0, 1.0, None), (0.6, 1.0, None),
+                                              (1.0, 1.0, 7), (0.0, 1.5, 7)])
+def test_one_pass_gradient_equals_plain_autograd_at_every_mix_and_temperature(alpha, T, top_k):
+    """The gradient is computed in the forward pass (the soft part's log-softmax reused for the hard part at T = 1,
+    either part skipped at weight 0) and only scaled in the backward pass: equal to autograd's for every mix."""
+    torch.manual_seed(11)
+    s = torch.randn(2, 6, 33, requires_grad=True)
+    t = torch.randn(2, 6, 33) * 3
+    y = torch.randint(0, 33, (2, 6))
+    y[1, 0] = -100
+    idx = None
+    if top_k:
+        t, idx = teacher_top_k(t, top_k, T)
+    out = distillation_loss(s, t, y, T, alpha, teacher_indices=idx, chunk_size=5)
+    (grad,) = torch.autograd.grad(out.loss * 0.37, s)
+    s2 = s.detach().clone().requires_grad_(True)
+    ref = _reference(s2, t, y, T, alpha, idx)
+    (ref_grad,) = torch.autograd.grad(ref * 0.37, s2)
+    assert out.loss.item() == pytest.approx(ref.item(), rel=1e-5)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-7)
+    assert grad.abs().sum() > 0 and grad[1, 0].abs().sum() == 0
+    # the logged parts are the two losses, and carry no gradient
+    keep = y.ne(-100)
+    ce = torch.nn.functional.cross_entropy(s.detach()[keep], y[keep])
+    assert out.hard_loss.item() == pytest.approx(ce.item(), rel=1e-5)
+    assert not out.hard_loss.requires_grad and not out.soft_loss.requires_grad
+    assert out.loss.item() == pytest.approx((1 - alpha) * out.hard_loss.item() + alpha * out.soft_loss.item(), rel=1e-5)
+
+
+def test_no_gradient_is_computed_or_held_without_grad_and_a_retained_graph_backpropagates_twice():
+    torch.manual_seed(12)
+    s = torch.randn(4, 9, requires_grad=True)
+    t, y = torch.randn(4, 9), torch.tensor([0, 3, 8, 1])
+    with torch.no_grad():
+        out = distillation_loss(s, t, y, 2.0, 0.5)
+    assert not out.loss.requires_grad and out.loss.grad_fn is None
+    held = distillation_loss(s, t, y, 2.0, 0.5).loss
+    node = held.grad_fn.next_functions[0][0]  # loss = total / count: the loss function's own node
+    assert type(node).__name__ == "_ChunkedDistillationBackward"
+    assert [tuple(x.shape) for x in node.saved_tensors] == [tuple(s.shape)]  # one logits-size gradient, no logits
+    kept = distillation_loss(s.detach(), t, y, 2.0, 0.5).loss  # logits without grad: nothing to hold
+    assert kept.grad_fn is None
+    held.backward(retain_graph=True)
+    first = s.grad.clone()
+    held.backward()
+    torch.testing.assert_close(s.grad, 2 * first)  # the saved gradient is scaled, never modified in place

@@ -5,9 +5,10 @@ the student matches the teacher's distribution softened at a temperature `T`; th
 `T**2` so that its gradients keep the same scale as the hard-label loss when `T` changes.
 
 Large vocabularies: the logits of a causal LM are `[batch, length, vocab]` (4 x 128 x 49,152 fp32 = 100 MB). The
-loss below never makes a full-size float32 copy of them: it walks over the positions in chunks, keeps only the two
-summed parts from the forward pass, and recomputes each chunk's softmax in the backward pass, writing the gradient
-straight into one tensor the size of the logits (the gradient autograd needs anyway).
+loss below never makes a full-size float32 copy of them: it walks over the positions in chunks and, from each chunk's
+softmaxes, computes both the loss and its gradient in the same pass, written straight into one tensor the size of the
+logits (the gradient autograd needs anyway, in the logits' dtype); the backward pass only scales it. Neither model's
+logits are held for the backward pass.
 
 Cached top-k teachers: [`teacher_top_k`] keeps the k most probable classes of `softmax(teacher / T)` (the
 temperature is applied over the whole vocabulary first) and the loss adds one tail bucket holding the rest of the
@@ -22,13 +23,14 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-# Logits per chunk: 8 MB of float32 per temporary (42 positions at vocabulary 49,152); small next to the logits.
+# Logits per chunk: 8 MB of float32 per temporary (42 positions at vocabulary 49,152), at most four alive at once
+# (`_chunk_step` frees a chunk's before the next); small next to the logits. Half that measured no lower peak.
 _CHUNK_ELEMENTS = 1 << 21
 _TINY = 1e-30
 
 
 class DistillationLoss(NamedTuple):
-    """The mixed loss and its two parts (the parts are what gets logged)."""
+    """The mixed loss and its two parts. Only `loss` carries a gradient; the parts are what gets logged."""
 
     loss: torch.Tensor
     hard_loss: torch.Tensor | None
@@ -63,13 +65,14 @@ def teacher_top_k(
 
 
 def _soft_parts(z, t, idx, temperature):
-    """Per-row `KL(p || q)` at `temperature` (without the T**2) and the row's `p` used by the gradient."""
-    logq = F.log_softmax(z / temperature, dim=-1)
+    """Per-row `KL(p || q)` at `temperature` (without the T**2), the student's `log q`, its `q` where it was needed
+    (else `None`), the teacher's `p` used by the gradient, and the tail masses (top-k teachers only)."""
+    logq = F.log_softmax(z if temperature == 1 else z / temperature, dim=-1)
     if idx is None:
-        logp = F.log_softmax(t / temperature, dim=-1)
+        logp = F.log_softmax(t if temperature == 1 else t / temperature, dim=-1)
         p = logp.exp()
-        kl = (p * (logp - logq)).sum(-1)
-        return kl, logq, p, None
+        kl = torch.bmm(p[:, None, :], logp.sub_(logq)[:, :, None]).view(-1)  # sum_j p_j (log p_j - log q_j)
+        return kl, logq, None, p, None
     # Top-k plus tail bucket: the teacher's k log-probabilities come from the cache, its tail mass is the rest.
     logp_k = t
     p_k = logp_k.exp()
@@ -79,65 +82,102 @@ def _soft_parts(z, t, idx, temperature):
         # student's empty tail (clamped to 1e-30) would multiply by 69.
         p_tail = torch.zeros_like(p_tail)
     logq_k = logq.gather(-1, idx)
+    q = logq.exp()
     # The student's tail, summed over the classes outside the teacher's top k (no `1 - sum` cancellation).
-    q_tail = logq.exp().scatter(-1, idx, 0.0).sum(-1).clamp(min=_TINY)
+    q_tail = q.scatter(-1, idx, 0.0).sum(-1).clamp(min=_TINY)
     kl = (p_k * (logp_k - logq_k)).sum(-1) + torch.xlogy(p_tail, p_tail) - p_tail * q_tail.log()
-    return kl, logq, p_k, (p_tail, q_tail)
+    return kl, logq, q, p_k, (p_tail, q_tail)
 
 
 def _chunks(z, t, idx, labels, mask, rows):
     """`(start, sel, student, teacher, top-k ids, labels)` of each chunk of `rows` positions, only where `mask` is set,
-    the logits in float32 on the student's device (ids and labels `None` when not given)."""
+    the logits in float32 on the student's device (ids and labels `None` when not given). `sel` is `None` when every
+    position of the chunk counts: the chunk is then a view, not a copy."""
     for start in range(0, z.shape[0], rows):
         sel = mask[start : start + rows]
         if not bool(sel.any()):
             continue
-        zc = z[start : start + rows][sel].float()
-        tc = t[start : start + rows][sel].to(zc.device).float()
-        ic = None if idx is None else idx[start : start + rows][sel].to(zc.device).long()
-        yc = None if labels is None else labels[start : start + rows][sel].long()
+        if bool(sel.all()):
+            sel, pick = None, slice(None)
+        else:
+            pick = sel
+        zc = z[start : start + rows][pick].float()
+        tc = t[start : start + rows][pick].to(zc.device).float()
+        ic = None if idx is None else idx[start : start + rows][pick].to(zc.device).long()
+        yc = None if labels is None else labels[start : start + rows][pick].long()
         yield start, sel, zc, tc, ic, yc
 
 
+def _soft_gradient(logq, q, p, idx, tails):
+    """`d KL / d(z / T)` of one chunk: `q - p~`, where `p~` is the teacher's distribution; with a tail bucket, the
+    classes outside the top k get the student's own shape scaled to the teacher's tail mass (`q_j * p_tail / q_tail`)."""
+    if idx is None:
+        return logq.exp().sub_(p)
+    p_tail, q_tail = tails
+    g = q * (1 - p_tail / q_tail)[:, None]
+    g.scatter_(-1, idx, q.gather(-1, idx) - p)
+    return g
+
+
+def _chunk_step(zc, tc, ic, yc, temperature, want_hard, w_hard, w_soft, grad, start, sel):
+    """One chunk: its summed KL (without the T**2) and CE, and, into `grad[start:]` (where `grad` is given), the
+    gradient of `w_hard * CE + w_soft * T**2 * KL`. Its temporaries are freed when it returns, so no more than one
+    chunk's are ever alive."""
+    kl, logq, q, p, tails = _soft_parts(zc, tc, ic, temperature)
+    ce = torch.zeros((), dtype=torch.float32, device=zc.device)
+    if want_hard:  # the hard part is at T = 1: at temperature 1 it is the soft part's own log-softmax
+        logr = logq if temperature == 1 else F.log_softmax(zc, dim=-1)
+        ce = -logr.gather(-1, yc[:, None]).sum()
+    if grad is None:
+        return kl.sum(), ce
+    # d(w_soft T^2 KL)/dz = w_soft T (q - p~); d(w_hard CE)/dz = w_hard (softmax(z) - onehot(y)).
+    if w_soft:
+        g = _soft_gradient(logq, q, p, ic, tails)
+        if w_soft * temperature != 1:
+            g.mul_(w_soft * temperature)
+    else:
+        g = torch.zeros_like(zc)
+    del q, p
+    if want_hard and w_hard:
+        h = logr.exp()
+        h.scatter_add_(-1, yc[:, None], torch.full_like(yc[:, None], -1, dtype=h.dtype))
+        g.add_(h, alpha=w_hard)
+    if sel is None:
+        grad[start : start + len(g)] = g
+    else:
+        grad[start : start + len(sel)][sel] = g.to(grad.dtype)
+    return kl.sum(), ce
+
+
 class _ChunkedDistillation(torch.autograd.Function):
-    """Sums of the hard (CE) and soft (KL) losses over the rows where `mask` is set, chunk by chunk."""
+    """`w_hard * hard + w_soft * soft` and its two parts, where `hard` and `soft` are the sums of the hard (CE) and
+    soft (`T**2` KL) losses over the rows where `mask` is set, chunk by chunk.
+
+    Only the weighted sum is differentiable. Its gradient is computed in the same pass as the loss, from the same
+    softmaxes (each chunk's `log_softmax` is taken once, not again in the backward pass), and written into one tensor
+    the size of the logits, the gradient autograd needs anyway; the backward pass only scales it. Neither model's
+    logits are kept for the backward pass. `need_grad` is `False` under `torch.no_grad` or for logits that do not
+    require grad (evaluation): then no gradient is computed or held.
+    """
 
     @staticmethod
-    def forward(ctx, z, t, idx, labels, mask, temperature, rows, want_hard):
+    def forward(ctx, z, t, idx, labels, mask, temperature, rows, want_hard, w_hard, w_soft, need_grad):
         hard = torch.zeros((), dtype=torch.float32, device=z.device)
         soft = torch.zeros((), dtype=torch.float32, device=z.device)
-        for _, _, zc, tc, ic, yc in _chunks(z, t, idx, labels, mask, rows):
-            kl, _, _, _ = _soft_parts(zc, tc, ic, temperature)
-            soft = soft + kl.sum()
-            if want_hard:
-                hard = hard - F.log_softmax(zc, dim=-1).gather(-1, yc[:, None]).sum()
-        ctx.save_for_backward(z, t, idx, labels, mask)
-        ctx.temperature, ctx.rows, ctx.want_hard = temperature, rows, want_hard
-        return hard, soft * temperature**2
+        grad = torch.zeros_like(z) if need_grad else None
+        for start, sel, zc, tc, ic, yc in _chunks(z, t, idx, labels, mask, rows):
+            kl, ce = _chunk_step(zc, tc, ic, yc, temperature, want_hard, w_hard, w_soft, grad, start, sel)
+            soft, hard = soft + kl, hard + ce
+        soft = soft * temperature**2
+        total = w_hard * hard + w_soft * soft
+        ctx.mark_non_differentiable(hard, soft)
+        ctx.save_for_backward(grad)
+        return total, hard, soft
 
     @staticmethod
-    def backward(ctx, grad_hard, grad_soft):
-        z, t, idx, labels, mask = ctx.saved_tensors
-        temperature, rows = ctx.temperature, ctx.rows
-        grad = torch.zeros_like(z)
-        for start, sel, zc, tc, ic, yc in _chunks(z, t, idx, labels, mask, rows):
-            _, logq, p, tails = _soft_parts(zc, tc, ic, temperature)
-            q = logq.exp()
-            # d(T^2 KL)/dz = T (q - p~): p~ is the teacher's distribution; with a tail bucket, the classes outside
-            # the top k get the student's own shape scaled to the teacher's tail mass (q_j * p_tail / q_tail).
-            if ic is None:
-                g = q - p
-            else:
-                p_tail, q_tail = tails
-                g = q * (1 - p_tail / q_tail)[:, None]
-                g.scatter_(-1, ic, q.gather(-1, ic) - p)
-            g = g * (grad_soft * temperature)
-            if ctx.want_hard:
-                h = F.softmax(zc, dim=-1)
-                h.scatter_add_(-1, yc[:, None], torch.full_like(yc[:, None], -1, dtype=h.dtype))
-                g = g + h * grad_hard
-            grad[start : start + rows][sel] = g.to(grad.dtype)
-        return grad, None, None, None, None, None, None, None
+    def backward(ctx, grad_total, _grad_hard, _grad_soft):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_total, None, None, None, None, None, None, None, None, None, None
 
 
 def loss_mask(
@@ -178,7 +218,9 @@ def _divide(total: torch.Tensor, count: torch.Tensor, denominator) -> torch.Tens
     return total / torch.as_tensor(denominator, dtype=total.dtype, device=total.device).clamp(min=1)
 
 
-def _run(student_logits, teacher_logits, labels, mask, temperature, teacher_indices, want_hard, chunk_size):
+def _run(student_logits, teacher_logits, labels, mask, temperature, teacher_indices, want_hard, chunk_size,
+         w_hard, w_soft):
+    """`(w_hard * hard + w_soft * soft, hard, soft)` summed over the masked positions; only the first is differentiable."""
     width = student_logits.shape[-1]
     z = student_logits.reshape(-1, width)
     if teacher_indices is None and teacher_logits.shape[-1] != width:
@@ -199,7 +241,9 @@ def _run(student_logits, teacher_logits, labels, mask, temperature, teacher_indi
     y = labels.reshape(-1) if labels is not None else mask.reshape(-1).long()  # placeholder when there are none
     m = m.to(z.device)
     rows = chunk_size or max(1, _CHUNK_ELEMENTS // width)
-    return _ChunkedDistillation.apply(z, t, idx, y.to(z.device), m, float(temperature), rows, want_hard)
+    need_grad = torch.is_grad_enabled() and student_logits.requires_grad
+    return _ChunkedDistillation.apply(z, t, idx, y.to(z.device), m, float(temperature), rows, want_hard,
+                                      float(w_hard), float(w_soft), need_grad)
 
 
 def soft_target_kl(
@@ -235,7 +279,8 @@ def soft_target_kl(
         torch.ones(student_logits.shape[:-1], dtype=torch.bool, device=student_logits.device)
         if mask is None else mask.bool()
     )
-    _, soft = _run(student_logits, teacher_logits, None, mask, temperature, teacher_indices, False, chunk_size)
+    soft, _, _ = _run(student_logits, teacher_logits, None, mask, temperature, teacher_indices, False, chunk_size,
+                      0.0, 1.0)
     return _divide(soft, mask.sum(), num_items)
 
 
@@ -281,12 +326,13 @@ def distillation_loss(
     mask, labels = loss_mask(
         student_logits.shape[:-1], labels, attention_mask, ignore_index, shift_labels, student_logits.device
     )
-    hard_sum, soft_sum = _run(
-        student_logits, teacher_logits, labels, mask, temperature, teacher_indices, labels is not None, chunk_size
+    with_labels = labels is not None
+    total, hard_sum, soft_sum = _run(
+        student_logits, teacher_logits, labels, mask, temperature, teacher_indices, with_labels, chunk_size,
+        (1 - alpha) if with_labels else 0.0, alpha if with_labels else 1.0,
     )
     count = mask.sum()
-    soft = _divide(soft_sum, count, num_items_in_batch)
-    if labels is None:
-        return DistillationLoss(soft, None, soft)
-    hard = _divide(hard_sum, count, num_items_in_batch)
-    return DistillationLoss((1 - alpha) * hard + alpha * soft, hard, soft)
+    loss, soft = _divide(total, count, num_items_in_batch), _divide(soft_sum, count, num_items_in_batch)
+    if not with_labels:
+        return DistillationLoss(loss, None, soft)
+    return DistillationLoss(loss, _divide(hard_sum, count, num_items_in_batch), soft)
