@@ -14,6 +14,40 @@ from datasets import Dataset
 
 VOCAB = 97
 
+# `pytest` runs the suite in two pytest-xdist workers (pyproject's addopts: `-n 2 --dist loadgroup`); each worker gets
+# its share of the cores (torch's threads, and OMP_NUM_THREADS for the subprocesses it starts), so two trainings side
+# by side do not oversubscribe the CPU. `pytest -n 0` runs in one process with every core.
+XDIST_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+if XDIST_WORKERS:
+    _threads = str(max(1, (os.cpu_count() or 1) // XDIST_WORKERS))
+    os.environ["OMP_NUM_THREADS"] = _threads
+    torch.set_num_threads(int(_threads))
+
+# Tests that share the session's fine-tuned MiniLM run in one worker, so it is trained once.
+SHARED_SESSION_FIXTURES = ("real_finetuned",)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Under xdist, one work unit per test file (module fixtures built once), the tests of a shared session fixture
+    in one unit, and the units with slow real-model tests first, so the longest start while the other worker takes
+    the short ones (xdist's own hook, which reads the `xdist_group` marks, runs after this one)."""
+    if not XDIST_WORKERS:
+        return
+    files = {}
+    for item in items:
+        files.setdefault(item.nodeid.split("::")[0], []).append(item)
+    groups = {}
+    for name, its in files.items():
+        shared = [f for f in SHARED_SESSION_FIXTURES if any(f in i.fixturenames for i in its)]
+        group = shared[0] if shared else name
+        for item in its:
+            item.add_marker(pytest.mark.xdist_group(group))
+        groups.setdefault(group, []).extend(its)
+    rank = {g: (0 if g in SHARED_SESSION_FIXTURES else 1 if any(i.get_closest_marker("slow") for i in its) else 2)
+            for g, its in groups.items()}
+    items[:] = [i for g in sorted(groups, key=lambda g: rank[g]) for i in groups[g]]  # stable within a rank
+
 
 def tiny_bert_config(**kw):
     from transformers import BertConfig
