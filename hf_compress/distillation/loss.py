@@ -23,8 +23,9 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-# Logits per chunk: 8 MB of float32 per temporary (42 positions at vocabulary 49,152), at most four alive at once
-# (`_chunk_step` frees a chunk's before the next); small next to the logits. Half that measured no lower peak.
+# Logits per chunk: 8 MB of float32 per temporary (42 positions at vocabulary 49,152), and only one chunk's
+# temporaries alive at a time (`_chunk_step` frees them before the next); small next to the logits. Half that
+# measured no lower peak in `benchmarks.trl_cost`.
 _CHUNK_ELEMENTS = 1 << 21
 _TINY = 1e-30
 
@@ -318,6 +319,10 @@ def distillation_loss(
             accumulated batch; both sums are divided by it (the Trainer's gradient-accumulation convention).
         teacher_indices (`torch.Tensor`, *optional*): see [`soft_target_kl`].
         chunk_size (`int`, *optional*): positions per chunk.
+
+    Returns:
+        [`DistillationLoss`]: `loss` (differentiable; its gradient is computed with the loss, in the same pass) and
+        the parts `hard_loss` (`None` without labels) and `soft_loss`, detached: they are for logging.
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}.")
