@@ -70,7 +70,6 @@ def main(argv: list[str]) -> int:
     from transformers import HfArgumentParser
 
     from ..distillation import hub_cache
-    from ..tasks import task_of_model
 
     class _Usage(Exception):
         pass
@@ -98,13 +97,14 @@ def main(argv: list[str]) -> int:
         if a.teacher_dtype is not None and a.teacher_dtype not in ("float32", "bfloat16", "float16"):
             raise _Usage(f"--teacher_dtype must be float32, bfloat16 or float16, got {a.teacher_dtype!r}.")
         dataset = _load_split(data_args.dataset, a.split)
+        task = _resolve_task(a)  # once, from the teacher's config, before its weights: rows, key and logits agree
+        tokenizer = _load_tokenizer(a)
         if "input_ids" not in dataset.column_names:  # data as hf-compress reads it: the rows it trains on
             if a.split != "train":
                 raise _Usage(f"--split {a.split} applies to a tokenized --dataset; hf-compress trains on the `train` "
                              "split of this one (hold rows out with `--eval_split` there), so drop --split.")
-            dataset = _pipeline_rows(a, data_args)
-        tokenizer, teacher = _load_teacher(a)
-        task = task_of_model(teacher) if a.task == "auto" else a.task
+            dataset = _pipeline_rows(a, data_args, task, tokenizer)
+        teacher = _load_teacher(a)  # the class `task` was read from (or `--task`'s auto class)
         hub_cache.check_push_inputs(a.hub_repo, top_k, a.temperature, a.dtype, task, dataset, tokenizer, a.batch_size)
     except (_Usage, CompressionInputError, ValueError, TypeError, OSError, ImportError) as err:
         return _fail(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
@@ -141,36 +141,46 @@ def _load_split(name: str, split: str):
     return dsd[split]
 
 
-def _pipeline_rows(a: CacheTeacherArguments, data_args):
-    """The tokenized examples `hf-compress` trains on for `data_args` and `--seed`, tokenized by the teacher's
-    tokenizer (or `--tokenizer`), for the teacher's task; before the teacher's weights are loaded."""
-    from transformers import AutoConfig, AutoTokenizer
+def _resolve_task(a: CacheTeacherArguments) -> str:
+    """`--task`, or the task of the class the teacher's config names (read without its weights)."""
+    from transformers import AutoConfig
 
-    from ..pipeline.plan import training_examples
     from ..tasks import task_of_class
 
+    if a.task != "auto":
+        return a.task
     revision = {"revision": a.teacher_revision} if a.teacher_revision else {}
-    task = a.task
-    if task == "auto":
-        arch = (AutoConfig.from_pretrained(a.teacher, **revision).architectures or [None])[0]
-        found = task_of_class(arch) if arch else None
-        if found is None:
-            raise ValueError(f"--teacher {a.teacher!r} names no task in its config's architecture ({arch}); pass `--task`.")
-        task = found.name
-    tokenizer = AutoTokenizer.from_pretrained(a.tokenizer or a.teacher, **({} if a.tokenizer else revision))
+    arch = (AutoConfig.from_pretrained(a.teacher, **revision).architectures or [None])[0]
+    found = task_of_class(arch) if arch else None
+    if found is None:
+        raise ValueError(f"--teacher {a.teacher!r} names no task in its config's architecture ({arch}); pass `--task`.")
+    return found.name
+
+
+def _load_tokenizer(a: CacheTeacherArguments):
+    from transformers import AutoTokenizer
+
+    revision = {"revision": a.teacher_revision} if a.teacher_revision and not a.tokenizer else {}
+    return AutoTokenizer.from_pretrained(a.tokenizer or a.teacher, **revision)
+
+
+def _pipeline_rows(a: CacheTeacherArguments, data_args, task: str, tokenizer):
+    """The tokenized examples `hf-compress` trains on for `data_args` and `--seed`, tokenized by the teacher's
+    tokenizer (or `--tokenizer`), for the teacher's task; before the teacher's weights are loaded."""
+    from ..pipeline.plan import training_examples
+
     return training_examples(data_args, task, tokenizer, a.seed)
 
 
 def _load_teacher(a: CacheTeacherArguments):
     import torch
     import transformers
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
 
     from ..distillation.teacher import load_teacher
     from ..tasks import get_task
 
     revision = {"revision": a.teacher_revision} if a.teacher_revision else {}
-    tokenizer = AutoTokenizer.from_pretrained(a.tokenizer or a.teacher, **({} if a.tokenizer else revision))
     kwargs = dict(revision, **({"dtype": getattr(torch, a.teacher_dtype)} if a.teacher_dtype else {}))
     if a.task == "auto":  # the class the teacher was saved as
         arch = (AutoConfig.from_pretrained(a.teacher, **revision).architectures or [None])[0]
@@ -182,5 +192,5 @@ def _load_teacher(a: CacheTeacherArguments):
     else:
         teacher = load_teacher(a.teacher, a.task, a.teacher_dtype)
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return tokenizer, teacher.to(device).eval()
+    return teacher.to(device).eval()
 
