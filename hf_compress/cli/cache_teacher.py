@@ -97,14 +97,17 @@ def main(argv: list[str]) -> int:
         if a.teacher_dtype is not None and a.teacher_dtype not in ("float32", "bfloat16", "float16"):
             raise _Usage(f"--teacher_dtype must be float32, bfloat16 or float16, got {a.teacher_dtype!r}.")
         dataset = _load_split(data_args.dataset, a.split)
-        task = _resolve_task(a)  # once, from the teacher's config, before its weights: rows, key and logits agree
+        # Read once from the teacher's config, before its weights: the rows, the key and the logits use one task.
+        task, architecture = _resolve_teacher(a)
         tokenizer = _load_tokenizer(a)
         if "input_ids" not in dataset.column_names:  # data as hf-compress reads it: the rows it trains on
             if a.split != "train":
                 raise _Usage(f"--split {a.split} applies to a tokenized --dataset; hf-compress trains on the `train` "
                              "split of this one (hold rows out with `--eval_split` there), so drop --split.")
-            dataset = _pipeline_rows(a, data_args, task, tokenizer)
-        teacher = _load_teacher(a)  # the class `task` was read from (or `--task`'s auto class)
+            from ..pipeline.plan import training_examples
+
+            dataset = training_examples(data_args, task, tokenizer, a.seed)
+        teacher = _load_teacher(a, architecture)
         hub_cache.check_push_inputs(a.hub_repo, top_k, a.temperature, a.dtype, task, dataset, tokenizer, a.batch_size)
     except (_Usage, CompressionInputError, ValueError, TypeError, OSError, ImportError) as err:
         return _fail(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
@@ -141,20 +144,24 @@ def _load_split(name: str, split: str):
     return dsd[split]
 
 
-def _resolve_task(a: CacheTeacherArguments) -> str:
-    """`--task`, or the task of the class the teacher's config names (read without its weights)."""
+def _resolve_teacher(a: CacheTeacherArguments) -> tuple[str, str | None]:
+    """`(task, class name)` of the teacher: `--task` and `None` (the task's auto class loads it), or the class its
+    config names and that class's task, read once and without its weights."""
+    import transformers
     from transformers import AutoConfig
 
     from ..tasks import task_of_class
 
     if a.task != "auto":
-        return a.task
+        return a.task, None
     revision = {"revision": a.teacher_revision} if a.teacher_revision else {}
     arch = (AutoConfig.from_pretrained(a.teacher, **revision).architectures or [None])[0]
-    found = task_of_class(arch) if arch else None
+    if arch is None or not hasattr(transformers, arch):
+        raise ValueError(f"--teacher {a.teacher!r} names no known architecture in its config; pass `--task`.")
+    found = task_of_class(arch)
     if found is None:
         raise ValueError(f"--teacher {a.teacher!r} names no task in its config's architecture ({arch}); pass `--task`.")
-    return found.name
+    return found.name, arch
 
 
 def _load_tokenizer(a: CacheTeacherArguments):
@@ -164,29 +171,18 @@ def _load_tokenizer(a: CacheTeacherArguments):
     return AutoTokenizer.from_pretrained(a.tokenizer or a.teacher, **revision)
 
 
-def _pipeline_rows(a: CacheTeacherArguments, data_args, task: str, tokenizer):
-    """The tokenized examples `hf-compress` trains on for `data_args` and `--seed`, tokenized by the teacher's
-    tokenizer (or `--tokenizer`), for the teacher's task; before the teacher's weights are loaded."""
-    from ..pipeline.plan import training_examples
-
-    return training_examples(data_args, task, tokenizer, a.seed)
-
-
-def _load_teacher(a: CacheTeacherArguments):
+def _load_teacher(a: CacheTeacherArguments, architecture: str | None):
+    """The teacher as the class its config names (`architecture`, from [`_resolve_teacher`]) or `--task`'s."""
     import torch
     import transformers
-    from transformers import AutoConfig
 
     from ..distillation.teacher import load_teacher
     from ..tasks import get_task
 
     revision = {"revision": a.teacher_revision} if a.teacher_revision else {}
     kwargs = dict(revision, **({"dtype": getattr(torch, a.teacher_dtype)} if a.teacher_dtype else {}))
-    if a.task == "auto":  # the class the teacher was saved as
-        arch = (AutoConfig.from_pretrained(a.teacher, **revision).architectures or [None])[0]
-        if arch is None or not hasattr(transformers, arch):
-            raise ValueError(f"--teacher {a.teacher!r} names no known architecture in its config; pass `--task`.")
-        teacher = getattr(transformers, arch).from_pretrained(a.teacher, **kwargs)
+    if architecture is not None:  # the class the teacher was saved as
+        teacher = getattr(transformers, architecture).from_pretrained(a.teacher, **kwargs)
     elif revision:
         teacher = getattr(transformers, get_task(a.task).auto_class).from_pretrained(a.teacher, **kwargs)
     else:
