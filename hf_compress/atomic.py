@@ -75,17 +75,13 @@ def replace_dir(new: str, dest: str) -> None:
 
     On Linux an existing `dest` is swapped with `new` in one atomic rename (`renameat2(RENAME_EXCHANGE)`), so every
     reader sees the whole old folder or the whole new one; elsewhere the old folder is renamed aside first (a moment
-    with no `dest`, never a mixed one). The old content is then deleted. When two processes write the same `dest`
-    at once (two first conversions of a cached model), the later one replaces the earlier's folder the same way.
+    with no `dest`, never a mixed one). The old content is then deleted. A `dest` that appears after the check (another
+    process's folder) is never replaced: the rename fails (`OSError`) and that folder stays as it is.
     """
     new, dest = os.path.abspath(new), os.path.abspath(dest)
     if not os.path.lexists(dest):
-        try:
-            os.rename(new, dest)
-            return
-        except OSError:
-            if not os.path.isdir(dest):  # not another writer's folder that appeared in between: a real failure
-                raise
+        os.rename(new, dest)
+        return
     if os.path.isdir(dest) and not os.path.islink(dest) and _exchange(new, dest):
         shutil.rmtree(new, ignore_errors=True)  # `new` now holds the old content
         return

