@@ -295,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
                        command=command, recipe=recipe)
     except (UsageError, CompressionInputError, ValueError, TypeError, ImportError) as err:
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        print(f"hf-compress: error: {redact_value(message)}", file=sys.stderr)  # never a token on the console
+        _error_line(redact_value(message))  # never a token on the console
         return 2
     from ..architectures import StructuredPruningError
     from ..pruning.self_check import SelfCheckError
@@ -303,10 +303,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = run(plan)
     except SelfCheckError as err:  # the run's own result is wrong: stopped before writing, nothing to fix in the input
-        print(f"hf-compress: error: {redact_value(_one_line(err))}", file=sys.stderr)
+        _error_line(redact_value(_one_line(err)))
         return 1
     except (CompressionInputError, StructuredPruningError) as err:  # found while preprocessing or pruning
-        print(f"hf-compress: error: {redact_value(_one_line(err))}", file=sys.stderr)
+        _error_line(redact_value(_one_line(err)))
         return 2
     if report is None:  # the non-main ranks of a distributed launch
         return 0
@@ -335,6 +335,13 @@ def verification_failures(report: dict) -> list[str]:
             lines.append(f"FAILED verification: {name} loads the output but computes something else than the trained "
                          f"model: {what}. Do not share this folder.")
     return lines
+
+
+def _error_line(message: str) -> None:
+    """`hf-compress: error: <message>` on stderr in one write: stderr is unbuffered when redirected, so `print`'s two
+    writes (text, then newline) from the ranks of a launch could interleave into one line."""
+    sys.stderr.write(f"hf-compress: error: {message}\n")
+    sys.stderr.flush()
 
 
 def console_entry() -> None:
