@@ -385,3 +385,37 @@ def check_compressed_tensors(model_or_config) -> None:
     reason = compressed_tensors_refusal(getattr(config, "model_type", None))
     if reason is not None:
         raise ValueError(reason)
+
+
+# ---- causal-LM logits: what a family's forward does to its output head's result -------------------------------
+
+
+@dataclass(frozen=True)
+class LogitTransform:
+    """What a family's `*ForCausalLM.forward` does to the output head's result before returning it as `logits`, in
+    this order (each `None` when the family does not): `logits * scale` (Cohere's `logit_scale`), `logits / divisor`
+    (Granite's `logits_scaling`), then the soft cap `tanh(logits / softcap) * softcap` (Gemma 2/3's
+    `final_logit_softcapping`), each in the head's dtype, as transformers 5 writes them.
+    """
+
+    scale: float | None = None
+    divisor: float | None = None
+    softcap: float | None = None
+
+
+# Families whose forward returns `lm_head(hidden)` untouched (read in transformers 5.24's modeling files).
+_PLAIN_LOGITS = ("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "phi", "phi3",
+                 "olmo", "olmo2", "gpt2", "gpt_neox", "starcoder2", "smollm3", "stablelm")
+LOGIT_TRANSFORMS = {
+    **{t: lambda config: LogitTransform() for t in _PLAIN_LOGITS},
+    **{t: lambda config: LogitTransform(softcap=config.final_logit_softcapping) for t in ("gemma2", "gemma3_text")},
+    **{t: lambda config: LogitTransform(scale=config.logit_scale) for t in ("cohere", "cohere2")},
+    **{t: lambda config: LogitTransform(divisor=config.logits_scaling) for t in ("granite", "granitemoe")},
+}
+
+
+def logit_transform(config) -> LogitTransform | None:
+    """The [`LogitTransform`] of a causal LM's family, or `None` for a family not listed (its logits are then only
+    read from its own forward)."""
+    make = LOGIT_TRANSFORMS.get(getattr(config, "model_type", None))
+    return None if make is None else make(config)

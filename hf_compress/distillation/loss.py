@@ -10,6 +10,11 @@ softmaxes, computes both the loss and its gradient in the same pass, written str
 logits (the gradient autograd needs anyway, in the logits' dtype); the backward pass only scales it. Neither model's
 logits are held for the backward pass.
 
+Causal LMs' output heads: given as [`HeadLogits`] (the hidden states the output head reads, and the head), the
+logits are never built at all: each chunk is projected, its loss and gradient computed, and the gradient taken on
+through the head at once, into the hidden states' gradient and the head's own (kept in float32 while chunks add
+into it). What is held for the backward pass is then hidden-sized, not vocabulary-sized.
+
 Cached top-k teachers: [`teacher_top_k`] keeps the k most probable classes of `softmax(teacher / T)` (the
 temperature is applied over the whole vocabulary first) and the loss adds one tail bucket holding the rest of the
 probability mass, for the teacher and for the student alike, as TRL's server-side distillation does. The KL over
@@ -36,6 +41,65 @@ class DistillationLoss(NamedTuple):
     loss: torch.Tensor
     hard_loss: torch.Tensor | None
     soft_loss: torch.Tensor
+
+
+class HeadLogits(NamedTuple):
+    """A causal LM's logits, not yet computed: `transform(hidden @ weight[:width].T + bias[:width])`, where the
+    transform is the family's (multiply by `scale`, divide by `divisor`, then `tanh(x / softcap) * softcap`; each
+    skipped when `None`), in the head's dtype, as the model's own forward computes them. Pass one wherever the losses
+    below take logits: the chunks are projected one at a time and the gradient reaches `hidden`, `weight` and `bias`
+    (where they require it) without the `[positions, vocab]` logits ever existing.
+
+    `hf_compress.distillation.heads` reads these off a model and checks them against its forward.
+    """
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+    scale: float | None = None
+    divisor: float | None = None
+    softcap: float | None = None
+    width: int | None = None
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((*self.hidden.shape[:-1], self.width or self.weight.shape[0]))
+
+    @property
+    def device(self) -> torch.device:
+        return self.hidden.device
+
+    def project(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The logits of `hidden` (any leading shape), computed as the family's forward does."""
+        w, b = self.weight, self.bias
+        if self.width is not None:
+            w, b = w[: self.width], None if b is None else b[: self.width]
+        z = F.linear(hidden, w, b)
+        if self.scale is not None:
+            z = z * self.scale
+        if self.divisor is not None:
+            z = z / self.divisor
+        if self.softcap is not None:
+            z = torch.tanh(z / self.softcap) * self.softcap
+        return z
+
+    def logits(self) -> torch.Tensor:
+        """All the logits at once (what the model's forward returns; for checks and small inputs)."""
+        return self.project(self.hidden)
+
+    def chain(self, z: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """`d loss / d(hidden @ weight.T + bias)` from `d loss / d logits` (`grad`, float32) and the logits `z`."""
+        if self.softcap is not None:
+            grad = grad * (1 - (z.float() / self.softcap) ** 2)  # d/dx tanh(x / c) * c = 1 - tanh^2
+        if self.divisor is not None:
+            grad = grad / self.divisor
+        if self.scale is not None:
+            grad = grad * self.scale
+        return grad
+
+
+def _width(logits) -> int:
+    return logits.shape[-1]
 
 
 def teacher_top_k(
@@ -90,23 +154,17 @@ def _soft_parts(z, t, idx, temperature):
     return kl, logq, q, p_k, (p_tail, q_tail)
 
 
-def _chunks(z, t, idx, labels, mask, rows):
-    """`(start, sel, student, teacher, top-k ids, labels)` of each chunk of `rows` positions, only where `mask` is set,
-    the logits in float32 on the student's device (ids and labels `None` when not given). `sel` is `None` when every
-    position of the chunk counts: the chunk is then a view, not a copy."""
-    for start in range(0, z.shape[0], rows):
+def _chunks(mask, rows):
+    """`(start, sel, pick)` of each chunk of `rows` positions that has a counted position: `pick` selects the counted
+    rows of the chunk; `sel` is `None` (and `pick` a full slice, so chunks are views) when every position counts."""
+    for start in range(0, mask.shape[0], rows):
         sel = mask[start : start + rows]
         if not bool(sel.any()):
             continue
         if bool(sel.all()):
-            sel, pick = None, slice(None)
+            yield start, None, slice(None)
         else:
-            pick = sel
-        zc = z[start : start + rows][pick].float()
-        tc = t[start : start + rows][pick].to(zc.device).float()
-        ic = None if idx is None else idx[start : start + rows][pick].to(zc.device).long()
-        yc = None if labels is None else labels[start : start + rows][pick].long()
-        yield start, sel, zc, tc, ic, yc
+            yield start, sel, sel
 
 
 def _soft_gradient(logq, q, p, idx, tails):
@@ -120,17 +178,17 @@ def _soft_gradient(logq, q, p, idx, tails):
     return g
 
 
-def _chunk_step(zc, tc, ic, yc, temperature, want_hard, w_hard, w_soft, grad, start, sel):
-    """One chunk: its summed KL (without the T**2) and CE, and, into `grad[start:]` (where `grad` is given), the
-    gradient of `w_hard * CE + w_soft * T**2 * KL`. Its temporaries are freed when it returns, so no more than one
-    chunk's are ever alive."""
+def _chunk_step(zc, tc, ic, yc, temperature, want_hard, w_hard, w_soft, need_grad):
+    """One chunk (float32 logits): its summed KL (without the T**2), its summed CE, and, with `need_grad`, the
+    gradient of `w_hard * CE + w_soft * T**2 * KL` with respect to `zc` (else `None`). Its temporaries are freed when
+    it returns, so no more than one chunk's are ever alive."""
     kl, logq, q, p, tails = _soft_parts(zc, tc, ic, temperature)
     ce = torch.zeros((), dtype=torch.float32, device=zc.device)
     if want_hard:  # the hard part is at T = 1: at temperature 1 it is the soft part's own log-softmax
         logr = logq if temperature == 1 else F.log_softmax(zc, dim=-1)
         ce = -logr.gather(-1, yc[:, None]).sum()
-    if grad is None:
-        return kl.sum(), ce
+    if not need_grad:
+        return kl.sum(), ce, None
     # d(w_soft T^2 KL)/dz = w_soft T (q - p~); d(w_hard CE)/dz = w_hard (softmax(z) - onehot(y)).
     if w_soft:
         g = _soft_gradient(logq, q, p, ic, tails)
@@ -143,42 +201,108 @@ def _chunk_step(zc, tc, ic, yc, temperature, want_hard, w_hard, w_soft, grad, st
         h = logr.exp()
         h.scatter_add_(-1, yc[:, None], torch.full_like(yc[:, None], -1, dtype=h.dtype))
         g.add_(h, alpha=w_hard)
-    if sel is None:
-        grad[start : start + len(g)] = g
-    else:
-        grad[start : start + len(sel)][sel] = g.to(grad.dtype)
-    return kl.sum(), ce
+    return kl.sum(), ce, g
+
+
+class _Options(NamedTuple):
+    temperature: float
+    rows: int
+    want_hard: bool
+    w_hard: float
+    w_soft: float
+    need_grad: bool
+    denominator: float
+    student_head: HeadLogits | None  # without its tensors: `hidden`, `weight`, `bias` are the Function's inputs
+    teacher_head: HeadLogits | None
+
+
+def _rows_of(x, start, rows, pick):
+    if torch.is_tensor(pick) and pick.device != x.device:
+        pick = pick.to(x.device)
+    return x[start : start + rows][pick]
 
 
 class _ChunkedDistillation(torch.autograd.Function):
-    """`w_hard * hard + w_soft * soft` and its two parts, where `hard` and `soft` are the sums of the hard (CE) and
-    soft (`T**2` KL) losses over the rows where `mask` is set, chunk by chunk.
+    """`(w_hard * hard + w_soft * soft) / denominator` and its two parts (each divided by `denominator` too), where
+    `hard` and `soft` are the sums of the hard (CE) and soft (`T**2` KL) losses over the rows where `mask` is set,
+    chunk by chunk.
 
-    Only the weighted sum is differentiable. Its gradient is computed in the same pass as the loss, from the same
-    softmaxes (each chunk's `log_softmax` is taken once, not again in the backward pass), and written into one tensor
-    the size of the logits, the gradient autograd needs anyway; the backward pass only scales it. Neither model's
-    logits are kept for the backward pass. `need_grad` is `False` under `torch.no_grad` or for logits that do not
-    require grad (evaluation): then no gradient is computed or held.
+    Only the first output is differentiable. Its gradient is computed in the same pass as the loss, from the same
+    softmaxes (each chunk's `log_softmax` is taken once, not again in the backward pass), and held for the backward
+    pass, which returns it as it is (a loss backpropagated as it is, `d output = 1`) or scaled. Neither model's logits
+    are kept. With logits (`opts.student_head` `None`) the held gradient is the logits'; with a head, `z` is the
+    hidden states and the held gradients are those of `z`, `weight` and `bias` (float32 for the head's while chunks
+    add into it). `opts.need_grad` is `False` under `torch.no_grad` or for inputs that do not require grad
+    (evaluation): then no gradient is computed or held.
     """
 
     @staticmethod
-    def forward(ctx, z, t, idx, labels, mask, temperature, rows, want_hard, w_hard, w_soft, need_grad):
+    def forward(ctx, z, weight, bias, t, t_weight, t_bias, idx, labels, mask, opts):
+        sh, th = opts.student_head, opts.teacher_head
         hard = torch.zeros((), dtype=torch.float32, device=z.device)
         soft = torch.zeros((), dtype=torch.float32, device=z.device)
-        grad = torch.zeros_like(z) if need_grad else None
-        for start, sel, zc, tc, ic, yc in _chunks(z, t, idx, labels, mask, rows):
-            kl, ce = _chunk_step(zc, tc, ic, yc, temperature, want_hard, w_hard, w_soft, grad, start, sel)
+        need_w = opts.need_grad and sh is not None and weight.requires_grad
+        need_b = opts.need_grad and sh is not None and bias is not None and bias.requires_grad
+        grad = torch.zeros_like(z) if opts.need_grad else None
+        # Written by the first chunk, added into by the others (no pass to zero it); zeroed only if no chunk counts.
+        grad_w = torch.empty(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        first = True
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+        # The gradient's multipliers include 1 / denominator, so that a loss backpropagated as it is needs no copy.
+        w_hard, w_soft = opts.w_hard / opts.denominator, opts.w_soft / opts.denominator
+        rows = opts.rows
+        for start, sel, pick in _chunks(mask, rows):
+            zin = _rows_of(z, start, rows, pick)
+            zm = zin if sh is None else sh._replace(weight=weight, bias=bias).project(zin)
+            tin = _rows_of(t, start, rows, pick)  # a teacher head projects on the teacher's device
+            tc = (tin if th is None else th._replace(weight=t_weight, bias=t_bias).project(tin)).to(z.device).float()
+            ic = None if idx is None else _rows_of(idx, start, rows, pick).to(z.device).long()
+            yc = None if labels is None else _rows_of(labels, start, rows, pick).long()
+            kl, ce, g = _chunk_step(zm.float(), tc, ic, yc, opts.temperature, opts.want_hard, w_hard, w_soft,
+                                    opts.need_grad)
+            del tc
             soft, hard = soft + kl, hard + ce
-        soft = soft * temperature**2
-        total = w_hard * hard + w_soft * soft
+            if g is None:
+                continue
+            if sh is not None:  # on through the head: d hidden = d u @ W, d W += d u^T hidden, d b += sum d u
+                g = sh.chain(zm, g)
+                w = weight if sh.width is None else weight[: sh.width]
+                if need_w:
+                    if first and sh.width is not None:
+                        grad_w[sh.width :].zero_()
+                    gw = grad_w if sh.width is None else grad_w[: sh.width]
+                    if first:
+                        torch.mm(g.t(), zin.float(), out=gw)
+                    else:
+                        gw.addmm_(g.t(), zin.float())
+                    first = False
+                if need_b:
+                    (grad_b if sh.width is None else grad_b[: sh.width]).add_(g.sum(0))
+                g = g.to(w.dtype) @ w
+            del zm
+            if sel is None:
+                grad[start : start + len(g)] = g
+            else:
+                grad[start : start + len(sel)][sel] = g.to(grad.dtype)
+        soft = soft * opts.temperature**2
+        total = (opts.w_hard * hard + opts.w_soft * soft) / opts.denominator
+        hard, soft = hard / opts.denominator, soft / opts.denominator
         ctx.mark_non_differentiable(hard, soft)
-        ctx.save_for_backward(grad)
+        if grad_w is not None and first:
+            grad_w.zero_()
+        if grad_w is not None and grad_w.dtype != weight.dtype:
+            grad_w = grad_w.to(weight.dtype)
+        if grad_b is not None and grad_b.dtype != bias.dtype:
+            grad_b = grad_b.to(bias.dtype)
+        ctx.save_for_backward(grad, grad_w, grad_b)
         return total, hard, soft
 
     @staticmethod
     def backward(ctx, grad_total, _grad_hard, _grad_soft):
-        (grad,) = ctx.saved_tensors
-        return grad * grad_total, None, None, None, None, None, None, None, None, None, None
+        grads = ctx.saved_tensors
+        if not bool(grad_total == 1):  # `loss.backward()` as it is: the held gradients are the answer, no copy
+            grads = [None if g is None else g * grad_total for g in grads]
+        return (*grads, None, None, None, None, None, None, None)
 
 
 def loss_mask(
@@ -213,23 +337,41 @@ def loss_mask(
     return mask.to(device) if device is not None else mask, labels
 
 
-def _divide(total: torch.Tensor, count: torch.Tensor, denominator) -> torch.Tensor:
-    if denominator is None:
-        denominator = count
-    return total / torch.as_tensor(denominator, dtype=total.dtype, device=total.device).clamp(min=1)
+def _denominator(count: torch.Tensor, denominator) -> float:
+    return max(1.0, float(count if denominator is None else denominator))
+
+
+def _head_rows(logits) -> int:
+    """Positions per chunk: about 2 M logits; for a projected head ([`HeadLogits`]) at least a quarter of the hidden
+    size. Each chunk reads the whole head weight (`[vocab, hidden]`) two or three times, and a trained head adds the
+    chunk's `d W` into its gradient: with chunks of `hidden / 4` positions that traffic stays small next to the
+    products (measured at SmolLM2's and Gemma-3's vocabularies: 42- and 8-position chunks made the loss 25% slower
+    than the full logits, 144-position chunks 2-7%), and the chunk's few float32 temporaries (`rows x vocab` each)
+    stay within about one `[vocab, hidden]` gradient, which the backward pass holds anyway."""
+    rows = max(1, _CHUNK_ELEMENTS // _width(logits))
+    if isinstance(logits, HeadLogits):
+        rows = max(rows, logits.hidden.shape[-1] // 4)
+    return rows
 
 
 def _run(student_logits, teacher_logits, labels, mask, temperature, teacher_indices, want_hard, chunk_size,
-         w_hard, w_soft):
-    """`(w_hard * hard + w_soft * soft, hard, soft)` summed over the masked positions; only the first is differentiable."""
-    width = student_logits.shape[-1]
-    z = student_logits.reshape(-1, width)
-    if teacher_indices is None and teacher_logits.shape[-1] != width:
+         w_hard, w_soft, denominator):
+    """`((w_hard * hard + w_soft * soft) / denominator, hard / denominator, soft / denominator)`, the sums over the
+    masked positions; only the first is differentiable. Either model's logits may be [`HeadLogits`]."""
+    width = _width(student_logits)
+    sh = student_logits if isinstance(student_logits, HeadLogits) else None
+    th = teacher_logits if isinstance(teacher_logits, HeadLogits) else None
+    if th is not None and teacher_indices is not None:
+        raise ValueError("`teacher_indices` go with cached top-k log-probabilities, not with a teacher's `HeadLogits`.")
+    if teacher_indices is None and _width(teacher_logits) != width:
         raise ValueError(
-            f"The student's logits have {width} classes but the teacher's have {teacher_logits.shape[-1]}; "
+            f"The student's logits have {width} classes but the teacher's have {_width(teacher_logits)}; "
             "slice both to the shared vocabulary."
         )
-    t = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1])
+    z = (student_logits if sh is None else sh.hidden)
+    z = z.reshape(-1, z.shape[-1])
+    t = teacher_logits if th is None else th.hidden
+    t = t.detach().reshape(-1, t.shape[-1])
     idx = None if teacher_indices is None else teacher_indices.reshape(-1, teacher_indices.shape[-1])
     m = mask.reshape(-1).to(t.device)
     # Only the counted positions hold teacher values: a padding position of a placed cache is filler, not a
@@ -241,10 +383,17 @@ def _run(student_logits, teacher_logits, labels, mask, temperature, teacher_indi
         )
     y = labels.reshape(-1) if labels is not None else mask.reshape(-1).long()  # placeholder when there are none
     m = m.to(z.device)
-    rows = chunk_size or max(1, _CHUNK_ELEMENTS // width)
-    need_grad = torch.is_grad_enabled() and student_logits.requires_grad
-    return _ChunkedDistillation.apply(z, t, idx, y.to(z.device), m, float(temperature), rows, want_hard,
-                                      float(w_hard), float(w_soft), need_grad)
+    rows = chunk_size or _head_rows(student_logits)
+    grads_in = [z] if sh is None else [z, sh.weight, *([] if sh.bias is None else [sh.bias])]
+    need_grad = torch.is_grad_enabled() and any(x.requires_grad for x in grads_in)
+    opts = _Options(float(temperature), rows, want_hard, float(w_hard), float(w_soft), need_grad, denominator,
+                    None if sh is None else sh._replace(hidden=None, weight=None, bias=None),
+                    None if th is None else th._replace(hidden=None, weight=None, bias=None))
+    return _ChunkedDistillation.apply(
+        z, None if sh is None else sh.weight, None if sh is None else sh.bias, t,
+        None if th is None else th.weight.detach(), None if th is None or th.bias is None else th.bias.detach(),
+        idx, y.to(z.device), m, opts,
+    )
 
 
 def soft_target_kl(
@@ -261,9 +410,10 @@ def soft_target_kl(
     The teacher is a constant (no gradient flows to it).
 
     Args:
-        student_logits (`torch.Tensor` of shape `(..., num_classes)`): student logits.
-        teacher_logits (`torch.Tensor` of shape `(..., num_classes)` or `(..., k)`): teacher logits, or, with
-            `teacher_indices`, the teacher's top-k log-probabilities at `temperature` from [`teacher_top_k`].
+        student_logits (`torch.Tensor` of shape `(..., num_classes)` or [`HeadLogits`]): student logits.
+        teacher_logits (`torch.Tensor` of shape `(..., num_classes)` or `(..., k)`, or [`HeadLogits`]): teacher
+            logits, or, with `teacher_indices`, the teacher's top-k log-probabilities at `temperature` from
+            [`teacher_top_k`].
         temperature (`float`, *optional*, defaults to `2.0`): softening temperature, > 0.
         mask (`torch.Tensor` of shape `(...)`, *optional*): 1 where a position counts, 0 where it is ignored.
         num_items (`int` or `torch.Tensor`, *optional*): divide the summed KL by this instead of the number of
@@ -281,8 +431,8 @@ def soft_target_kl(
         if mask is None else mask.bool()
     )
     soft, _, _ = _run(student_logits, teacher_logits, None, mask, temperature, teacher_indices, False, chunk_size,
-                      0.0, 1.0)
-    return _divide(soft, mask.sum(), num_items)
+                      0.0, 1.0, _denominator(mask.sum(), num_items))
+    return soft
 
 
 def distillation_loss(
@@ -305,8 +455,11 @@ def distillation_loss(
     float32 copy of the logits (see the module's docstring).
 
     Args:
-        student_logits (`torch.Tensor` of shape `(batch, [seq,] num_classes)`): student logits.
-        teacher_logits (`torch.Tensor`): teacher logits of the same shape (or top-k, see `teacher_indices`).
+        student_logits (`torch.Tensor` of shape `(batch, [seq,] num_classes)` or [`HeadLogits`]): student logits, or
+            the hidden states and output head that give them (projected chunk by chunk; the gradient reaches the
+            hidden states and the head).
+        teacher_logits (`torch.Tensor` or [`HeadLogits`]): teacher logits of the same shape (or top-k, see
+            `teacher_indices`), or the teacher's hidden states and head.
         labels (`torch.Tensor` of shape `(batch, [seq])`, *optional*): hard labels; `ignore_index` positions
             count in neither part. Without labels the loss is the soft part alone, whatever `alpha`.
         temperature (`float`, *optional*, defaults to `2.0`): softening temperature.
@@ -332,12 +485,8 @@ def distillation_loss(
         student_logits.shape[:-1], labels, attention_mask, ignore_index, shift_labels, student_logits.device
     )
     with_labels = labels is not None
-    total, hard_sum, soft_sum = _run(
+    loss, hard, soft = _run(
         student_logits, teacher_logits, labels, mask, temperature, teacher_indices, with_labels, chunk_size,
-        (1 - alpha) if with_labels else 0.0, alpha if with_labels else 1.0,
+        (1 - alpha) if with_labels else 0.0, alpha if with_labels else 1.0, _denominator(mask.sum(), num_items_in_batch),
     )
-    count = mask.sum()
-    loss, soft = _divide(total, count, num_items_in_batch), _divide(soft_sum, count, num_items_in_batch)
-    if not with_labels:
-        return DistillationLoss(loss, None, soft)
-    return DistillationLoss(loss, _divide(hard_sum, count, num_items_in_batch), soft)
+    return DistillationLoss(loss, hard if with_labels else None, soft)

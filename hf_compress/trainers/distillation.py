@@ -15,8 +15,11 @@ from transformers import Trainer
 
 from ..distillation import cache as teacher_cache
 from ..distillation.config import DistillationArguments, check_teacher_logits_placement
+from ..distillation.heads import HeadInputCapture, checked_output_head, fused_saves_memory
 from ..distillation.loss import distillation_loss, loss_mask
-from ..distillation.teacher import check_compatible, load_teacher, prepare_teacher, resolve_teacher_placement
+from ..distillation.teacher import (
+    check_compatible, is_dispatched, is_quantized, load_teacher, prepare_teacher, resolve_teacher_placement,
+)
 from ..distributed import check_distributed_support
 from ..tasks import get_task, task_of_model
 
@@ -65,6 +68,7 @@ class DistillationMixin:
         self.task = task
         self.logit_layout = get_task(task).logit_layout
         self.teacher_cache = None
+        self._output_heads = None  # (student, teacher) output heads projected in the loss, read on the first step
         # Per mode: summed hard / soft losses over counted positions, and the count (see `log`).
         self._distill_sums = {"train": defaultdict(float), "eval": defaultdict(float)}
         label_names = self.logit_layout.label_names
@@ -208,20 +212,27 @@ class DistillationMixin:
             # Left padding would shift an absolute-position model's inputs by the batch's padding: both models read
             # each row as if unpadded, as the cached teacher was computed.
             inputs["position_ids"] = positions
-        outputs = model(**inputs)
         if not cached and self.teacher is None:
             raise ValueError(
                 f"This batch has no cached teacher logits and the run has no teacher (teacher_logits="
                 f"{self.args.teacher_logits!r} covers the training set only); evaluate the student with a plain `Trainer`."
             )
-        teacher_out = cached or teacher_cache.teacher_forward(self.teacher, inputs, self.task, self.teacher_width)
+        student_head, teacher_head = self._heads_for_step(model, inputs, return_outputs, bool(cached))
+        with HeadInputCapture(student_head) as student_in:
+            outputs = model(**inputs)
+        with HeadInputCapture(teacher_head) as teacher_in:
+            teacher_out = cached or teacher_cache.teacher_forward(self.teacher, inputs, self.task, self.teacher_width)
         device = outputs[self.logit_layout.outputs[0]].device
         teacher_out = {k: v.to(device) for k, v in teacher_out.items()}
+        # A projected head: the loss gets the hidden states it reads, and the model returned empty logits.
+        student_logits = None if student_in.hidden is None else student_head.logits(student_in.hidden, self.teacher_width)
+        if teacher_in.hidden is not None:
+            teacher_out[teacher_cache.LOGITS] = teacher_head.logits(teacher_in.hidden, self.teacher_width)
         if self.logit_layout.over_positions:
             parts = self._positions_loss(outputs, teacher_out, labels, inputs.get("attention_mask"), covered)
         else:
             parts = self._classes_loss(outputs, teacher_out, labels, inputs.get("attention_mask"), covered,
-                                       num_items_in_batch)
+                                       num_items_in_batch, student_logits)
         loss = parts.loss
         # Tell `training_step` whether this loss is already normalised for gradient accumulation.
         self.loss_is_scaled_for_ga = parts.num_items is not None
@@ -231,6 +242,30 @@ class DistillationMixin:
         self._add_logged_parts("train" if model.training else "eval", parts)
         outputs["loss"] = loss
         return (loss, outputs) if return_outputs else loss
+
+    def _heads_for_step(self, model, inputs, return_outputs: bool, cached: bool):
+        """The student's and the live teacher's output heads when this step projects them in the loss (causal LMs,
+        training, no FSDP / DeepSpeed sharding; see `distillation/heads.py`), else `None` for each.
+
+        Read and checked against each model's own forward on the first training step; the student's is used on a
+        step when it holds less memory than the full logits ([`fused_saves_memory`]).
+        """
+        layout = self.logit_layout
+        if (return_outputs or not model.training or not torch.is_grad_enabled() or not layout.over_vocabulary
+                or self.is_fsdp_enabled or self.is_deepspeed_enabled):
+            return None, None
+        if self._output_heads is None:
+            student = checked_output_head(self.accelerator.unwrap_model(model), inputs, self.teacher_width, "student")
+            teacher = None
+            live = self.teacher is not None and not self.args.cache_teacher_logits
+            if live and not (is_quantized(self.teacher) or is_dispatched(self.teacher)):
+                teacher = checked_output_head(self.teacher, inputs, self.teacher_width, "teacher")
+            self._output_heads = (student, teacher)
+        student, teacher = self._output_heads
+        ids = inputs.get("input_ids")
+        if student is not None and (ids is None or not fused_saves_memory(student, ids.numel())):
+            student = None
+        return student, None if cached else teacher
 
     def _positions_loss(self, outputs, teacher_out, labels, attention_mask, covered) -> _LossParts:
         """The loss when the classes are the positions (QA spans): one distillation loss per output, averaged."""
@@ -258,11 +293,13 @@ class DistillationMixin:
         return _LossParts(sum(r.loss for r in results) / n, hard, sum(r.soft_loss for r in results) / n, count, count,
                           None)
 
-    def _classes_loss(self, outputs, teacher_out, labels, attention_mask, covered, num_items_in_batch) -> _LossParts:
-        """The loss over labels or a vocabulary, per example or per token, as the task's `logit_layout` says."""
+    def _classes_loss(self, outputs, teacher_out, labels, attention_mask, covered, num_items_in_batch,
+                      student_logits=None) -> _LossParts:
+        """The loss over labels or a vocabulary, per example or per token, as the task's `logit_layout` says.
+        `student_logits` replaces `outputs.logits` when the student's head is projected in the loss (`HeadLogits`)."""
         args, layout = self.args, self.logit_layout
-        logits = outputs.logits
-        if self.teacher_width is not None and logits.shape[-1] > self.teacher_width:
+        logits = outputs.logits if student_logits is None else student_logits
+        if student_logits is None and self.teacher_width is not None and logits.shape[-1] > self.teacher_width:
             logits = logits[..., : self.teacher_width]  # a view: the padded rows of the head are never used
         y, shift = labels.get("labels"), layout.shift_labels
         if "shift_labels" in labels:  # a padding-free collator that already shifted the labels
