@@ -519,6 +519,9 @@ def test_task_of_model_names_the_task_or_asks_for_it():
 
     gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=50))
     assert task_of_model(gpt2) == infer_task(gpt2) == "causal-lm"
+    from peft import LoraConfig, get_peft_model
+
+    assert task_of_model(get_peft_model(gpt2, LoraConfig(r=2, target_modules=["c_attn"]))) == "causal-lm"
     bare = BertModel(BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8, vocab_size=50))
     with pytest.raises(ValueError, match=r"^Cannot tell the task of a `BertModel`; pass `distillation_task` \(or `--task`\): "
                                          r"one of sequence-classification, token-classification, question-answering, causal-lm\.$"):

@@ -41,12 +41,14 @@ def task_of_class(name: str | None) -> type[Task] | None:
 
 
 def task_of_model(model) -> str:
-    """The task name of a loaded `*For<Task>` model, from its class name ([`task_of_class`]).
+    """The task name of a loaded `*For<Task>` model, from its class name ([`task_of_class`]); a PEFT model's is its
+    base model's.
 
     Raises:
         `ValueError`: the class names no task; the message asks for the task to be given.
     """
-    name = type(model).__name__
+    base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    name = type(base).__name__
     task = task_of_class(name)
     if task is None:
         raise ValueError(
