@@ -1,17 +1,23 @@
-"""Peak memory of one causal-LM training step at vocabulary 49,152: distillation vs plain fine-tuning.
+"""Peak memory of one causal-LM training step: distillation vs plain fine-tuning.
 
-One command: `python -m benchmarks.distillation_memory [--batch-size 4] [--seq-len 128] [--layers 2]`.
+One command: `python -m benchmarks.distillation_memory [--batch-size 4] [--seq-len 128] [--layers 2] [--vocab 49152]
+[--hidden 576] [--dtype float32]` (Gemma-3-270M's head: `--vocab 262144 --hidden 640 --dtype bfloat16`).
 
-Each mode runs in a fresh process: SmolLM2-135M's shapes (hidden 576, 9 heads / 3 KV heads, intermediate 1536, vocab
-49,152, tied embeddings) with `--layers` decoder layers for the student (twice as many for the teacher), random
-weights, float32, one forward + backward on a `[batch, seq]` batch. The figure is the growth of the process's peak
-resident memory (`ru_maxrss`) during the step, over the high-water mark after setup (models and batch); it includes the
-student's parameter gradients (the same in every mode, 2 x 4 MB per layer plus 113 MB for the tied embedding). Modes:
+Each mode runs in a fresh process: SmolLM2-135M's shapes (hidden 576, 9 heads / 3 KV heads of 64, intermediate 1536, vocab
+49,152, tied embeddings; `--vocab` / `--hidden` change those two, with `hidden / 64` heads) with `--layers` decoder layers for the student
+(twice as many for the teacher), random weights in `--dtype`, one forward + backward on a `[batch, seq]` batch. The
+figure is the growth of the process's peak resident memory (`ru_maxrss`) during the step, over the high-water mark
+after setup (models and batch), with `MALLOC_MMAP_THRESHOLD_=131072` (every freed block over 128 KB goes back to the
+system at once, so it is the peak of the live tensors, not of glibc's heap); it includes the student's parameter
+gradients (the same in every mode: at the defaults 2 x 4 MB per layer plus 113 MB for the tied embedding). Modes:
 
 - `plain`: the student's own loss (`model(input_ids, labels=...)`, transformers' causal-LM cross-entropy);
-- `distill`: live teacher + `hf_compress.distillation.distillation_loss` (chunked, hand-written backward);
-- `distill-unchunked`: the same loss written with full-size float32 `log_softmax`es for student and teacher plus
-  cross-entropy (what `distillation_loss` did before: several `[batch, seq, vocab]` float32 copies kept for backward).
+- `distill`: live teacher + `hf_compress.distillation.distillation_loss` on both models' logits (chunked, gradient
+  computed with the loss);
+- `distill-projected`: the same loss with both output heads projected in the loss, as `DistillationTrainer` runs a
+  training step (`hf_compress.distillation.heads`: neither model's `[batch, seq, vocab]` logits are built);
+- `distill-unchunked`: the loss written with full-size float32 `log_softmax`es for student and teacher plus
+  cross-entropy (several `[batch, seq, vocab]` float32 copies kept for backward).
 """
 
 from __future__ import annotations
@@ -22,15 +28,16 @@ import os
 import subprocess
 import sys
 
-MODES = ("plain", "distill", "distill-unchunked")
+MODES = ("plain", "distill", "distill-projected", "distill-unchunked")
+MMAP_THRESHOLD = 131072
 
 
-def _config(layers: int):
+def _config(layers: int, vocab: int = 49152, hidden: int = 576):
     from transformers import LlamaConfig
 
     return LlamaConfig(
-        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=layers, num_attention_heads=9,
-        num_key_value_heads=3, head_dim=64, max_position_embeddings=2048, tie_word_embeddings=True,
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=1536, num_hidden_layers=layers,
+        num_attention_heads=hidden // 64, num_key_value_heads=3 if hidden // 64 % 3 == 0 else 1, head_dim=64, max_position_embeddings=2048, tie_word_embeddings=True,
     )
 
 
@@ -45,24 +52,35 @@ def _unchunked(s, t, labels, temperature=2.0, alpha=0.5):
     return (1 - alpha) * hard + alpha * soft
 
 
-def _step(mode: str, batch_size: int, seq_len: int, layers: int) -> dict:
+def _step(mode: str, batch_size: int, seq_len: int, layers: int, vocab: int = 49152, hidden: int = 576,
+          dtype: str = "float32") -> dict:
     import resource
 
     import torch
     from transformers import LlamaForCausalLM
 
-    from hf_compress.distillation import distillation_loss
+    from hf_compress.distillation import distillation_loss, heads
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    student = LlamaForCausalLM(_config(layers))
-    teacher = LlamaForCausalLM(_config(2 * layers)).eval().requires_grad_(False) if mode != "plain" else None
-    ids = torch.randint(0, 49152, (batch_size, seq_len))
+    torch.set_default_dtype(getattr(torch, dtype))
+    student = LlamaForCausalLM(_config(layers, vocab, hidden))
+    teacher = LlamaForCausalLM(_config(2 * layers, vocab, hidden)).eval().requires_grad_(False) if mode != "plain" else None
+    torch.set_default_dtype(torch.float32)
+    ids = torch.randint(0, vocab, (batch_size, seq_len))
 
     def step():
         student.zero_grad(set_to_none=True)
         if mode == "plain":
             loss = student(input_ids=ids, labels=ids).loss
+        elif mode == "distill-projected":
+            s_head, t_head = heads.output_head(student)[0], heads.output_head(teacher)[0]
+            with heads.HeadInputCapture(s_head) as s_in:
+                student(input_ids=ids)
+            with torch.no_grad(), heads.HeadInputCapture(t_head) as t_in:
+                teacher(input_ids=ids)
+            loss = distillation_loss(s_head.logits(s_in.hidden), t_head.logits(t_in.hidden), ids, 2.0, 0.5,
+                                     shift_labels=True).loss
         else:
             logits = student(input_ids=ids).logits
             with torch.no_grad():
@@ -80,25 +98,30 @@ def _step(mode: str, batch_size: int, seq_len: int, layers: int) -> dict:
     return {"mode": mode, "peak_growth_mb": (after - before) / 1024, "peak_rss_mb": after / 1024, "loss": loss}
 
 
-def run(batch_size: int = 4, seq_len: int = 128, layers: int = 2) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+def run(batch_size: int = 4, seq_len: int = 128, layers: int = 2, vocab: int = 49152, hidden: int = 576,
+        dtype: str = "float32") -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD))
     env["PYTHONPATH"] = os.pathsep.join([os.getcwd(), env.get("PYTHONPATH", "")])
     results = {}
     for mode in MODES:
         out = subprocess.run(
             [sys.executable, "-m", "benchmarks.distillation_memory", "--one", mode, "--batch-size", str(batch_size),
-             "--seq-len", str(seq_len), "--layers", str(layers)],
+             "--seq-len", str(seq_len), "--layers", str(layers), "--vocab", str(vocab), "--hidden", str(hidden),
+             "--dtype", dtype],
             capture_output=True, text=True, env=env, check=True,
         )
         results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
-    logits_mb = batch_size * seq_len * 49152 * 4 / 2**20
+    itemsize = 2 if dtype == "bfloat16" else 4
     summary = {
-        "batch_size": batch_size, "seq_len": seq_len, "vocab": 49152, "student_layers": layers,
-        "teacher_layers": 2 * layers, "one_fp32_logits_copy_mb": logits_mb,
+        "batch_size": batch_size, "seq_len": seq_len, "vocab": vocab, "hidden": hidden, "dtype": dtype,
+        "student_layers": layers, "teacher_layers": 2 * layers, "malloc_mmap_threshold": MMAP_THRESHOLD,
+        "one_logits_copy_mb": batch_size * seq_len * vocab * itemsize / 2**20,
+        "one_fp32_logits_copy_mb": batch_size * seq_len * vocab * 4 / 2**20,
         **{f"{m}_peak_growth_mb": r["peak_growth_mb"] for m, r in results.items()},
+        **{f"{m}_loss": r["loss"] for m, r in results.items()},
     }
-    summary["distill_over_plain"] = summary["distill_peak_growth_mb"] / summary["plain_peak_growth_mb"]
-    summary["unchunked_over_plain"] = summary["distill-unchunked_peak_growth_mb"] / summary["plain_peak_growth_mb"]
+    for m in MODES[1:]:
+        summary[f"{m}_over_plain"] = summary[f"{m}_peak_growth_mb"] / summary["plain_peak_growth_mb"]
     return summary
 
 
@@ -107,12 +130,15 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--vocab", type=int, default=49152)
+    p.add_argument("--hidden", type=int, default=576)
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--one", choices=MODES, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.one:
-        print(json.dumps(_step(a.one, a.batch_size, a.seq_len, a.layers)))
+        print(json.dumps(_step(a.one, a.batch_size, a.seq_len, a.layers, a.vocab, a.hidden, a.dtype)))
         return 0
-    print(json.dumps(run(a.batch_size, a.seq_len, a.layers), indent=2))
+    print(json.dumps(run(a.batch_size, a.seq_len, a.layers, a.vocab, a.hidden, a.dtype), indent=2))
     return 0
 
 

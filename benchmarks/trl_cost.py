@@ -38,14 +38,20 @@ token `t<i>` has id `i` (checked: the tokenizer gives back the ids).
 
 Figures: `median_step_s`, the median wall time of the optimizer steps after `--warmup` steps (forward, backward,
 clipping, optimizer; `StepTimer`'s window), and `median_step_cpu_s`, the same steps' process CPU time (one thread, so
-it is the step time with the core to itself: on a shared machine it moves less than the wall time); `peak_growth_mb`,
-the growth of the process's peak resident memory during those timed steps over the resident memory when they start
-(the high-water mark is reset then, through `/proc/self/clear_refs`, so it is the post-setup high-water mark of
-`distillation_memory.py` with the warm-up steps counted as setup: the optimizer state is already allocated and held,
-as in any step but the first). It includes the
-student's parameter gradients, the same for every trainer (4 bytes a parameter, listed as `student_grads_mb`).
-`first_step_growth_mb` is the first step's growth over the post-setup high-water mark (optimizer state allocated
-there, the same for every trainer), and `peak_rss_mb` the process's peak over its whole life.
+it is the step time with the core to itself: on a shared machine it moves less than the wall time).
+
+Memory, per timed step, from the process's resident high-water mark (reset at each step's start through
+`/proc/self/clear_refs`), over its resident memory at that start (the optimizer state is already allocated and held,
+as in any step but the first): `peak_growth_mb`, the whole step's peak, and `loss_peak_growth_mb`, the peak up to
+the optimizer step (forward of both models, loss, backward, clipping): the part a distillation trainer decides. Both
+include the student's parameter gradients, the same for every trainer (4 bytes a parameter, `student_grads_mb`).
+Each trainer runs twice, in two fresh processes: the times come from a run with glibc's default allocator (what a
+user runs), the memory from a run with `MALLOC_MMAP_THRESHOLD_=131072`, where every freed block over 128 KB goes
+back to the system at once. With the default allocator freed tensors of up to 32 MB stay in the heap, so the
+high-water mark depended on the order of frees and moved by +-40 MB from run to run at 49,152 (kept as
+`peak_growth_default_malloc_mb`); with the threshold it is the peak of the live tensors, the same to 1-2 MB in
+repeated runs. `first_step_growth_mb` is the first step's growth over the post-setup high-water mark (optimizer state
+allocated there, the same for every trainer), and `peak_rss_mb` the process's peak over its whole life.
 """
 
 from __future__ import annotations
@@ -64,6 +70,11 @@ LEARNING_RATE = 1e-4
 # Relative difference allowed between two trainers' first-step loss (and gradient norm): float32 sums over
 # `tokens x vocab` terms in different orders and chunkings.
 LOSS_RTOL = 1e-4
+# glibc returns freed blocks above this many bytes to the system at once: the memory runs' high-water mark is then the
+# peak of the live tensors (see the module's docstring).
+MMAP_THRESHOLD = 131072
+MEMORY_RTOL = 0.01
+MEMORY_FIELDS = ("peak_growth_mb", "loss_peak_growth_mb", "first_step_growth_mb", "peak_rss_mb")
 
 
 def _config(vocab: int, layers: int):
@@ -128,23 +139,31 @@ def _probe_class():
         def __init__(self, warmup: int):
             super().__init__()
             self.warmup, self.logs, self.cpu_times = warmup, [], []
-            self.post_setup_hwm = self.first_step_hwm = self.timed_base_rss = self.lifetime_hwm = None
+            self.post_setup_hwm = self.first_step_hwm = self.lifetime_hwm = None
+            self.step_growth, self.loss_growth = [], []
 
         def on_step_begin(self, args, state, control, **kwargs):
             if not self.times:
                 self.post_setup_hwm = status("VmHWM")
-            if len(self.times) == self.warmup:
-                self.lifetime_hwm = status("VmHWM")
+            if len(self.times) >= self.warmup:
+                if len(self.times) == self.warmup:
+                    self.lifetime_hwm = status("VmHWM")
                 with open("/proc/self/clear_refs", "w") as f:
                     f.write("5")  # reset the high-water mark to the current resident size
-                self.timed_base_rss = status("VmRSS")
+                self.step_base_rss = status("VmRSS")
             self._cpu0 = time.process_time()
             super().on_step_begin(args, state, control, **kwargs)
+
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            if len(self.times) >= self.warmup:  # forward, loss, backward and clipping, before the optimizer
+                self.loss_growth.append(status("VmHWM") - self.step_base_rss)
 
         def on_step_end(self, args, state, control, **kwargs):
             super().on_step_end(args, state, control, **kwargs)
             self.cpu_times.append(time.process_time() - self._cpu0)
-            self.timed_peak = status("VmHWM")
+            if len(self.times) > self.warmup:
+                self.step_growth.append(status("VmHWM") - self.step_base_rss)
+                self.timed_peak = status("VmHWM")
             if len(self.times) == 1:
                 self.first_step_hwm = status("VmHWM")
 
@@ -153,13 +172,12 @@ def _probe_class():
                 self.logs.append({"step": state.global_step, "loss": logs["loss"], "grad_norm": logs.get("grad_norm")})
 
         def result(self) -> dict:
-            peak = self.timed_peak
             return {
                 "median_step_s": statistics.median(self.times[self.warmup:]), "step_s": self.times,
                 "median_step_cpu_s": statistics.median(self.cpu_times[self.warmup:]), "step_cpu_s": self.cpu_times,
-                "peak_growth_mb": peak - self.timed_base_rss, "timed_base_rss_mb": self.timed_base_rss,
+                "peak_growth_mb": max(self.step_growth), "loss_peak_growth_mb": max(self.loss_growth),
                 "first_step_growth_mb": self.first_step_hwm - self.post_setup_hwm,
-                "peak_rss_mb": max(peak, self.lifetime_hwm), "logs": self.logs, "measured_at": time.time(),
+                "peak_rss_mb": max(self.timed_peak, self.lifetime_hwm), "logs": self.logs, "measured_at": time.time(),
             }
 
     return MemoryProbe
@@ -253,6 +271,13 @@ def _loss_agreement(rows: list[dict]) -> dict:
     return out
 
 
+def _child(cmd: list[str], env: dict, what: str) -> dict:
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise RuntimeError(f"{what} failed:\n{out.stderr[-4000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def run(batch_size: int = 2, seq_len: int = 64, layers: int = 2, warmup: int = 1, steps: int = 4,
         output_dir: str | None = "benchmarks/results", vocabs: dict[str, int] | None = None) -> dict:
     import platform
@@ -261,6 +286,7 @@ def run(batch_size: int = 2, seq_len: int = 64, layers: int = 2, warmup: int = 1
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
                HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONWARNINGS="ignore", TRL_EXPERIMENTAL_SILENCE="1")
     env["PYTHONPATH"] = os.pathsep.join([os.getcwd(), env.get("PYTHONPATH", "")])
+    memory_env = dict(env, MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD))
     started = time.time()
     results, rows = {}, []
     for label, vocab in (vocabs or VOCABS).items():
@@ -269,17 +295,20 @@ def run(batch_size: int = 2, seq_len: int = 64, layers: int = 2, warmup: int = 1
             cmd = [sys.executable, "-m", "benchmarks.trl_cost", "--one", name, "--vocab", str(vocab),
                    "--batch-size", str(batch_size), "--seq-len", str(seq_len), "--layers", str(layers),
                    "--warmup", str(warmup), "--steps", str(steps)]
-            out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-            if out.returncode != 0:
-                raise RuntimeError(f"{name} at vocabulary {vocab} failed:\n{out.stderr[-4000:]}")
-            runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
-            print(f"{label} {name}: {runs[-1]['peak_growth_mb']:.0f} MB, {runs[-1]['median_step_s']:.3f} s", flush=True)
+            timed, measured = (_child(cmd, e, f"{name} at vocabulary {vocab}") for e in (env, memory_env))
+            runs.append({**timed, "peak_growth_default_malloc_mb": timed["peak_growth_mb"],
+                         **{k: measured[k] for k in MEMORY_FIELDS}, "memory_logs": measured["logs"]})
+            print(f"{label} {name}: {runs[-1]['peak_growth_mb']:.0f} MB step, {runs[-1]['loss_peak_growth_mb']:.0f} MB "
+                  f"to the optimizer, {runs[-1]['median_step_s']:.3f} s", flush=True)
         ours = runs[0]
         agreement = _loss_agreement(runs)
         for r in runs:
             rows.append({
                 "vocab": label, "trainer": r["trainer"], "peak_growth_mb": r["peak_growth_mb"],
-                "peak_over_ours": r["peak_growth_mb"] / ours["peak_growth_mb"], "median_step_s": r["median_step_s"],
+                "peak_over_ours": r["peak_growth_mb"] / ours["peak_growth_mb"],
+                "loss_peak_growth_mb": r["loss_peak_growth_mb"],
+                "loss_peak_over_ours": r["loss_peak_growth_mb"] / ours["loss_peak_growth_mb"],
+                "peak_growth_default_malloc_mb": r["peak_growth_default_malloc_mb"], "median_step_s": r["median_step_s"],
                 "step_over_ours": r["median_step_s"] / ours["median_step_s"],
                 "median_step_cpu_s": r["median_step_cpu_s"],
                 "cpu_over_ours": r["median_step_cpu_s"] / ours["median_step_cpu_s"],
@@ -296,13 +325,19 @@ def run(batch_size: int = 2, seq_len: int = 64, layers: int = 2, warmup: int = 1
             "batch_size": batch_size, "seq_len": seq_len, "student_layers": layers, "teacher_layers": 2 * layers,
             "warmup_steps": warmup, "timed_steps": steps, "temperature": TEMPERATURE, "alpha": 1.0, "beta": 0.0,
             "lmbda": 0.0, "learning_rate": LEARNING_RATE, "optimizer": "adamw_torch", "dtype": "float32",
-            "device": "cpu", "threads": 1, "loss_rtol": LOSS_RTOL, "trl": _version("trl"),
+            "device": "cpu", "threads": 1, "loss_rtol": LOSS_RTOL,
+            "memory_runs_malloc_mmap_threshold": MMAP_THRESHOLD, "memory_rtol": MEMORY_RTOL, "trl": _version("trl"),
             "transformers": _version("transformers"), "torch": _version("torch"), "python": platform.python_version(),
             "date": time.strftime("%Y-%m-%d", time.gmtime(started)), "wall_s": round(time.time() - started, 1),
         },
         "rows": rows,
         "losses_agree": all(r["loss_rel_diff"] <= LOSS_RTOL and r["grad_norm_rel_diff"] <= LOSS_RTOL for r in rows),
         "lower_peak_than_trl": all(r["peak_over_ours"] > 1 for r in trl_rows),
+        # Within MEMORY_RTOL: the memory runs repeat to 1-2 MB, so 1% is a tie, not a lead.
+        "loss_peak_at_most_trl": all(r["loss_peak_over_ours"] >= 1 - MEMORY_RTOL for r in trl_rows),
+        "lower_loss_peak_than_trl": all(r["loss_peak_over_ours"] > 1 + MEMORY_RTOL for r in trl_rows),
+        "same_loss_in_memory_runs": all(
+            r["memory_logs"] == r["logs"] for v in results.values() for r in v["runs"]),
         "faster_than_trl": all(r["step_over_ours"] > 1 and r["cpu_over_ours"] > 1 for r in trl_rows),
         "by_vocab": results,
     }
@@ -334,14 +369,17 @@ def _markdown(summary: dict) -> str:
         f"(ours alpha=1, GKD lmbda=0 beta=0, TRL distillation beta=0 off-policy); median of {s['timed_steps']} steps "
         f"after {s['warmup_steps']} warm-up; {s['date']}, {s['wall_s']:.0f} s in all.\n\n"
     )
-    cols = ["vocab", "trainer", "peak_growth_mb", "peak_over_ours", "median_step_s", "step_over_ours",
+    cols = ["vocab", "trainer", "peak_growth_mb", "peak_over_ours", "loss_peak_growth_mb", "loss_peak_over_ours",
+            "peak_growth_default_malloc_mb", "median_step_s", "step_over_ours",
             "median_step_cpu_s", "cpu_over_ours", "peak_rss_mb",
             "first_loss", "loss_rel_diff", "grad_norm_rel_diff"]
     table = print_table(summary["rows"], cols)
     tail = (
         f"\n\nFirst-step loss and gradient norm agree within {s['loss_rtol']:g} (relative): "
-        f"{summary['losses_agree']}. Lower peak memory than both TRL trainers: {summary['lower_peak_than_trl']}; "
-        f"faster steps: {summary['faster_than_trl']}.\n"
+        f"{summary['losses_agree']} (the memory runs logged the same losses: {summary['same_loss_in_memory_runs']}). "
+        f"Lower whole-step peak than both TRL trainers: {summary['lower_peak_than_trl']}; peak up to the optimizer "
+        f"step at most theirs (within {s['memory_rtol']:.0%}): {summary['loss_peak_at_most_trl']}, lower than both: "
+        f"{summary['lower_loss_peak_than_trl']}; faster steps: {summary['faster_than_trl']}.\n"
     )
     return head + table + tail
 

@@ -300,7 +300,9 @@ class _ChunkedDistillation(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total, _grad_hard, _grad_soft):
         grads = ctx.saved_tensors
-        if not bool(grad_total == 1):  # `loss.backward()` as it is: the held gradients are the answer, no copy
+        # `loss.backward()` on the loss as it is (d output = 1): the held gradients are returned as they are, no copy;
+        # a scaled loss (gradient accumulation, a multiplied loss) gets scaled copies.
+        if not bool(grad_total == 1):
             grads = [None if g is None else g * grad_total for g in grads]
         return (*grads, None, None, None, None, None, None, None)
 
