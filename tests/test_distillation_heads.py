@@ -274,3 +274,43 @@ def test_trainer_step_never_builds_the_vocabulary_sized_logits(tmp_path, monkeyp
     trainer, _, _ = _train(tmp_path, True, steps=2)
     # per model and step: the probe's call on the first step, then the head handed zero positions
     assert seen.count((4, 0, 32)) == 4 and all(s is None or s[1] == 0 for s in seen)
+
+
+def test_ddp_two_ranks_projecting_the_heads_train_as_with_full_logits(tmp_path):
+    """Under DDP (2 gloo ranks, gradient accumulation 2) the hidden states' and head's gradients from the loss reach
+    DDP's reducer as autograd's would: the same logged losses and the same weights on both ranks as full logits."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(here), env.get("PYTHONPATH", "")])
+    runs = {}
+    for fused in (1, 0):
+        dump = tmp_path / f"dump{fused}"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               os.path.join(here, "ddp_heads_worker.py"), "--fused", str(fused), "--output-dir",
+               str(tmp_path / f"out{fused}"), "--dump-dir", str(dump)]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        runs[fused] = [(json.load(open(dump / f"rank{r}.json")), load_file(dump / f"rank{r}.safetensors"))
+                       for r in (0, 1)]
+    for info, _ in runs[1]:
+        assert info["world_size"] == 2 and info["wrapped"] == "DistributedDataParallel"
+        assert info["heads"] == [True, True]
+    assert runs[0][0][0]["heads"] == [False, False]
+    fused_logs, ref_logs = runs[1][0][0]["logs"], runs[0][0][0]["logs"]
+    assert len(fused_logs) == len(ref_logs) == 3
+    for got, ref in zip(fused_logs, ref_logs):
+        for key in ("loss", "hard_loss", "soft_loss"):
+            assert got[key] == pytest.approx(ref[key], rel=1e-4)
+    ref = runs[0][0][1]
+    for rank in (0, 1):
+        for name, p in runs[1][rank][1].items():
+            torch.testing.assert_close(p, ref[name], rtol=1e-4, atol=1e-4, msg=name)
+    for name, p in runs[1][0][1].items():  # DDP kept the ranks identical
+        assert torch.equal(p, runs[1][1][1][name]), name
