@@ -462,3 +462,48 @@ def test_key_mismatch_names_its_field_for_the_fix_hint():
     with pytest.raises(CacheKeyMismatch) as err:
         check_hub_cache_key({"top_k": 8, "num_rows": 10}, {"num_rows": 12}, "u/c")
     assert err.value.field == "num_rows" and isinstance(err.value, ValueError)
+
+
+@pytest.mark.slow
+def test_real_smollm2_hf_compress_distils_from_hub_logits_exactly_like_its_local_cache(hub, tmp_path, capsys):
+    """The real SmolLM2-135M teacher and its half-depth student on Hamlet: `hf-compress cache-teacher` (a subprocess)
+    pushes the top-k logits of the rows `hf-compress` trains on to the Hub server, and `hf-compress --teacher_logits`
+    trains from them with no teacher loaded: the same logged losses and the same weights as the run that builds the
+    live teacher's local top-k cache."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from benchmarks.lm_distillation import half_layers
+    from hf_compress.cli.main import main
+    from hf_compress.models import smollm2_path
+
+    tdir = smollm2_path()
+    teacher = AutoModelForCausalLM.from_pretrained(tdir, dtype=torch.float32)
+    sdir = str(tmp_path / "student")
+    layer_dropped_student(teacher, half_layers(teacher.config.num_hidden_layers)).save_pretrained(sdir)
+    AutoTokenizer.from_pretrained(tdir).save_pretrained(sdir)
+    del teacher
+    data = ["--max_length", "32", "--max_train_samples", "8", "--seed", "0"]
+    proc = cli_push(hub, tmp_path, tdir, "hamlet", "acme/smollm2-hamlet-logits", *data)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Pushed the top-8 logits of" in proc.stdout
+
+    def run(out, *extra):
+        args = ["--model", sdir, "--dataset", "hamlet", "--output_dir", str(out), "--no_prune", "--no_quantize",
+                "--temperature", str(T), "--alpha", "0.5", "--max_steps", "2", "--per_device_train_batch_size", "4",
+                "--learning_rate", "1e-4", "--logging_steps", "1", "--max_eval_samples", "1", "--disable_tqdm", "true",
+                "--use_cpu", "true", *data, "--teacher", tdir, *extra]
+        assert main(args) == 0
+        with open(os.path.join(out, "compression_report.json")) as f:
+            history = json.load(f)["pipeline"]["stages"]["train"]["log_history"]
+        return ([(h["loss"], h["hard_loss"], h["soft_loss"]) for h in history if "hard_loss" in h],
+                load_file(os.path.join(out, "model.safetensors")))
+
+    local_losses, local_weights = run(tmp_path / "local", "--cache_teacher_logits", "true",
+                                      "--teacher_logits_top_k", str(TOP_K))
+    capsys.readouterr()
+    hub_losses, hub_weights = run(tmp_path / "hub", "--teacher_logits", "acme/smollm2-hamlet-logits")
+    assert "from the Hub teacher logits acme/smollm2-hamlet-logits (no teacher loaded)" in capsys.readouterr().out
+    assert len(hub_losses) == 2 and hub_losses == local_losses and all(soft > 0 for _, _, soft in hub_losses)
+    assert hub_weights.keys() == local_weights.keys()
+    assert all(torch.equal(hub_weights[k], local_weights[k]) for k in local_weights)
