@@ -218,8 +218,8 @@ def _train(tmp_path, fused, family="llama", cached=False, steps=3, collator=None
     rows = [r + [pad] * (12 - len(r)) for r in ids]
     ds = Dataset.from_dict({"input_ids": rows, "attention_mask": [[1] * len(r) + [0] * (12 - len(r)) for r in ids],
                             "labels": [r + [-100] * (12 - len(r)) for r in ids]})
-    lora = family.endswith("-lora")
-    family = family.removesuffix("-lora")
+    lora, checkpointing = family.endswith("-lora"), family.endswith("-checkpointing")
+    family = family.removesuffix("-lora").removesuffix("-checkpointing")
     student, teacher = _family(family), _family(family)
     if lora:
         from peft import LoraConfig, get_peft_model
@@ -233,6 +233,7 @@ def _train(tmp_path, fused, family="llama", cached=False, steps=3, collator=None
         logging_steps=1, report_to="none", use_cpu=True, save_strategy="no", temperature=2.0, alpha=0.5,
         disable_tqdm=True, seed=0, cache_teacher_logits=cached, teacher_logits_top_k=8 if cached else None,
         teacher_cache_dir=str(tmp_path / f"cache-{fused}"), remove_unused_columns=False,
+        gradient_checkpointing=checkpointing,
     )
     trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=ds, eval_dataset=ds,
                                   data_collator=collator or default_data_collator)
@@ -244,8 +245,11 @@ def _train(tmp_path, fused, family="llama", cached=False, steps=3, collator=None
     return trainer, losses, {n: p.detach().clone() for n, p in student.named_parameters()}
 
 
-@pytest.mark.parametrize("family,cached", [("llama", False), ("gemma2", False), ("llama", True), ("llama-lora", False)],
-                         ids=["llama-live", "gemma2-softcap-live", "llama-cached-top-k", "llama-lora-frozen-head"])
+@pytest.mark.parametrize(
+    "family,cached", [("llama", False), ("gemma2", False), ("llama", True), ("llama-lora", False),
+                      ("llama-checkpointing", False)],
+    ids=["llama-live", "gemma2-softcap-live", "llama-cached-top-k", "llama-lora-frozen-head",
+         "llama-gradient-checkpointing"])
 def test_trainer_projecting_the_heads_trains_as_with_full_logits(family, cached, tmp_path):
     fused, f_losses, f_params = _train(tmp_path, True, family, cached)
     assert fused._output_heads[0] is not None
