@@ -1,4 +1,4 @@
-"""Shared pieces of the benchmarks: the real model and data, and a step timer."""
+"""Shared pieces of the benchmarks: the real model and data, a step timer, and the resident-memory probes."""
 
 from __future__ import annotations
 
@@ -15,6 +15,29 @@ from transformers import TrainerCallback  # noqa: E402
 MAX_LENGTH = 48
 # The full run's files are the published ones (committed, shown in the README); quick runs write beside them.
 OUTPUT_DIRS = {"full": "benchmarks/results", "quick": "benchmarks/results-quick"}
+
+
+# glibc returns every freed block above this many bytes to the system at once, so a process run with
+# `live_tensor_env` has a high-water mark that is the peak of its live tensors (with glibc's default, freed tensors of up
+# to 32 MB stay in the heap and the mark moved by +-40 MB from run to run).
+MMAP_THRESHOLD = 131072
+
+
+def live_tensor_env(env: dict) -> dict:
+    """`env` with `MALLOC_MMAP_THRESHOLD_` set to [`MMAP_THRESHOLD`], for a child process whose peak memory is read."""
+    return dict(env, MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD))
+
+
+def proc_status_mb(field: str) -> float:
+    """A `/proc/self/status` memory field (`VmRSS`, `VmHWM`, ...) in MB."""
+    with open("/proc/self/status") as f:
+        return int(next(x for x in f if x.startswith(field + ":")).split()[1]) / 1024
+
+
+def reset_peak_rss() -> None:
+    """Reset this process's high-water mark (`VmHWM`) to its current resident size (Linux `clear_refs`)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 
 
 class StepTimer(TrainerCallback):

@@ -31,7 +31,6 @@ import subprocess
 import sys
 
 MODES = ("plain", "distill", "distill-projected", "distill-unchunked")
-MMAP_THRESHOLD = 131072
 
 
 def _config(layers: int, vocab: int = 49152, hidden: int = 576):
@@ -77,6 +76,7 @@ def _step(mode: str, batch_size: int, seq_len: int, layers: int, vocab: int = 49
     import torch
     from transformers import LlamaForCausalLM
 
+    from benchmarks.common import proc_status_mb, reset_peak_rss
     from hf_compress.distillation import distillation_loss, heads
 
     torch.set_num_threads(1)
@@ -113,15 +113,10 @@ def _step(mode: str, batch_size: int, seq_len: int, layers: int, vocab: int = 49
         loss.backward()
         return loss.item()
 
-    def status(field: str) -> float:
-        with open("/proc/self/status") as f:
-            return int(next(x for x in f if x.startswith(field + ":")).split()[1]) / 1024
-
-    base = status("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # the high-water mark starts again from the resident size: setup's transients do not count
+    base = proc_status_mb("VmRSS")
+    reset_peak_rss()  # the high-water mark starts again from the resident size: setup's transients do not count
     loss = step()
-    after = status("VmHWM")
+    after = proc_status_mb("VmHWM")
     return {"mode": mode, "peak_growth_mb": after - base, "peak_rss_mb": after, "loss": loss,
             "vocab": student.config.vocab_size, "hidden": student.config.hidden_size,
             "student_layers": student.config.num_hidden_layers, "teacher_layers": teacher.config.num_hidden_layers}
@@ -129,7 +124,9 @@ def _step(mode: str, batch_size: int, seq_len: int, layers: int, vocab: int = 49
 
 def run(batch_size: int = 4, seq_len: int = 128, layers: int = 2, vocab: int = 49152, hidden: int = 576,
         dtype: str = "float32", real: str | None = None) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD))
+    from benchmarks.common import MMAP_THRESHOLD, live_tensor_env
+
+    env = live_tensor_env(dict(os.environ, OMP_NUM_THREADS="1"))
     env["PYTHONPATH"] = os.pathsep.join([os.getcwd(), env.get("PYTHONPATH", "")])
     results = {}
     for mode in MODES:

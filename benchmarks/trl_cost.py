@@ -70,9 +70,6 @@ LEARNING_RATE = 1e-4
 # Relative difference allowed between two trainers' first-step loss (and gradient norm): float32 sums over
 # `tokens x vocab` terms in different orders and chunkings.
 LOSS_RTOL = 1e-4
-# glibc returns freed blocks above this many bytes to the system at once: the memory runs' high-water mark is then the
-# peak of the live tensors (see the module's docstring).
-MMAP_THRESHOLD = 131072
 MEMORY_RTOL = 0.01
 MEMORY_FIELDS = ("peak_growth_mb", "loss_peak_growth_mb", "first_step_growth_mb", "peak_rss_mb")
 
@@ -126,12 +123,8 @@ def _probe_class():
 
     from transformers import TrainerCallback
 
-    from benchmarks.common import StepTimer
-
-    def status(field: str) -> float:
-        with open("/proc/self/status") as f:
-            line = next(x for x in f if x.startswith(field + ":"))
-        return int(line.split()[1]) / 1024
+    from benchmarks.common import StepTimer, reset_peak_rss
+    from benchmarks.common import proc_status_mb as status
 
     class MemoryProbe(StepTimer):
         """Step times, the memory figures of the module's docstring, and the logged loss / gradient norm per step."""
@@ -148,8 +141,7 @@ def _probe_class():
             if len(self.times) >= self.warmup:
                 if len(self.times) == self.warmup:
                     self.lifetime_hwm = status("VmHWM")
-                with open("/proc/self/clear_refs", "w") as f:
-                    f.write("5")  # reset the high-water mark to the current resident size
+                reset_peak_rss()
                 self.step_base_rss = status("VmRSS")
             self._cpu0 = time.process_time()
             super().on_step_begin(args, state, control, **kwargs)
@@ -283,10 +275,12 @@ def run(batch_size: int = 2, seq_len: int = 64, layers: int = 2, warmup: int = 1
     import platform
     import time
 
+    from benchmarks.common import MMAP_THRESHOLD, live_tensor_env
+
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
                HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONWARNINGS="ignore", TRL_EXPERIMENTAL_SILENCE="1")
     env["PYTHONPATH"] = os.pathsep.join([os.getcwd(), env.get("PYTHONPATH", "")])
-    memory_env = dict(env, MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD))
+    memory_env = live_tensor_env(env)
     started = time.time()
     results, rows = {}, []
     for label, vocab in (vocabs or VOCABS).items():
