@@ -196,7 +196,7 @@ def test_an_autocast_to_another_dtype_leaves_the_logits_to_the_head():
 
 def test_bf16_trained_head_is_projected_only_when_that_holds_less():
     w = torch.nn.Linear(64, 1000, bias=False).bfloat16()
-    head = heads.OutputHead(w, None, None, None)
+    head = heads.OutputHead(w, LogitTransform())
     # logits path: 3 x positions x 2 bytes a class; projection: 4 bytes x hidden a class for the float32 buffer
     assert not heads.fused_saves_memory(head, 42) and heads.fused_saves_memory(head, 43)
     w.weight.requires_grad_(False)

@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..architectures import logit_transform
+from ..architectures import LogitTransform, logit_transform
 from .loss import HeadLogits
 
 logger = logging.getLogger(__name__)
@@ -32,15 +32,13 @@ class OutputHead(NamedTuple):
     """A model's output head module and what its family's forward does to its result."""
 
     module: torch.nn.Linear
-    scale: float | None
-    divisor: float | None
-    softcap: float | None
+    transform: LogitTransform
 
     def logits(self, hidden: torch.Tensor, width: int | None = None) -> HeadLogits:
-        m = self.module
+        m, t = self.module, self.transform
         if width is not None and width >= m.weight.shape[0]:
             width = None
-        return HeadLogits(hidden, m.weight, m.bias, self.scale, self.divisor, self.softcap, width)
+        return HeadLogits(hidden, m.weight, m.bias, t.scale, t.divisor, t.softcap, width)
 
 
 def output_head(model) -> tuple[OutputHead | None, str]:
@@ -58,7 +56,7 @@ def output_head(model) -> tuple[OutputHead | None, str]:
     for name, p in module.named_parameters():
         if type(p) not in (torch.nn.Parameter, torch.Tensor) or p.is_meta or p.numel() != _dense_numel(module, name):
             return None, f"its output head's `{name}` is sharded, offloaded or quantized (`{type(p).__name__}`)"
-    return OutputHead(module, transform.scale, transform.divisor, transform.softcap), ""
+    return OutputHead(module, transform), ""
 
 
 def _dense_numel(module, name: str) -> int:

@@ -98,10 +98,6 @@ class HeadLogits(NamedTuple):
         return grad
 
 
-def _width(logits) -> int:
-    return logits.shape[-1]
-
-
 def teacher_top_k(
     teacher_logits: torch.Tensor, k: int, temperature: float = 1.0, chunk_size: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -350,7 +346,7 @@ def _head_rows(logits) -> int:
     products (measured at SmolLM2's and Gemma-3's vocabularies: 42- and 8-position chunks made the loss 25% slower
     than the full logits, 144-position chunks 2-7%), and the chunk's few float32 temporaries (`rows x vocab` each)
     stay within about one `[vocab, hidden]` gradient, which the backward pass holds anyway."""
-    rows = max(1, _CHUNK_ELEMENTS // _width(logits))
+    rows = max(1, _CHUNK_ELEMENTS // logits.shape[-1])
     if isinstance(logits, HeadLogits):
         rows = max(rows, logits.hidden.shape[-1] // 4)
     return rows
@@ -360,14 +356,14 @@ def _run(student_logits, teacher_logits, labels, mask, temperature, teacher_indi
          w_hard, w_soft, denominator):
     """`((w_hard * hard + w_soft * soft) / denominator, hard / denominator, soft / denominator)`, the sums over the
     masked positions; only the first is differentiable. Either model's logits may be [`HeadLogits`]."""
-    width = _width(student_logits)
+    width = student_logits.shape[-1]
     sh = student_logits if isinstance(student_logits, HeadLogits) else None
     th = teacher_logits if isinstance(teacher_logits, HeadLogits) else None
     if th is not None and teacher_indices is not None:
         raise ValueError("`teacher_indices` go with cached top-k log-probabilities, not with a teacher's `HeadLogits`.")
-    if teacher_indices is None and _width(teacher_logits) != width:
+    if teacher_indices is None and teacher_logits.shape[-1] != width:
         raise ValueError(
-            f"The student's logits have {width} classes but the teacher's have {_width(teacher_logits)}; "
+            f"The student's logits have {width} classes but the teacher's have {teacher_logits.shape[-1]}; "
             "slice both to the shared vocabulary."
         )
     z = (student_logits if sh is None else sh.hidden)
